@@ -1,0 +1,1224 @@
+"""switchboard: a phone voice agent for Twilio, in one file.
+
+Twilio transcribes the caller, switchboard asks an LLM, Twilio speaks the answer. Everything that
+talks to a vendor is a pluggy plugin chosen by name from the environment. Read top to bottom:
+settings, structs, protocols, hookspecs, plugins, TwiML, signatures, speech, the turn engine,
+routes, create_app().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import importlib
+import ipaddress
+import logging
+import re
+import secrets
+import sys
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl
+
+import msgspec
+import pluggy
+from litestar import Litestar, asgi
+from litestar.types import Receive, Scope, Send
+
+if __name__ == "__main__":  # `python main.py`: let plugins' `from main import ...` find this module
+    sys.modules.setdefault("main", sys.modules[__name__])
+
+VERSION = "0.1.0"
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("switchboard")
+
+SYSTEM_PROMPT = (
+    "You are a friendly voice assistant on a phone call. Everything you write is spoken aloud by a "
+    "text-to-speech voice, so answer in short, natural spoken sentences. Never use markdown, lists, "
+    "headings, emoji or URLs. Keep answers brief unless the caller asks for detail."
+)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message says what to set."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting, read once from the environment; each field is the env var in lower case."""
+
+    public_url: str = ""
+    twilio_auth_token: str = ""
+    allow_unsigned: bool = False
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    mode: Literal["gather", "relay"] = "gather"
+    llm_provider: tuple[str, ...] = ("echo",)
+    tts_voice: str = "say"
+    session_backend: str = "memory"
+    valkey_url: str = ""
+    system_prompt: str = SYSTEM_PROMPT
+    greeting: str = "Hello! You are talking to switchboard. How can I help?"
+    language: str = "en-US"
+    min_confidence: float = 0.5
+    max_turns: int = 10
+    max_misses: int = 3
+    session_ttl: float = 1800.0
+    debounce_ms: int = 500
+    first_audio_deadline: float = 3.0
+    continue_wait: float = 4.0
+    llm_first_token_timeout: float = 4.0
+    llm_total_timeout: float = 25.0
+    llm_retries: int = 1
+    max_reply_chars: int = 1500
+    max_speech_chars: int = 1000
+    max_body_bytes: int = 65536
+    filler: str = "One moment."
+    reprompt: str = "Sorry, I didn't hear anything. What can I do for you?"
+    low_confidence: str = "Sorry, could you repeat that?"
+    goodbye: str = "I still can't hear you, so I'll hang up now. Goodbye!"
+    apology: str = "Sorry, I'm having trouble answering right now."
+    fallback_number: str = ""
+    web_concurrency: int = 1
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the auth token and vendor keys in `env` never reach a log
+        return f"Settings(mode={self.mode!r}, llm={self.llm_provider!r}, tts={self.tts_voice!r})"
+
+    def get(self, name: str, default: str = "") -> str:
+        """Read a plugin's own variable (e.g. OPENAI_MODEL); empty counts as unset."""
+        return self.env.get(name) or default
+
+    def require(self, name: str, needed_for: str) -> str:
+        """Read a variable a selected plugin cannot work without, or say what to set."""
+        if value := self.env.get(name):
+            return value
+        raise ConfigError(f"{name} is not set; {needed_for} needs it. Set {name}, or choose another plugin.")
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from env vars, turning bad values into a sentence that names the variable."""
+    raw: dict[str, Any] = {}
+    for field in msgspec.structs.fields(Settings):
+        value = environ.get(field.name.upper(), "").strip()
+        if field.name != "env" and value:
+            is_list = field.name in ("llm_provider", "trusted_proxies")
+            raw[field.name] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
+    if "public_url" not in raw and environ.get("RAILWAY_PUBLIC_DOMAIN"):
+        raw["public_url"] = "https://" + environ["RAILWAY_PUBLIC_DOMAIN"]
+    if "valkey_url" not in raw and environ.get("REDIS_URL"):
+        raw["valkey_url"] = environ["REDIS_URL"]
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        name = m.group(1) if (m := re.search(r"\$\.(\w+)", str(e))) else "?"
+        raise ConfigError(f"{name.upper()}={raw.get(name)!r} is not valid: {str(e).split(' - ')[0]}") from None
+    if not 0.0 <= settings.min_confidence <= 1.0:
+        raise ConfigError(f"MIN_CONFIDENCE={settings.min_confidence} must be between 0 and 1")
+    return msgspec.structs.replace(settings, env=dict(environ))
+
+
+# ----------------------------------------------------------------------------- structs
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One turn of the conversation as the model sees it."""
+
+    role: Literal["user", "assistant"]
+    content: str
+    interrupted: bool = False
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """The model asks to run a tool."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens a model used for one reply."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+Event = str | ToolCall | Usage  # what LLMProvider.stream yields: text tokens, tool calls, usage
+
+
+class Segment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One piece of a reply document: spoken text (<Say> or <Play>), a pause, an action, or the end."""
+
+    kind: Literal["speech", "filler", "pause", "hangup", "dial", "end"] = "speech"
+    text: str = ""
+    voice: str = ""
+    language: str = ""
+    url: str = ""
+    number: str = ""
+    provider: str = ""  # on "end": which provider served the turn, and its usage
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class Turn(msgspec.Struct, kw_only=True):
+    """The caller turn being answered: its text, the speech keys it answers, when it began."""
+
+    id: str
+    user: str
+    keys: list[str]
+    started: float
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """Everything switchboard keeps about one call."""
+
+    call_sid: str
+    caller: str = ""
+    to: str = ""
+    started: float = 0.0
+    turns: int = 0
+    misses: int = 0
+    history: list[Message] = []
+    current: Turn | None = None
+    providers: list[str] = []
+    usage: dict[str, Usage] = {}
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """What begin() read under the call's lock."""
+
+    token: str
+    session: Session | None
+    served: list[Segment]  # segments of the current turn already handed to Twilio
+    replies: dict[str, tuple[str, list[Segment]]]  # stored (turn, segments) for the keys asked about
+
+
+class TwilioForm(msgspec.Struct, kw_only=True, rename="pascal"):
+    """The Twilio request fields switchboard reads, mapped once from PascalCase."""
+
+    call_sid: str = ""
+    caller: str = msgspec.field(default="", name="From")
+    to: str = ""
+    call_status: str = ""
+    speech_result: str = ""
+    confidence: float | None = None
+    error_code: str = ""
+    error_url: str = ""
+
+
+segment_encoder = msgspec.msgpack.Encoder()
+segment_decoder = msgspec.msgpack.Decoder(Segment)
+session_decoder = msgspec.msgpack.Decoder(Session)
+END = Segment(kind="end")
+
+
+# ----------------------------------------------------------------------------- protocols and errors
+
+
+class ProviderError(Exception):
+    """A vendor failed at run time; always raised `from` the vendor's own error."""
+
+    def __init__(self, message: str, *, provider: str = "", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.retryable = retryable
+
+
+class BackendError(Exception):
+    """The session backend cannot be reached or answered nonsense."""
+
+
+SUPERSEDED, BUSY = "superseded", "busy"
+
+
+class Plugin(Protocol):
+    """Lifecycle every plugin-built object may use; the lifespan calls these."""
+
+    async def aopen(self) -> None:
+        """Open clients and pools."""
+
+    async def aclose(self) -> None:
+        """Close clients and pools."""
+
+
+class LLMProvider(Plugin, Protocol):
+    """A language model: streams a reply as text tokens (plus tool calls and usage)."""
+
+    name: str
+
+    def stream(self, messages: Sequence[Message], *, system: str) -> AsyncIterator[Event]:
+        """Yield the reply; raise ProviderError on any vendor failure."""
+        ...
+
+    async def warm(self) -> None:
+        """Open the vendor connection ahead of the first turn."""
+
+
+class TTSVoice(Plugin, Protocol):
+    """A voice: turns a sentence into a speech Segment (a <Say> or a <Play> of hosted audio)."""
+
+    async def render(self, text: str, *, base_url: str) -> Segment:
+        """Return a speech segment for text; base_url is the public URL for hosted audio."""
+        ...
+
+    def relay_attrs(self) -> dict[str, str]:
+        """ConversationRelay attributes (ttsProvider, voice) for this voice."""
+        return {}
+
+
+class SessionBackend(Plugin, Protocol):
+    """Where calls live. Every method is atomic, so any replica can serve any request of any call."""
+
+    async def ping(self) -> None:
+        """Raise BackendError when the backend cannot be reached."""
+
+    async def lock(self, call_sid: str, ttl: float) -> str | None:
+        """Take the call's lock: an owner token, or None when someone else holds it."""
+        ...
+
+    async def unlock(self, call_sid: str, token: str) -> bool:
+        """Release the lock only if `token` still owns it."""
+        ...
+
+    async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
+        """Lock the call and read its session, served segments and stored replies; None if busy."""
+        ...
+
+    async def commit(
+        self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
+    ) -> bool:
+        """Write the session (None deletes the call) and unlock, if `token` still owns the lock.
+
+        turn_changed: session.current is a new turn (or none): it becomes the current turn and
+        the served segments are cleared. cancel: a turn id every replica must stop generating."""
+        ...
+
+    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
+        """Queue a turn's segments for a continuation; False when the turn is no longer current."""
+        ...
+
+    async def serve(
+        self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
+    ) -> list[Segment] | str:
+        """Hand segments to Twilio: the given ones, or all queued; store them under keys; mark served.
+
+        Returns SUPERSEDED when the turn is not current, BUSY while the call is locked."""
+        ...
+
+    async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
+        """Return when the turn's queue has segments, or after timeout."""
+
+    async def reply(self, call_sid: str, key: str) -> tuple[str, list[Segment]] | None:
+        """A stored reply (for a retried webhook) with the turn it belongs to, or None."""
+        ...
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        """Call back with a turn id whenever any replica cancels that turn."""
+
+
+# ----------------------------------------------------------------------------- hookspecs
+
+hookspec = pluggy.HookspecMarker("switchboard")
+hookimpl = pluggy.HookimplMarker("switchboard")
+Register = Callable[[str, Callable[[Settings], Any]], None]
+
+
+class Hookspecs:
+    """The hooks a switchboard plugin can implement; each runs once at startup."""
+
+    @hookspec
+    def register_llm_providers(self, register: Register) -> None:
+        """Register LLM provider factories: register("openai", OpenAIProvider)."""
+
+    @hookspec
+    def register_tts_voices(self, register: Register) -> None:
+        """Register TTS voice factories: register("say", SayVoice)."""
+
+    @hookspec
+    def register_session_backends(self, register: Register) -> None:
+        """Register session backend factories: register("valkey", ValkeyBackend)."""
+
+
+KINDS = {  # kind: (hook, env var)
+    "llm": ("register_llm_providers", "LLM_PROVIDER"),
+    "tts": ("register_tts_voices", "TTS_VOICE"),
+    "session": ("register_session_backends", "SESSION_BACKEND"),
+}
+
+
+def plugin_manager(extra: Sequence[object] = ()) -> pluggy.PluginManager:
+    """Load plugins/*.py (sorted), entry points in group `switchboard`, and `extra` objects."""
+    pm = pluggy.PluginManager("switchboard")
+    pm.add_hookspecs(Hookspecs)
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    for path in sorted((HERE / "plugins").glob("*.py")):
+        if not path.stem.startswith("_"):
+            pm.register(importlib.import_module(f"plugins.{path.stem}"), name=f"plugins.{path.stem}")
+    pm.load_setuptools_entrypoints("switchboard")
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+def registered(pm: pluggy.PluginManager, kind: str) -> dict[str, Callable[[Settings], Any]]:
+    """Collect one kind's factories by name; two plugins claiming one name is an error naming both."""
+    found: dict[str, Callable[[Settings], Any]] = {}
+
+    def register(name: str, factory: Callable[[Settings], Any]) -> None:
+        if name in found:
+            first, second = sorted([found[name].__module__, factory.__module__])
+            raise ConfigError(f"{kind} {name!r} is registered twice: by {first} and by {second}")
+        found[name] = factory
+
+    getattr(pm.hook, KINDS[kind][0])(register=register)
+    return found
+
+
+def select(pm: pluggy.PluginManager, kind: str, names: Sequence[str], settings: Settings) -> list[Any]:
+    """Build the selected plugins of one kind, or fail with a sentence that lists what exists."""
+    found = registered(pm, kind)
+    for name in names:
+        if name not in found:
+            var = KINDS[kind][1]
+            raise ConfigError(f"{var}={name!r} is not registered; available: {', '.join(sorted(found))}")
+    return [found[name](settings) for name in names]
+
+
+# ----------------------------------------------------------------------------- TwiML
+
+XML_HEAD = '<?xml version="1.0" encoding="UTF-8"?><Response>'
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+MAX_DOC = 64_000
+
+
+def esc(text: str) -> str:
+    """Escape text for XML and drop characters XML cannot carry."""
+    return _NOT_XML.sub("", text).translate(_ESCAPES)
+
+
+def verb(seg: Segment) -> str:
+    """One segment as a TwiML verb."""
+    if seg.kind == "pause":
+        return '<Pause length="1"/>'
+    if seg.kind == "hangup":
+        return "<Hangup/>"
+    if seg.kind == "dial":
+        return f"<Dial>{esc(seg.number)}</Dial>"
+    if seg.url:
+        return f"<Play>{esc(seg.url)}</Play>"
+    attrs = (f' voice="{esc(seg.voice)}"' if seg.voice else "") + (
+        f' language="{esc(seg.language)}"' if seg.language else ""
+    )
+    return f"<Say{attrs}>{esc(seg.text)}</Say>"
+
+
+def document(body: str) -> bytes:
+    """A whole TwiML document."""
+    return f"{XML_HEAD}{body}</Response>".encode()
+
+
+def render(segments: Sequence[Segment], *, gather: str, next_url: str = "") -> bytes:
+    """A reply document: speech, then the next <Redirect>, an action, or the last part in a <Gather>."""
+    final = any(s.kind == "end" for s in segments)
+    verbs = [verb(s) for s in segments if s.kind != "end"]
+    while sum(map(len, verbs)) > MAX_DOC - 1000:  # a hard cap, far above MAX_REPLY_CHARS
+        verbs.pop(-2 if len(verbs) > 1 else -1)
+    if not final:
+        return document("".join(verbs) + f'<Redirect method="POST">{esc(next_url)}</Redirect>')
+    if any(s.kind in ("hangup", "dial") for s in segments):
+        return document("".join(verbs))
+    last = verbs.pop() if verbs else ""
+    return document("".join(verbs) + gather + last + "</Gather>")
+
+
+def gather_tag(settings: Settings) -> str:
+    """The <Gather> that listens for the caller's next turn."""
+    return (
+        '<Gather input="speech" speechTimeout="auto" actionOnEmptyResult="true" '
+        f'action="/process-speech" method="POST" language="{esc(settings.language)}">'
+    )
+
+
+# ----------------------------------------------------------------------------- signatures
+
+
+def twilio_signature(token: str, url: str, params: Sequence[tuple[str, str]]) -> str:
+    """Twilio's X-Twilio-Signature: base64 HMAC-SHA1 of the URL plus the sorted params."""
+    grouped: dict[str, set[str]] = {}
+    for key, value in params:
+        grouped.setdefault(key, set()).add(value)
+    data = url + "".join(key + value for key in sorted(grouped) for value in sorted(grouped[key]))
+    return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+_PORT = re.compile(r":\d+$")
+DEFAULT_PORTS = {"https": "443", "wss": "443", "http": "80", "ws": "80"}
+
+
+def url_variants(url: str) -> list[str]:
+    """The URL as given, without its port, and with the scheme's default port (Twilio signs either)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    head = f"{scheme}{sep}{userinfo}{at}"
+    if _PORT.search(hostport):
+        variants = [url, head + _PORT.sub("", hostport) + slash + tail]
+    else:
+        variants = [url, f"{head}{hostport}:{DEFAULT_PORTS.get(scheme, '80')}{slash}{tail}"]
+    if "'" in url or "%27" in url:  # Twilio has signed both spellings of an apostrophe
+        variants += [v.replace("'", "%27") if "'" in v else v.replace("%27", "'") for v in variants]
+    return variants
+
+
+class Signer:
+    """Checks X-Twilio-Signature against the URL Twilio requested (not the URL we were reached at)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.token = settings.twilio_auth_token
+        self.public = settings.public_url.rstrip("/")
+        trusted = settings.trusted_proxies
+        self.trust_all = "*" in trusted
+        self.proxies = [ipaddress.ip_network(p, strict=False) for p in trusted if p != "*"]
+
+    def _trusted(self, client: tuple[str, int] | None) -> bool:
+        if self.trust_all:
+            return True
+        try:
+            addr = ipaddress.ip_address(client[0]) if client else None
+        except ValueError:
+            return False
+        return addr is not None and any(addr in net for net in self.proxies)
+
+    def url(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str:
+        """The URL Twilio signed: PUBLIC_URL or the trusted proxy's scheme and host, plus the raw target."""
+        raw = scope.get("raw_path") or scope["path"].encode()
+        target = raw.partition(b"?")[0].decode("latin-1")
+        if query := scope.get("query_string"):
+            target += "?" + query.decode("latin-1")
+        ws = scope["type"] == "websocket"
+        if self.public:
+            base = self.public
+            if ws:
+                base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+            return base + target
+        scheme, host = scope["scheme"], headers.get(b"host", b"").decode("latin-1")
+        if self._trusted(scope.get("client")):
+            if proto := headers.get(b"x-forwarded-proto"):
+                scheme = proto.decode("latin-1").split(",")[0].strip()
+                scheme = {"https": "wss", "http": "ws"}.get(scheme, scheme) if ws else scheme
+            if fwd_host := headers.get(b"x-forwarded-host"):
+                host = fwd_host.decode("latin-1").split(",")[0].strip()
+        return f"{scheme}://{host}{target}"
+
+    def check(self, url: str, params: Sequence[tuple[str, str]], signature: str) -> bool:
+        """Constant-time comparison against every URL variant Twilio may have signed."""
+        ok = False
+        for variant in url_variants(url):
+            ok |= hmac.compare_digest(twilio_signature(self.token, variant, params), signature)
+        return ok
+
+
+# ----------------------------------------------------------------------------- speech text
+
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e no approx dept est fig inc ltd co mt ft jan feb mar apr jun "
+    "jul aug sep sept oct nov dec a.m p.m u.s".split()
+)
+_ENDS = ".!?…"
+_CLOSERS = "\"')]”’"
+
+
+class Segmenter:
+    """Cuts a token stream into speakable sentences as soon as each sentence is known to be complete."""
+
+    def __init__(self, max_len: int = 240) -> None:
+        self.buf = ""
+        self.max_len = max_len
+
+    def feed(self, token: str) -> list[str]:
+        """Add a token; return the sentences it completed."""
+        self.buf += token
+        out: list[str] = []
+        while (cut := self._boundary()) is not None:
+            sentence, self.buf = self.buf[:cut].strip(), self.buf[cut:].lstrip()
+            if sentence:
+                out.append(sentence)
+        return out
+
+    def flush(self) -> list[str]:
+        """The rest, at the end of the stream."""
+        rest, self.buf = self.buf.strip(), ""
+        return [rest] if rest else []
+
+    def _boundary(self) -> int | None:
+        buf = self.buf
+        for i, ch in enumerate(buf):
+            if ch == "\n" and buf[:i].strip():
+                return i
+            if ch not in _ENDS:
+                continue
+            j = i + 1
+            while j < len(buf) and buf[j] in _ENDS + _CLOSERS:
+                j += 1
+            k = j
+            while k < len(buf) and buf[k] in " \t":
+                k += 1
+            if k == j or k == len(buf):  # no space yet ("3.5"), or nothing after it yet
+                continue
+            nxt = buf[k]
+            if ch in ".…" and (nxt.islower() or (ch == "." and self._abbreviation(buf[:i]))):
+                continue
+            return j
+        if len(buf) > self.max_len:  # a long run without punctuation: cut at a pause or a space
+            window = buf[: self.max_len]
+            cut = max(window.rfind(", "), window.rfind("; "), window.rfind(": "))
+            cut = cut + 1 if cut > self.max_len // 3 else window.rfind(" ")
+            return cut if cut > 0 else self.max_len
+        return None
+
+    @staticmethod
+    def _abbreviation(before: str) -> bool:
+        word = before.rsplit(None, 1)[-1].lower() if before.strip() else ""
+        return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+
+
+_MD_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_MD_MARKS = re.compile(r"(\*\*|__|\*|`+|~~|^#+\s*|^\s*(?:[-*+•]|\d+[.)])\s+|^>\s*)", re.MULTILINE)
+
+
+def speakable(text: str) -> str:
+    """Strip what a voice should not read: markdown, URLs, emoji."""
+    text = _URL.sub("", _MD_LINK.sub(r"\1", text))
+    text = _MD_MARKS.sub("", text)
+    text = "".join(c for c in text if unicodedata.category(c) not in ("So", "Cs", "Co") and c != "\ufe0f")
+    return " ".join(text.split())
+
+
+def clip(text: str, room: int) -> str:
+    """Shorten text to at most `room` characters at a word boundary."""
+    if len(text) <= room:
+        return text
+    return text[:room].rsplit(" ", 1)[0].rstrip(",;:") + "."
+
+
+def speech_key(text: str) -> str:
+    """A short stable key for a SpeechResult (retries of one webhook share it)."""
+    return hashlib.blake2b(text.encode(), digest_size=9).hexdigest()
+
+
+def mask(number: str) -> str:
+    """A phone number fit for a log line: only its last four digits."""
+    return f"…{number[-4:]}" if len(number) > 4 else "…"
+
+
+def new_turn_id() -> str:
+    """A turn id that carries its start time (ms, hex), so any replica can tell a turn's age."""
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(4)}"
+
+
+def turn_age(turn_id: str) -> float:
+    """Seconds since the turn began."""
+    try:
+        return time.time() - int(turn_id[:-8], 16) / 1000
+    except ValueError:
+        return float("inf")
+
+
+# ----------------------------------------------------------------------------- the LLM chain
+
+
+class LLMChain:
+    """The selected providers in order: the next serves the turn when one fails before its first token."""
+
+    def __init__(self, providers: Sequence[LLMProvider], settings: Settings) -> None:
+        self.providers = list(providers)
+        self.settings = settings
+
+    async def stream(self, messages: Sequence[Message], *, call: str, served: list[str]) -> AsyncIterator[Event]:
+        """Stream a reply; `served` receives the name of the provider that answered."""
+        s, last = self.settings, None
+        for provider in self.providers:
+            for attempt in range(s.llm_retries + 1):
+                events = provider.stream(messages, system=s.system_prompt)
+                try:
+                    first = await asyncio.wait_for(anext(events), s.llm_first_token_timeout)
+                except (ProviderError, TimeoutError, StopAsyncIteration) as e:
+                    await events.aclose()
+                    last = e
+                    why = "no first token in time" if isinstance(e, TimeoutError) else str(e) or "empty reply"
+                    log.warning("provider failed", extra={"provider": provider.name, "call": call, "error": why})
+                    if isinstance(e, ProviderError) and e.retryable and attempt < s.llm_retries:
+                        await asyncio.sleep(0.2 * 2**attempt + secrets.randbelow(100) / 1000)
+                        continue
+                    break
+                served.append(provider.name)
+                try:
+                    yield first
+                    async for event in events:
+                        yield event
+                finally:
+                    await events.aclose()
+                return
+        raise ProviderError("every LLM provider failed", provider="chain") from last
+
+
+# ----------------------------------------------------------------------------- the turn engine
+
+
+def has_end(segments: Sequence[Segment]) -> bool:
+    """Whether a turn's reply is complete."""
+    return any(seg.kind == "end" for seg in segments)
+
+
+class TurnRun:
+    """A reply being generated on this replica; its first document goes to the request that began it."""
+
+    def __init__(self, call_sid: str, turn: Turn) -> None:
+        self.call_sid, self.turn = call_sid, turn
+        self.ready: list[Segment] = []
+        self.taken = self.superseded = False
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def first(self, timeout: float) -> list[Segment]:
+        """Wait until the first sentence (or the end) exists, at most `timeout`; take what is ready."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.ready and not self.superseded:
+                    self.changed.clear()
+                    await self.changed.wait()
+        self.taken = True
+        segments, self.ready = self.ready, []
+        return segments
+
+    async def emit(self, segments: list[Segment], backend: SessionBackend) -> bool:
+        """Hand segments to the first document while it is open, else queue them for a continuation."""
+        if not self.taken:
+            self.ready.extend(segments)
+            self.changed.set()
+            return True
+        return await backend.push(self.call_sid, self.turn.id, segments)
+
+
+class Engine:
+    """Runs calls: sessions, turns, streamed replies and the documents that carry them."""
+
+    def __init__(self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend) -> None:
+        self.settings, self.llm, self.tts, self.backend = settings, llm, voice, backend
+        self.gather = gather_tag(settings)
+        self.runs: dict[str, TurnRun] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.phrases: dict[str, Segment] = {}
+        backend.on_cancel(self._cancelled)
+
+    def background(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a task that must outlive the request that started it."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def phrase(self, text: str, base_url: str) -> Segment:
+        """A fixed phrase in the selected voice, voiced once."""
+        if (seg := self.phrases.get(text)) is None:
+            seg = self.phrases[text] = await self.tts.render(text, base_url=base_url)
+        return seg
+
+    def listen(self, *segments: Segment) -> bytes:
+        """Speak, then listen for the caller."""
+        return render([*segments, END], gather=self.gather)
+
+    def answer(self, turn: str, n: int, segments: Sequence[Segment]) -> bytes:
+        """Document n of a turn's reply."""
+        return render(segments, gather=self.gather, next_url=f"/continue?n={n + 1}&turn={turn}")
+
+    async def _begin(self, call_sid: str, keys: Sequence[str] = ()) -> Snapshot:
+        for _ in range(400):  # a transition holds the lock for one round trip; ~2 s is plenty
+            if (snap := await self.backend.begin(call_sid, keys, self.settings.session_ttl)) is not None:
+                return snap
+            await asyncio.sleep(0.005)
+        raise BackendError(f"call {call_sid} stayed locked")
+
+    def _close_turn(self, session: Session, served: Sequence[Segment]) -> None:
+        """Move the current turn into history with what the caller was actually sent."""
+        turn, session.current = session.current, None
+        if turn is None:
+            return
+        said = " ".join(s.text for s in served if s.kind == "speech" and s.text)
+        end = next((s for s in served if s.kind == "end"), None)
+        session.history.append(Message(role="user", content=turn.user))
+        if said:
+            session.history.append(Message(role="assistant", content=said, interrupted=end is None))
+        if end is not None and end.provider:
+            session.providers.append(end.provider)
+            old = session.usage.get(end.provider, Usage())
+            session.usage[end.provider] = Usage(
+                input_tokens=old.input_tokens + end.input_tokens, output_tokens=old.output_tokens + end.output_tokens
+            )
+        del session.history[: -2 * self.settings.max_turns]
+
+    @staticmethod
+    def _new_session(form: TwilioForm) -> Session:
+        return Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
+
+    # -- webhooks
+
+    async def voice(self, form: TwilioForm, base_url: str) -> bytes:
+        """An incoming call: create the session, greet inside a <Gather>."""
+        snap = await self._begin(form.call_sid)
+        session = snap.session or self._new_session(form)
+        await self.backend.commit(form.call_sid, snap.token, session)
+        for provider in self.llm.providers[:1]:
+            self.background(provider.warm())
+        return self.listen(await self.phrase(self.settings.greeting, base_url))
+
+    async def speech(self, form: TwilioForm, base_url: str) -> bytes:
+        """The caller said something: answer it, streamed, once per distinct speech."""
+        s, sid = self.settings, form.call_sid
+        text = " ".join(_NOT_XML.sub("", form.speech_result).split())[: s.max_speech_chars]
+        if not text or (form.confidence is not None and form.confidence < s.min_confidence):
+            return await self._miss(form, base_url, heard=bool(text))
+        key = speech_key(text)
+        snap = await self._begin(sid, [key])
+        if (stored := snap.replies.get(key)) is not None:  # a retry of an answered webhook
+            await self.backend.unlock(sid, snap.token)
+            return self.answer(stored[0], 0, stored[1])
+        session = snap.session or self._new_session(form)
+        turn, cancel = session.current, ""
+        if turn is not None and key in turn.keys:  # a retry while the first delivery is still answering
+            await self.backend.unlock(sid, snap.token)
+            return await self._await_reply(sid, key, base_url)
+        user, keys = text, [key]
+        if turn is not None and not has_end(snap.served):
+            cancel = turn.id  # still generating or speaking: merge with it, or barge in
+            if not snap.served and time.time() - turn.started < s.debounce_ms / 1000:
+                user, keys, session.current = f"{turn.user} {text}", [*turn.keys, key], None
+        self._close_turn(session, snap.served)
+        session.current = Turn(id=new_turn_id(), user=user, keys=keys, started=time.time())
+        session.misses, session.turns = 0, session.turns + 1
+        await self.backend.commit(sid, snap.token, session, turn_changed=True, cancel=cancel)
+        if cancel:
+            log.info("turn superseded", extra={"call": sid, "turn": session.turns, "merged": len(keys) > 1})
+        run = TurnRun(sid, session.current)
+        messages = [*session.history, Message(role="user", content=user)]
+        self.runs[run.turn.id] = run
+        run.task = self.background(self._generate(run, messages, base_url, session.turns))
+        run.task.add_done_callback(lambda _: self.runs.pop(run.turn.id, None))
+        return await self._first_document(run, base_url)
+
+    async def _miss(self, form: TwilioForm, base_url: str, *, heard: bool) -> bytes:
+        """Silence or low confidence: reprompt without the model; hang up after too many in a row."""
+        snap = await self._begin(form.call_sid)
+        session = snap.session or self._new_session(form)
+        closed = has_end(snap.served)
+        if closed:
+            self._close_turn(session, snap.served)
+        session.misses += 1
+        await self.backend.commit(form.call_sid, snap.token, session, turn_changed=closed)
+        log.info("no usable speech", extra={"call": form.call_sid, "misses": session.misses, "heard": heard})
+        if session.misses >= self.settings.max_misses:
+            goodbye = await self.phrase(self.settings.goodbye, base_url)
+            return render([goodbye, Segment(kind="hangup"), END], gather="")
+        return self.listen(await self.phrase(self.settings.low_confidence if heard else self.settings.reprompt, base_url))
+
+    async def continuation(self, form: TwilioForm, turn: str, n: int, base_url: str) -> bytes:
+        """The next part of a turn's reply, from whichever replica generates it."""
+        sid, key = form.call_sid, f"{turn}:{n}"
+        if (stored := await self.backend.reply(sid, key)) is not None:
+            return self.answer(turn, n, stored[1])
+        deadline = time.monotonic() + self.settings.continue_wait
+        while (left := deadline - time.monotonic()) > 0:
+            got = await self.backend.serve(sid, turn, [key])
+            if got == SUPERSEDED:
+                return self.listen()
+            if got == BUSY:
+                await asyncio.sleep(0.005)
+            elif got:
+                return self.answer(turn, n, got)
+            elif turn_age(turn) > self.settings.llm_total_timeout + 5:  # the replica generating it is gone
+                got = await self.backend.serve(sid, turn, [key], [await self.phrase(self.settings.apology, base_url), END])
+                return self.listen() if isinstance(got, str) else self.answer(turn, n, got)
+            else:
+                await self.backend.wait(sid, turn, left)
+        return document(f'<Pause length="1"/><Redirect method="POST">/continue?n={n}&amp;turn={turn}</Redirect>')
+
+    async def status(self, form: TwilioForm) -> bytes:
+        """Twilio's status callback: a finished call ends its session at once."""
+        if form.call_status in ("completed", "busy", "failed", "no-answer", "canceled"):
+            snap = await self._begin(form.call_sid)
+            cancel = ""
+            if (session := snap.session) is not None:
+                if session.current is not None and not has_end(snap.served):
+                    cancel = session.current.id
+                self._close_turn(session, snap.served)
+                seconds = round(time.time() - session.started, 1)
+                log.info(
+                    "call ended",
+                    extra={"call": form.call_sid, "outcome": form.call_status, "turns": session.turns, "seconds": seconds},
+                )
+            await self.backend.commit(form.call_sid, snap.token, None, cancel=cancel)
+        return document("")
+
+    async def handle_error(self, form: TwilioForm, base_url: str) -> bytes:
+        """Twilio's fallback URL: apologise and listen again."""
+        log.warning("twilio reported an error", extra={"call": form.call_sid, "error": form.error_code})
+        return self.listen(await self.phrase(self.settings.apology, base_url))
+
+    # -- streamed generation
+
+    def _cancelled(self, turn_id: str) -> None:
+        if (run := self.runs.get(turn_id)) is not None:
+            run.superseded = True
+            run.changed.set()
+            if run.task is not None:
+                run.task.cancel()
+
+    async def _first_document(self, run: TurnRun, base_url: str) -> bytes:
+        """Answer with the first sentence as soon as it exists, or a filler at the deadline."""
+        sid, turn = run.call_sid, run.turn
+        segments = await run.first(self.settings.first_audio_deadline)
+        if not segments and not run.superseded:
+            segments = [await self.phrase(self.settings.filler, base_url)]
+        for _ in range(400):
+            if run.superseded:
+                break
+            got = await self.backend.serve(sid, turn.id, [*turn.keys, f"{turn.id}:0"], segments)
+            if got == SUPERSEDED:
+                break
+            if got != BUSY:
+                return self.answer(turn.id, 0, segments)
+            await asyncio.sleep(0.005)
+        else:
+            raise BackendError(f"call {sid} stayed locked")
+        return await self._await_reply(sid, turn.keys[-1], base_url)  # merged into a newer turn
+
+    async def _await_reply(self, sid: str, key: str, base_url: str) -> bytes:
+        """Wait for the document another request is producing for the same speech."""
+        deadline = time.monotonic() + self.settings.first_audio_deadline + 2
+        while time.monotonic() < deadline:
+            if (stored := await self.backend.reply(sid, key)) is not None:
+                return self.answer(stored[0], 0, stored[1])
+            await asyncio.sleep(0.02)
+        return self.listen(await self.phrase(self.settings.apology, base_url))
+
+    async def _generate(self, run: TurnRun, messages: list[Message], base_url: str, number: int) -> None:
+        """Stream the model's reply into sentences, voice each as soon as it exists, emit them in order."""
+        s, sid = self.settings, run.call_sid
+        pending: list[asyncio.Task[Segment] | Segment] = []
+        more = asyncio.Event()
+        served: list[str] = []
+        usage = Usage()
+        spoken, t0 = 0, time.monotonic()
+
+        def speak(sentence: str) -> None:
+            nonlocal spoken
+            text = clip(speakable(sentence), s.max_reply_chars - spoken)
+            if text and spoken < s.max_reply_chars:
+                spoken += len(text) + 1
+                pending.append(asyncio.create_task(self.tts.render(text, base_url=base_url)))
+                more.set()
+
+        emitter = asyncio.create_task(self._emit_in_order(run, pending, more))
+        try:
+            async with asyncio.timeout(s.llm_total_timeout):
+                segmenter = Segmenter()
+                async for event in self.llm.stream(messages, call=sid, served=served):
+                    if isinstance(event, Usage):
+                        usage = Usage(
+                            input_tokens=usage.input_tokens + event.input_tokens,
+                            output_tokens=usage.output_tokens + event.output_tokens,
+                        )
+                    elif isinstance(event, str):
+                        for sentence in segmenter.feed(event):
+                            speak(sentence)
+                    if spoken >= s.max_reply_chars:
+                        break
+                for sentence in segmenter.flush():
+                    speak(sentence)
+                if not spoken:
+                    raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+        except asyncio.CancelledError:
+            emitter.cancel()
+            raise
+        except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
+            what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
+            provider = served[-1] if served else "none"
+            log.error(what, extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
+                      exc_info=not isinstance(e, (ProviderError, TimeoutError)))
+            pending.append(await self.phrase(s.apology, base_url))
+            if s.fallback_number:
+                pending.append(Segment(kind="dial", number=s.fallback_number))
+        provider = served[-1] if served else ""
+        pending.append(msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage)))
+        more.set()
+        await emitter
+        ms = round((time.monotonic() - t0) * 1000)
+        log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
+
+    async def _emit_in_order(self, run: TurnRun, pending: list[Any], more: asyncio.Event) -> None:
+        """Emit voiced sentences in order, batching whatever is already done (the end included)."""
+        while True:
+            while not pending:
+                more.clear()
+                await more.wait()
+            item = pending.pop(0)
+            batch = [await item if isinstance(item, asyncio.Task) else item]
+            while pending and (isinstance(pending[0], Segment) or pending[0].done()):
+                nxt = pending.pop(0)
+                batch.append(nxt if isinstance(nxt, Segment) else nxt.result())
+            if not await run.emit(batch, self.backend):
+                if run.task is not None:
+                    run.task.cancel()
+                return
+            if has_end(batch):
+                return
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+class Reject(Exception):
+    """A request we refuse with a 4xx and one log line."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+_CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
+_TURN = re.compile(r"[0-9a-f]{8,32}")
+TERMINAL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Reject(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"text/xml") -> None:
+    """Send a complete response."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """Reads a Twilio request: size, content type, signature, then the form fields."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.signer = Signer(settings)
+        self.unsigned = not settings.twilio_auth_token and settings.allow_unsigned
+
+    async def open(self, scope: Scope, receive: Receive) -> tuple[TwilioForm, str, dict[str, str]]:
+        """Return the form, the public base URL and the query; raise Reject for anything wrong."""
+        headers = dict(scope["headers"])
+        method = scope["method"]
+        if method not in ("GET", "POST"):
+            raise Reject(405, f"method {method} not allowed")
+        if method == "POST" and not headers.get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
+            raise Reject(415, "expected application/x-www-form-urlencoded")
+        body = await read_body(receive, self.settings.max_body_bytes)
+        url = self.signer.url(scope, headers)
+        signature = headers.get(b"x-twilio-signature", b"").decode("latin-1")
+        if not signature and not self.unsigned:
+            raise Reject(403, "missing X-Twilio-Signature")
+        try:
+            params = parse_qsl(body.decode(), keep_blank_values=True, errors="strict") if method == "POST" else []
+            query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True, errors="strict"))
+        except UnicodeDecodeError:
+            raise Reject(400, "body is not UTF-8") from None
+        if not self.unsigned and not self.signer.check(url, params, signature):
+            log.warning(
+                "signature mismatch",
+                extra={"route": scope["path"], "checked_url": url,
+                       "hint": "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"},
+            )
+            raise Reject(403, "signature mismatch")
+        fields = dict(params) if method == "POST" else dict(query)
+        if fields.get("Confidence") == "":
+            del fields["Confidence"]
+        try:
+            form = msgspec.convert(fields, TwilioForm, strict=False)
+        except msgspec.ValidationError as e:
+            raise Reject(400, f"bad field: {e}") from None
+        if not _CALL_SID.fullmatch(form.call_sid):
+            raise Reject(400, "missing or malformed CallSid")
+        return form, url[: len(url) - len(scope["path"]) - len(scope["query_string"]) - bool(scope["query_string"])], query
+
+
+def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -> Any:
+    """A Twilio webhook route in raw ASGI: the hot path stays lean (see DESIGN.md)."""
+    budget = 9.5  # seconds: well inside Twilio's 15 s, whatever the model or the backend does
+    fallback = document(f"{engine.gather}<Say>{esc(engine.settings.apology)}</Say></Gather>")
+
+    @asgi(path, copy_scope=False, name=path)
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        status, body, ctype, sid = 200, fallback, b"text/xml", ""
+        try:
+            form, base_url, query = await gate.open(scope, receive)
+            sid = form.call_sid
+            async with asyncio.timeout(budget):
+                body = await handle(form, base_url, query)
+        except Reject as r:
+            status, body, ctype = r.status, f"{r.status} {r}\n".encode(), b"text/plain"
+        except TimeoutError:
+            log.error("response budget exceeded", extra={"route": path, "call": sid})
+        except BackendError as e:
+            log.error("session backend unavailable", extra={"route": path, "call": sid, "error": str(e)})
+        except Exception:
+            log.exception("request failed", extra={"route": path, "call": sid})
+        await respond(send, status, body, ctype)
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        log.info("request", extra={"route": path, "status": status, "call": sid, "ms": ms})
+
+    return endpoint
+
+
+def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any]) -> list[Any]:
+    """The HTTP routes: Twilio's webhooks and the health check."""
+    gate = Gate(settings)
+
+    async def continuation(form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
+        turn, n = query.get("turn", ""), query.get("n", "")
+        if not _TURN.fullmatch(turn) or not n.isdigit() or not 0 < int(n) < 1000:
+            raise Reject(400, "bad continuation turn or n")
+        return await engine.continuation(form, turn, int(n), base_url)
+
+    @asgi("/health", copy_scope=False, name="health")
+    async def health(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await engine.backend.ping()
+            status, state = 200, "ok"
+        except Exception as e:  # any failure to reach the backend is "unavailable"; the error is logged
+            log.warning("health check failed", extra={"error": f"{type(e).__name__}: {e}"})
+            status, state = 503, "unavailable"
+        body = msgspec.json.encode({"status": state, "version": VERSION, "mode": settings.mode, "plugins": plugins})
+        await respond(send, status, body, b"application/json")
+
+    return [
+        webhook("/voice", gate, engine, lambda f, b, q: engine.voice(f, b)),
+        webhook("/process-speech", gate, engine, lambda f, b, q: engine.speech(f, b)),
+        webhook("/continue", gate, engine, continuation),
+        webhook("/status", gate, engine, lambda f, b, q: engine.status(f)),
+        webhook("/handle-error", gate, engine, lambda f, b, q: engine.handle_error(f, b)),
+        health,
+    ]
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class LogFormatter(logging.Formatter):
+    """One line per event: `level message key=value ...` or one JSON object."""
+
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__()
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if self.json_lines:
+            line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+            return msgspec.json.encode(line | fields, enc_hook=str).decode()
+        extra = " ".join(f"{k}={v}" for k, v in fields.items() if k != "exception")
+        text = f"{record.levelname.lower()} {record.getMessage()} {extra}".rstrip()
+        return text + ("\n" + fields["exception"] if "exception" in fields else "")
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log to stderr in the configured format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter(settings.log_format == "json"))
+    handler.set_name("switchboard")
+    log.handlers[:] = [h for h in log.handlers if h.get_name() != "switchboard"] + [handler]
+    log.setLevel(settings.log_level.upper())
+    log.propagate = False
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[object] = ()) -> Litestar:
+    """Build the ASGI app from env vars (os.environ when none are given) and the installed plugins."""
+    import os  # the one place the environment is read
+
+    settings = load_settings(os.environ if environ is None else environ)
+    setup_logging(settings)
+    if not settings.twilio_auth_token:
+        if not settings.allow_unsigned:
+            raise ConfigError(
+                "TWILIO_AUTH_TOKEN is not set: copy the Auth Token from the Twilio console "
+                "(Account info) into TWILIO_AUTH_TOKEN. For local experiments only, ALLOW_UNSIGNED=1 skips the check."
+            )
+        log.warning("ALLOW_UNSIGNED=1: Twilio signatures are NOT checked; anyone can drive this agent")
+    if settings.web_concurrency > 1 and settings.session_backend == "memory":
+        raise ConfigError(
+            f"WEB_CONCURRENCY={settings.web_concurrency} with SESSION_BACKEND=memory would split calls across "
+            "processes; use SESSION_BACKEND=valkey (with VALKEY_URL or REDIS_URL) or one worker."
+        )
+    pm = plugin_manager(plugins)
+    providers = select(pm, "llm", settings.llm_provider, settings)
+    voice = select(pm, "tts", [settings.tts_voice], settings)[0]
+    backend = select(pm, "session", [settings.session_backend], settings)[0]
+    engine = Engine(settings, LLMChain(providers, settings), voice, backend)
+    chosen = {"llm": list(settings.llm_provider), "tts": settings.tts_voice, "session": settings.session_backend}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        opened: list[Any] = []
+        try:
+            for obj in (backend, voice, *providers):
+                await obj.aopen()
+                opened.append(obj)
+            log.info("switchboard ready", extra={"version": VERSION, "mode": settings.mode, **chosen})
+            yield
+        finally:
+            for task in list(engine.tasks):
+                task.cancel()
+            await asyncio.gather(*engine.tasks, return_exceptions=True)
+            for obj in reversed(opened):
+                with contextlib.suppress(Exception):
+                    await obj.aclose()
+
+    app = Litestar(
+        routes(settings, engine, chosen), lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    return app
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run("main:create_app", factory=True, host="0.0.0.0", port=8000)

@@ -1,0 +1,163 @@
+"""The default session backend: calls live in this process, expire after SESSION_TTL, and are swept."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from main import BUSY, SUPERSEDED, Segment, Session, SessionBackend, Settings, Snapshot, hookimpl
+
+session_encoder = msgspec.msgpack.Encoder()
+session_decoder = msgspec.msgpack.Decoder(Session)
+
+
+class Call:
+    """One call's state, with the same parts the Valkey backend keeps under its keys."""
+
+    __slots__ = ("session", "current", "lock", "lock_until", "served", "queues", "replies", "expires", "pushed")
+
+    def __init__(self) -> None:
+        self.session: bytes | None = None
+        self.current = ""
+        self.lock, self.lock_until = "", 0.0
+        self.served: list[Segment] = []
+        self.queues: dict[str, list[Segment]] = {}
+        self.replies: dict[str, tuple[str, list[Segment]]] = {}
+        self.expires = 0.0
+        self.pushed = asyncio.Event()
+
+
+class MemoryBackend(SessionBackend):
+    """Sessions in a dict: one process only, which create_app enforces."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = settings.session_ttl
+        self.clock = clock
+        self.calls: dict[str, Call] = {}
+        self.cancel_callbacks: list[Callable[[str], None]] = []
+        self.sweeper: asyncio.Task[None] | None = None
+
+    async def aopen(self) -> None:
+        self.sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def aclose(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.ttl / 4))
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Drop calls idle for longer than SESSION_TTL; return how many."""
+        now = self.clock()
+        expired = [sid for sid, call in self.calls.items() if call.expires <= now]
+        for sid in expired:
+            del self.calls[sid]
+        return len(expired)
+
+    def _call(self, sid: str, ttl: float | None = None) -> Call:
+        call = self.calls.get(sid)
+        now = self.clock()
+        if call is None or call.expires <= now:
+            call = self.calls[sid] = Call()
+        call.expires = now + (ttl or self.ttl)
+        return call
+
+    async def ping(self) -> None:
+        return None
+
+    async def lock(self, call_sid: str, ttl: float) -> str | None:
+        call, now = self._call(call_sid), self.clock()
+        if call.lock and call.lock_until > now:
+            return None
+        call.lock, call.lock_until = secrets.token_hex(8), now + ttl
+        return call.lock
+
+    async def unlock(self, call_sid: str, token: str) -> bool:
+        call = self.calls.get(call_sid)
+        if call is None or call.lock != token or call.lock_until <= self.clock():
+            return False
+        call.lock = ""
+        return True
+
+    async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
+        token = await self.lock(call_sid, 5.0)
+        if token is None:
+            return None
+        call = self._call(call_sid, ttl)
+        session = session_decoder.decode(call.session) if call.session is not None else None
+        replies = {k: call.replies[k] for k in keys if k in call.replies}
+        return Snapshot(token=token, session=session, served=list(call.served), replies=replies)
+
+    async def commit(
+        self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
+    ) -> bool:
+        call = self.calls.get(call_sid)
+        if call is None or call.lock != token or call.lock_until <= self.clock():
+            return False
+        if session is None:
+            del self.calls[call_sid]
+        else:
+            call.session = session_encoder.encode(session)
+            if turn_changed:  # keep the replies of the turn just finished, for late retries
+                call.replies = {k: v for k, v in call.replies.items() if v[0] == call.current}
+                call.current = session.current.id if session.current else ""
+                call.served = []
+                call.queues.clear()
+            call.lock = ""
+        if cancel:
+            for callback in self.cancel_callbacks:
+                callback(cancel)
+        return True
+
+    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
+        call = self.calls.get(call_sid)
+        if call is None or call.current != turn:
+            return False
+        call.queues.setdefault(turn, []).extend(segments)
+        call.pushed.set()
+        call.pushed = asyncio.Event()
+        return True
+
+    async def serve(
+        self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
+    ) -> list[Segment] | str:
+        call = self.calls.get(call_sid)
+        if call is None or call.current != turn:
+            return SUPERSEDED
+        if call.lock and call.lock_until > self.clock():
+            return BUSY
+        taken = list(segments) if segments is not None else call.queues.pop(turn, [])
+        if taken:
+            call.served.extend(taken)
+            for key in keys:
+                call.replies[key] = (turn, taken)
+        return taken
+
+    async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
+        call = self.calls.get(call_sid)
+        if call is None or call.queues.get(turn):
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call.pushed.wait(), timeout)
+
+    async def reply(self, call_sid: str, key: str) -> tuple[str, list[Segment]] | None:
+        call = self.calls.get(call_sid)
+        return call.replies.get(key) if call is not None else None
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        self.cancel_callbacks.append(callback)
+
+
+@hookimpl
+def register_session_backends(register):  # type: ignore[no-untyped-def]
+    register("memory", MemoryBackend)

@@ -1,0 +1,22 @@
+"""The echo model: deterministic and offline."""
+
+from __future__ import annotations
+
+import main
+from conftest import env
+from plugins.llm_echo import EchoProvider
+
+
+async def test_echo_repeats_the_last_caller_turn_word_by_word() -> None:
+    echo = EchoProvider(main.load_settings(env()))
+    history = [main.Message(role="user", content="first"), main.Message(role="assistant", content="You said: first."),
+               main.Message(role="user", content="what is 3.5 plus one?")]
+    events = [e async for e in echo.stream(history, system="ignored")]
+    assert events == ["You", " said:", " what", " is", " 3.5", " plus", " one.",
+                      main.Usage(input_tokens=9, output_tokens=7)]
+
+
+async def test_echo_prefix_is_configurable() -> None:
+    echo = EchoProvider(main.load_settings(env(ECHO_PREFIX="Heard:")))
+    tokens = [e async for e in echo.stream([main.Message(role="user", content="hi")], system="")]
+    assert "".join(t for t in tokens if isinstance(t, str)) == "Heard: hi."

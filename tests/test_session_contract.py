@@ -1,0 +1,186 @@
+"""The session-backend contract: every backend passes the same assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+import main
+from conftest import env
+
+BACKENDS = ["memory"]
+
+
+def backend_env(name: str, **extra: str) -> dict[str, str]:
+    return env(SESSION_BACKEND=name, **extra)
+
+
+@pytest.fixture(params=BACKENDS)
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[object]:
+    """Build opened backends by name (closed after the test)."""
+    opened: list[main.SessionBackend] = []
+
+    async def build(**extra: str) -> main.SessionBackend:
+        settings = main.load_settings(backend_env(request.param, **extra))
+        backend = main.select(main.plugin_manager(), "session", [request.param], settings)[0]
+        await backend.aopen()
+        opened.append(backend)
+        return backend
+
+    yield build
+    for backend in opened:
+        await backend.aclose()
+
+
+def sid() -> str:
+    return "CA" + secrets.token_hex(16)
+
+
+def session(call_sid: str, turn: str = "") -> main.Session:
+    current = main.Turn(id=turn, user="hi", keys=["k"], started=time.time()) if turn else None
+    return main.Session(call_sid=call_sid, started=time.time(), current=current)
+
+
+SAY = [main.Segment(text="One."), main.Segment(text="Two.")]
+
+
+async def test_lock_is_exclusive_and_only_its_owner_releases_it(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    token = await backend.lock(call, 5)
+    assert token is not None
+    assert await backend.lock(call, 5) is None
+    assert await backend.unlock(call, "not-the-owner") is False
+    assert await backend.lock(call, 5) is None
+    assert await backend.unlock(call, token) is True
+    assert await backend.lock(call, 5) is not None
+
+
+async def test_lock_expires_so_a_crashed_owner_never_blocks_a_call(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    stale = await backend.lock(call, 0.2)
+    await asyncio.sleep(0.3)
+    fresh = await backend.lock(call, 5)
+    assert fresh is not None and fresh != stale
+    assert await backend.unlock(call, stale) is False  # the old owner cannot release the new lock
+    assert await backend.lock(call, 5) is None
+
+
+async def test_begin_locks_and_commit_writes_then_unlocks(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    snap = await backend.begin(call, [], 60)
+    assert (snap.session, snap.served, snap.replies) == (None, [], {})
+    assert await backend.begin(call, [], 60) is None  # locked until the commit
+    written = session(call)
+    written.history.append(main.Message(role="user", content="hello"))
+    assert await backend.commit(call, snap.token, written) is True
+    again = await backend.begin(call, [], 60)
+    assert again.session == written
+    assert await backend.commit(call, "stolen-token", session(call)) is False
+    assert await backend.unlock(call, again.token) is True
+    assert (await backend.begin(call, [], 60)).session == written
+
+
+async def test_sessions_expire_after_the_ttl_of_inactivity(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(SESSION_TTL="1"), sid()
+    snap = await backend.begin(call, [], 1)
+    await backend.commit(call, snap.token, session(call))
+    await asyncio.sleep(0.6)
+    touched = await backend.begin(call, [], 1)  # activity slides the expiry
+    assert touched.session is not None
+    await backend.commit(call, touched.token, touched.session)
+    await asyncio.sleep(0.6)
+    assert (still := await backend.begin(call, [], 1)).session is not None
+    await backend.unlock(call, still.token)
+    await asyncio.sleep(1.3)
+    assert (await backend.begin(call, [], 1)).session is None
+
+
+async def test_served_replies_are_stored_for_retries_and_marked_served(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t1"), turn_changed=True)
+    assert await backend.serve(call, "t1", ["speech-key", "t1:0"], SAY) == SAY
+    assert await backend.reply(call, "speech-key") == ("t1", SAY)
+    assert await backend.reply(call, "t1:0") == ("t1", SAY)
+    assert await backend.reply(call, "other") is None
+    snap = await backend.begin(call, ["speech-key", "other"], 60)
+    assert snap.served == SAY and snap.replies == {"speech-key": ("t1", SAY)}
+    assert await backend.serve(call, "t1", ["t1:1"], SAY) == main.BUSY  # the call is locked
+    await backend.unlock(call, snap.token)
+    assert await backend.serve(call, "t0", ["t0:1"], SAY) == main.SUPERSEDED
+
+
+async def test_pushed_segments_are_served_once_in_order(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t1"), turn_changed=True)
+    assert await backend.serve(call, "t1", ["t1:1"]) == []
+    assert await backend.push(call, "t1", SAY[:1]) is True
+    assert await backend.push(call, "t1", [SAY[1], main.END]) is True
+    assert await backend.serve(call, "t1", ["t1:1"]) == [*SAY, main.END]
+    assert await backend.serve(call, "t1", ["t1:2"]) == []
+    assert await backend.push(call, "t0", SAY) is False  # not the current turn
+    snap = await backend.begin(call, [], 60)
+    assert snap.served == [*SAY, main.END]
+    new = session(call, "t2")
+    await backend.commit(call, snap.token, new, turn_changed=True)
+    assert (await backend.begin(call, [], 60)).served == []  # a new turn starts with nothing served
+
+
+async def test_wait_returns_as_soon_as_a_segment_is_pushed(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t1"), turn_changed=True)
+    t0 = time.monotonic()
+    pusher = asyncio.create_task(asyncio.sleep(0.2))
+    pusher.add_done_callback(lambda _: asyncio.ensure_future(backend.push(call, "t1", SAY)))
+    await backend.wait(call, "t1", 3.0)
+    assert 0.15 < time.monotonic() - t0 < 1.5
+    assert await backend.serve(call, "t1", ["t1:1"]) == SAY
+    t0 = time.monotonic()
+    await backend.wait(call, "t1", 0.3)  # nothing comes: returns at the timeout
+    assert 0.25 < time.monotonic() - t0 < 1.5
+
+
+async def test_concurrent_writers_never_lose_an_update(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+
+    async def add(n: int) -> None:
+        while (snap := await backend.begin(call, [], 60)) is None:
+            await asyncio.sleep(0.001)
+        current = snap.session or session(call)
+        await asyncio.sleep(0)  # let the others try in between
+        current.history.append(main.Message(role="user", content=str(n)))
+        assert await backend.commit(call, snap.token, current)
+
+    await asyncio.gather(*(add(n) for n in range(40)))
+    final = await backend.begin(call, [], 60)
+    assert sorted(int(m.content) for m in final.session.history) == list(range(40))
+
+
+async def test_cancel_reaches_every_listener_and_delete_removes_the_call(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    heard: list[str] = []
+    backend.on_cancel(heard.append)
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t1"), turn_changed=True)
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t2"), turn_changed=True, cancel="t1")
+    for _ in range(100):
+        if heard:
+            break
+        await asyncio.sleep(0.01)
+    assert heard == ["t1"]
+    snap = await backend.begin(call, [], 60)
+    assert await backend.commit(call, snap.token, None) is True
+    assert (await backend.begin(call, [], 60)).session is None
+    assert await backend.serve(call, "t2", ["t2:1"], SAY) == main.SUPERSEDED
+
+
+async def test_ping_answers_when_the_backend_is_up(make) -> None:  # type: ignore[no-untyped-def]
+    backend = await make()
+    assert await backend.ping() is None

@@ -1,0 +1,60 @@
+"""The memory backend: bounded by its sweeper (the contract suite covers the rest)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import main
+from conftest import Twilio, env, running
+from plugins.session_memory import MemoryBackend
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_many_calls_are_swept_once_the_clock_passes_the_ttl() -> None:
+    clock = Clock()
+    backend = MemoryBackend(main.load_settings(env(SESSION_TTL="1800")), clock=clock)
+    for n in range(10_000):
+        sid = f"CA{n:032x}"
+        snap = await backend.begin(sid, [], 1800)
+        await backend.commit(sid, snap.token, main.Session(call_sid=sid, started=time.time()))
+    clock.now += 1000
+    recent = await backend.begin("CAlive", [], 1800)
+    await backend.commit("CAlive", recent.token, main.Session(call_sid="CAlive"))
+    assert backend.sweep() == 0
+    clock.now += 900
+    assert backend.sweep() == 10_000
+    assert list(backend.calls) == ["CAlive"]
+
+
+async def test_the_sweeper_runs_by_itself() -> None:
+    backend = MemoryBackend(main.load_settings(env(SESSION_TTL="0.4")))
+    await backend.aopen()
+    try:
+        snap = await backend.begin("CA1", [], 0.4)
+        await backend.commit("CA1", snap.token, main.Session(call_sid="CA1"))
+        assert "CA1" in backend.calls
+        await asyncio.sleep(0.7)
+        assert backend.calls == {}
+    finally:
+        await backend.aclose()
+
+
+async def test_replies_are_kept_only_for_the_current_and_previous_turn() -> None:
+    app = main.create_app(env())
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        for text in ["one", "two", "three"]:
+            await twilio.say(text)
+    call = app.state.engine.backend.calls[twilio.call_sid]
+    kept = {seg.text for _, segments in call.replies.values() for seg in segments if seg.text}
+    assert kept == {"You said: two.", "You said: three."}
+    assert len(call.replies) == 4  # per turn: its speech key and its first document
