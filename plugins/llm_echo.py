@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from main import LLMProvider, Message, Settings, Usage, hookimpl
+from main import LLMProvider, Message, Settings, ToolSpec, Usage, hookimpl
 
 
 class EchoProvider(LLMProvider):
@@ -15,7 +15,9 @@ class EchoProvider(LLMProvider):
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.get("ECHO_PREFIX", "You said:")
 
-    async def stream(self, messages: Sequence[Message], *, system: str) -> AsyncIterator[str | Usage]:
+    async def stream(
+        self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[str | Usage]:
         heard = next((m.content for m in reversed(messages) if m.role == "user"), "")
         reply = f"{self.prefix} {heard.rstrip('.!?')}."
         words = reply.split(" ")

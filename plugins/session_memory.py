@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -41,6 +42,8 @@ class MemoryBackend(SessionBackend):
         self.calls: dict[str, Call] = {}
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.sweeper: asyncio.Task[None] | None = None
+        self.blobs: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.blob_bytes, self.blob_limit = 0, int(settings.get("BLOB_CACHE_BYTES", str(32 * 1024 * 1024)))
 
     async def aopen(self) -> None:
         self.sweeper = asyncio.create_task(self._sweep_forever())
@@ -156,6 +159,23 @@ class MemoryBackend(SessionBackend):
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         self.cancel_callbacks.append(callback)
+
+    async def put_blob(self, key: str, data: bytes, ttl: float) -> None:
+        if key in self.blobs:
+            self.blob_bytes -= len(self.blobs.pop(key)[1])
+        if len(data) > self.blob_limit:
+            return
+        self.blobs[key] = (self.clock() + ttl, data)
+        self.blob_bytes += len(data)
+        while self.blob_bytes > self.blob_limit:  # least recently used first
+            self.blob_bytes -= len(self.blobs.popitem(last=False)[1][1])
+
+    async def get_blob(self, key: str) -> bytes | None:
+        entry = self.blobs.get(key)
+        if entry is None or entry[0] <= self.clock():
+            return None
+        self.blobs.move_to_end(key)
+        return entry[1]
 
 
 @hookimpl

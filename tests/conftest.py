@@ -172,7 +172,7 @@ class Scripted(LLMProvider):
         self.calls: list[list[Message]] = []
         self.closed = 0
 
-    async def stream(self, messages: Sequence[Message], *, system: str) -> AsyncIterator[Any]:
+    async def stream(self, messages: Sequence[Message], *, system: str, tools: Sequence[Any] = ()) -> AsyncIterator[Any]:
         self.calls.append(list(messages))
         reply = self.replies[min(len(self.calls), len(self.replies)) - 1]
         try:

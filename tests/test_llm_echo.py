@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import main
 from conftest import env
+
+import main
 from plugins.llm_echo import EchoProvider
 
 

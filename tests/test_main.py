@@ -10,16 +10,36 @@ from urllib.parse import urlencode
 import httpx
 import msgspec
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from conftest import (
+    BASE,
+    GATHER,
+    TOKEN,
+    VOICE,
+    Captured,
+    ProviderError,
+    Scripted,
+    Twilio,
+    concurrent,
+    continuing,
+    env,
+    listening,
+    new_call_sid,
+    plugin,
+    running,
+    scripted_app,
+    server,
+    tree,
+    twiml,
+)
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
 from twilio.request_validator import RequestValidator
 
 import main
 import phone
-from conftest import (
-    BASE, GATHER, TOKEN, VOICE, Captured, ProviderError, Scripted, Twilio, concurrent, continuing, env, listening, new_call_sid,
-    plugin, running, says, scripted_app, server, tree, twiml,
-)
+import turns
 
 # ----------------------------------------------------------------------------- signatures (vectors from the wire reference)
 
@@ -420,7 +440,7 @@ async def test_with_a_fallback_number_a_failure_transfers_to_a_person() -> None:
 
 async def test_a_plugin_bug_in_the_model_is_spoken_as_an_apology(logs: Captured) -> None:
     class Broken(Scripted):
-        def stream(self, messages: Any, *, system: str) -> Any:
+        def stream(self, messages: Any, *, system: str, tools: Any = ()) -> Any:
             raise RuntimeError("bug in a plugin")
 
     app = scripted_app(Broken("broken"))
@@ -556,13 +576,13 @@ def test_documents_stay_under_64kb() -> None:
     ],
 )
 def test_segmenter_cuts_at_sentence_ends_only(tokens: list[str], expected: list[str]) -> None:
-    seg = main.Segmenter()
+    seg = turns.Segmenter()
     out = [s for t in tokens for s in seg.feed(t)] + seg.flush()
     assert out == expected
 
 
 def test_segmenter_cuts_long_unpunctuated_speech_at_a_pause() -> None:
-    seg = main.Segmenter(max_len=60)
+    seg = turns.Segmenter(max_len=60)
     text = "this sentence goes on and on without any end in sight, and it keeps going and going forever"
     out = seg.feed(text) + seg.flush()
     assert out == ["this sentence goes on and on without any end in sight,", "and it keeps going and going forever"]
@@ -571,7 +591,7 @@ def test_segmenter_cuts_long_unpunctuated_speech_at_a_pause() -> None:
 @hsettings(max_examples=200, deadline=None)
 @given(st.lists(st.text(st.sampled_from("ab .!?,\n3"), max_size=12), max_size=30))
 def test_segmenter_never_loses_or_reorders_text(tokens: list[str]) -> None:
-    seg = main.Segmenter(max_len=40)
+    seg = turns.Segmenter(max_len=40)
     out = [s for t in tokens for s in seg.feed(t)] + seg.flush()
     assert "".join(out).replace(" ", "").replace("\n", "") == "".join(tokens).replace(" ", "").replace("\n", "")
     assert all(s == s.strip() and s for s in out)
@@ -590,7 +610,7 @@ def test_segmenter_never_loses_or_reorders_text(tokens: list[str]) -> None:
     ],
 )
 def test_markdown_and_emoji_are_not_spoken(raw: str, spoken: str) -> None:
-    assert main.speakable(raw) == spoken
+    assert turns.speakable(raw) == spoken
 
 
 # ----------------------------------------------------------------------------- the dev phone and a real process

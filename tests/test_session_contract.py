@@ -8,9 +8,9 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from conftest import env
 
 import main
-from conftest import env
 
 BACKENDS = ["memory"]
 
@@ -184,3 +184,13 @@ async def test_cancel_reaches_every_listener_and_delete_removes_the_call(make) -
 async def test_ping_answers_when_the_backend_is_up(make) -> None:  # type: ignore[no-untyped-def]
     backend = await make()
     assert await backend.ping() is None
+
+
+async def test_blobs_are_shared_and_expire(make) -> None:  # type: ignore[no-untyped-def]
+    backend = await make()
+    key = "audio-" + secrets.token_hex(8)
+    assert await backend.get_blob(key) is None
+    await backend.put_blob(key, b"\xff\xfbaudio-bytes", 0.5)
+    assert await backend.get_blob(key) == b"\xff\xfbaudio-bytes"
+    await asyncio.sleep(1.1)
+    assert await backend.get_blob(key) is None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import main
 from conftest import Twilio, env, running
+
+import main
 from plugins.session_memory import MemoryBackend
 
 
@@ -58,3 +59,14 @@ async def test_replies_are_kept_only_for_the_current_and_previous_turn() -> None
     kept = {seg.text for _, segments in call.replies.values() for seg in segments if seg.text}
     assert kept == {"You said: two.", "You said: three."}
     assert len(call.replies) == 4  # per turn: its speech key and its first document
+
+
+async def test_the_blob_cache_stays_within_its_byte_bound() -> None:
+    backend = MemoryBackend(main.load_settings(env(BLOB_CACHE_BYTES="1000")))
+    for n in range(10):
+        await backend.put_blob(f"k{n}", bytes(300), 60)
+    assert backend.blob_bytes <= 1000 and sum(len(v) for _, v in backend.blobs.values()) == backend.blob_bytes
+    assert [k for k in backend.blobs] == ["k7", "k8", "k9"]
+    assert await backend.get_blob("k0") is None and await backend.get_blob("k9") == bytes(300)
+    await backend.put_blob("huge", bytes(5000), 60)
+    assert await backend.get_blob("huge") is None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import main
 from conftest import GATHER, Twilio, env, running, tree, twiml
+
+import main
 from plugins.tts_say import SayVoice
 
 

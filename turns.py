@@ -1,0 +1,498 @@
+"""The Gather-mode turn engine: a model's token stream becomes sentences, documents and history.
+
+One turn: /process-speech starts a generation on this replica and answers with its first sentence;
+the rest is queued in the session backend for /continue, which any replica can serve. Also here:
+the LLM chain (fallback, timeouts, retries) and the text-to-speech hygiene, shared with relay mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import secrets
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+
+from main import (
+    _NOT_XML,
+    BUSY,
+    END,
+    SUPERSEDED,
+    BackendError,
+    Event,
+    LLMProvider,
+    Message,
+    ProviderError,
+    Segment,
+    Session,
+    SessionBackend,
+    Settings,
+    Snapshot,
+    TTSVoice,
+    Turn,
+    TwilioForm,
+    Usage,
+    document,
+    gather_tag,
+    log,
+    render,
+)
+
+# ----------------------------------------------------------------------------- speech text
+
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e no approx dept est fig inc ltd co mt ft jan feb mar apr jun "
+    "jul aug sep sept oct nov dec a.m p.m u.s".split()
+)
+_ENDS = ".!?…"
+_CLOSERS = "\"')]”’"
+
+
+class Segmenter:
+    """Cuts a token stream into speakable sentences as soon as each sentence is known to be complete."""
+
+    def __init__(self, max_len: int = 240) -> None:
+        self.buf = ""
+        self.max_len = max_len
+
+    def feed(self, token: str) -> list[str]:
+        """Add a token; return the sentences it completed."""
+        self.buf += token
+        out: list[str] = []
+        while (cut := self._boundary()) is not None:
+            sentence, self.buf = self.buf[:cut].strip(), self.buf[cut:].lstrip()
+            if sentence:
+                out.append(sentence)
+        return out
+
+    def flush(self) -> list[str]:
+        """The rest, at the end of the stream."""
+        rest, self.buf = self.buf.strip(), ""
+        return [rest] if rest else []
+
+    def _boundary(self) -> int | None:
+        buf = self.buf
+        for i, ch in enumerate(buf):
+            if ch == "\n" and buf[:i].strip():
+                return i
+            if ch not in _ENDS:
+                continue
+            j = i + 1
+            while j < len(buf) and buf[j] in _ENDS + _CLOSERS:
+                j += 1
+            k = j
+            while k < len(buf) and buf[k] in " \t":
+                k += 1
+            if k == j or k == len(buf):  # no space yet ("3.5"), or nothing after it yet
+                continue
+            nxt = buf[k]
+            if ch in ".…" and (nxt.islower() or (ch == "." and self._abbreviation(buf[:i]))):
+                continue
+            return j
+        if len(buf) > self.max_len:  # a long run without punctuation: cut at a pause or a space
+            window = buf[: self.max_len]
+            cut = max(window.rfind(", "), window.rfind("; "), window.rfind(": "))
+            cut = cut + 1 if cut > self.max_len // 3 else window.rfind(" ")
+            return cut if cut > 0 else self.max_len
+        return None
+
+    @staticmethod
+    def _abbreviation(before: str) -> bool:
+        word = before.rsplit(None, 1)[-1].lower() if before.strip() else ""
+        return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+
+
+_MD_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_MD_MARKS = re.compile(r"(\*\*|__|\*|`+|~~|^#+\s*|^\s*(?:[-*+•]|\d+[.)])\s+|^>\s*)", re.MULTILINE)
+
+
+def speakable(text: str) -> str:
+    """Strip what a voice should not read: markdown, URLs, emoji."""
+    text = _URL.sub("", _MD_LINK.sub(r"\1", text))
+    text = _MD_MARKS.sub("", text)
+    text = "".join(c for c in text if unicodedata.category(c) not in ("So", "Cs", "Co") and c != "\ufe0f")
+    return " ".join(text.split())
+
+
+def clip(text: str, room: int) -> str:
+    """Shorten text to at most `room` characters at a word boundary."""
+    if len(text) <= room:
+        return text
+    return text[:room].rsplit(" ", 1)[0].rstrip(",;:") + "."
+
+
+def speech_key(text: str) -> str:
+    """A short stable key for a SpeechResult (retries of one webhook share it)."""
+    return hashlib.blake2b(text.encode(), digest_size=9).hexdigest()
+
+
+def new_turn_id() -> str:
+    """A turn id that carries its start time (ms, hex), so any replica can tell a turn's age."""
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(4)}"
+
+
+def turn_age(turn_id: str) -> float:
+    """Seconds since the turn began."""
+    try:
+        return time.time() - int(turn_id[:-8], 16) / 1000
+    except ValueError:
+        return float("inf")
+
+
+# ----------------------------------------------------------------------------- the LLM chain
+
+
+class LLMChain:
+    """The selected providers in order: the next serves the turn when one fails before its first token."""
+
+    def __init__(self, providers: Sequence[LLMProvider], settings: Settings) -> None:
+        self.providers = list(providers)
+        self.settings = settings
+
+    async def stream(
+        self, messages: Sequence[Message], *, call: str, served: list[str], tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[Event]:
+        """Stream a reply; `served` receives the name of the provider that answered."""
+        s, last = self.settings, None
+        for provider in self.providers:
+            for attempt in range(s.llm_retries + 1):
+                events = provider.stream(messages, system=s.system_prompt, tools=tools)
+                try:
+                    first = await asyncio.wait_for(anext(events), s.llm_first_token_timeout)
+                except (ProviderError, TimeoutError, StopAsyncIteration) as e:
+                    await events.aclose()
+                    last = e
+                    why = "no first token in time" if isinstance(e, TimeoutError) else str(e) or "empty reply"
+                    log.warning("provider failed", extra={"provider": provider.name, "call": call, "error": why})
+                    if isinstance(e, ProviderError) and e.retryable and attempt < s.llm_retries:
+                        await asyncio.sleep(0.2 * 2**attempt + secrets.randbelow(100) / 1000)
+                        continue
+                    break
+                served.append(provider.name)
+                try:
+                    yield first
+                    async for event in events:
+                        yield event
+                finally:
+                    await events.aclose()
+                return
+        raise ProviderError("every LLM provider failed", provider="chain") from last
+
+
+# ----------------------------------------------------------------------------- the turn engine
+
+
+def has_end(segments: Sequence[Segment]) -> bool:
+    """Whether a turn's reply is complete."""
+    return any(seg.kind == "end" for seg in segments)
+
+
+class TurnRun:
+    """A reply being generated on this replica; its first document goes to the request that began it."""
+
+    def __init__(self, call_sid: str, turn: Turn) -> None:
+        self.call_sid, self.turn = call_sid, turn
+        self.ready: list[Segment] = []
+        self.taken = self.superseded = False
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def first(self, timeout: float) -> list[Segment]:
+        """Wait until the first sentence (or the end) exists, at most `timeout`; take what is ready."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.ready and not self.superseded:
+                    self.changed.clear()
+                    await self.changed.wait()
+        self.taken = True
+        segments, self.ready = self.ready, []
+        return segments
+
+    async def emit(self, segments: list[Segment], backend: SessionBackend) -> bool:
+        """Hand segments to the first document while it is open, else queue them for a continuation."""
+        if not self.taken:
+            self.ready.extend(segments)
+            self.changed.set()
+            return True
+        return await backend.push(self.call_sid, self.turn.id, segments)
+
+
+class Engine:
+    """Runs calls: sessions, turns, streamed replies and the documents that carry them."""
+
+    def __init__(self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend) -> None:
+        self.settings, self.llm, self.tts, self.backend = settings, llm, voice, backend
+        self.gather = gather_tag(settings)
+        self.runs: dict[str, TurnRun] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.phrases: dict[str, Segment] = {}
+        backend.on_cancel(self._cancelled)
+
+    def background(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a task that must outlive the request that started it."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def phrase(self, text: str, base_url: str) -> Segment:
+        """A fixed phrase in the selected voice, voiced once."""
+        if (seg := self.phrases.get(text)) is None:
+            seg = self.phrases[text] = await self.tts.render(text, base_url=base_url)
+        return seg
+
+    def listen(self, *segments: Segment) -> bytes:
+        """Speak, then listen for the caller."""
+        return render([*segments, END], gather=self.gather)
+
+    def answer(self, turn: str, n: int, segments: Sequence[Segment]) -> bytes:
+        """Document n of a turn's reply."""
+        return render(segments, gather=self.gather, next_url=f"/continue?n={n + 1}&turn={turn}")
+
+    async def _begin(self, call_sid: str, keys: Sequence[str] = ()) -> Snapshot:
+        for _ in range(400):  # a transition holds the lock for one round trip; ~2 s is plenty
+            if (snap := await self.backend.begin(call_sid, keys, self.settings.session_ttl)) is not None:
+                return snap
+            await asyncio.sleep(0.005)
+        raise BackendError(f"call {call_sid} stayed locked")
+
+    def _close_turn(self, session: Session, served: Sequence[Segment]) -> None:
+        """Move the current turn into history with what the caller was actually sent."""
+        turn, session.current = session.current, None
+        if turn is None:
+            return
+        said = " ".join(s.text for s in served if s.kind == "speech" and s.text)
+        end = next((s for s in served if s.kind == "end"), None)
+        session.history.append(Message(role="user", content=turn.user))
+        if said:
+            session.history.append(Message(role="assistant", content=said, interrupted=end is None))
+        if end is not None and end.provider:
+            session.providers.append(end.provider)
+            old = session.usage.get(end.provider, Usage())
+            session.usage[end.provider] = Usage(
+                input_tokens=old.input_tokens + end.input_tokens, output_tokens=old.output_tokens + end.output_tokens
+            )
+        del session.history[: -2 * self.settings.max_turns]
+
+    @staticmethod
+    def _new_session(form: TwilioForm) -> Session:
+        return Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
+
+    # -- webhooks
+
+    async def voice(self, form: TwilioForm, base_url: str) -> bytes:
+        """An incoming call: create the session, greet inside a <Gather>."""
+        snap = await self._begin(form.call_sid)
+        session = snap.session or self._new_session(form)
+        await self.backend.commit(form.call_sid, snap.token, session)
+        for provider in self.llm.providers[:1]:
+            self.background(provider.warm())
+        return self.listen(await self.phrase(self.settings.greeting, base_url))
+
+    async def speech(self, form: TwilioForm, base_url: str) -> bytes:
+        """The caller said something: answer it, streamed, once per distinct speech."""
+        s, sid = self.settings, form.call_sid
+        text = " ".join(_NOT_XML.sub("", form.speech_result).split())[: s.max_speech_chars]
+        if not text or (form.confidence is not None and form.confidence < s.min_confidence):
+            return await self._miss(form, base_url, heard=bool(text))
+        key = speech_key(text)
+        snap = await self._begin(sid, [key])
+        if (stored := snap.replies.get(key)) is not None:  # a retry of an answered webhook
+            await self.backend.unlock(sid, snap.token)
+            return self.answer(stored[0], 0, stored[1])
+        session = snap.session or self._new_session(form)
+        turn, cancel = session.current, ""
+        if turn is not None and key in turn.keys:  # a retry while the first delivery is still answering
+            await self.backend.unlock(sid, snap.token)
+            return await self._await_reply(sid, key, base_url)
+        user, keys = text, [key]
+        if turn is not None and not has_end(snap.served):
+            cancel = turn.id  # still generating or speaking: merge with it, or barge in
+            if not snap.served and time.time() - turn.started < s.debounce_ms / 1000:
+                user, keys, session.current = f"{turn.user} {text}", [*turn.keys, key], None
+        self._close_turn(session, snap.served)
+        session.current = Turn(id=new_turn_id(), user=user, keys=keys, started=time.time())
+        session.misses, session.turns = 0, session.turns + 1
+        await self.backend.commit(sid, snap.token, session, turn_changed=True, cancel=cancel)
+        if cancel:
+            log.info("turn superseded", extra={"call": sid, "turn": session.turns, "merged": len(keys) > 1})
+        run = TurnRun(sid, session.current)
+        messages = [*session.history, Message(role="user", content=user)]
+        self.runs[run.turn.id] = run
+        run.task = self.background(self._generate(run, messages, base_url, session.turns))
+        run.task.add_done_callback(lambda _: self.runs.pop(run.turn.id, None))
+        return await self._first_document(run, base_url)
+
+    async def _miss(self, form: TwilioForm, base_url: str, *, heard: bool) -> bytes:
+        """Silence or low confidence: reprompt without the model; hang up after too many in a row."""
+        snap = await self._begin(form.call_sid)
+        session = snap.session or self._new_session(form)
+        closed = has_end(snap.served)
+        if closed:
+            self._close_turn(session, snap.served)
+        session.misses += 1
+        await self.backend.commit(form.call_sid, snap.token, session, turn_changed=closed)
+        log.info("no usable speech", extra={"call": form.call_sid, "misses": session.misses, "heard": heard})
+        if session.misses >= self.settings.max_misses:
+            goodbye = await self.phrase(self.settings.goodbye, base_url)
+            return render([goodbye, Segment(kind="hangup"), END], gather="")
+        return self.listen(await self.phrase(self.settings.low_confidence if heard else self.settings.reprompt, base_url))
+
+    async def continuation(self, form: TwilioForm, turn: str, n: int, base_url: str) -> bytes:
+        """The next part of a turn's reply, from whichever replica generates it."""
+        sid, key = form.call_sid, f"{turn}:{n}"
+        if (stored := await self.backend.reply(sid, key)) is not None:
+            return self.answer(turn, n, stored[1])
+        deadline = time.monotonic() + self.settings.continue_wait
+        while (left := deadline - time.monotonic()) > 0:
+            got = await self.backend.serve(sid, turn, [key])
+            if got == SUPERSEDED:
+                return self.listen()
+            if got == BUSY:
+                await asyncio.sleep(0.005)
+            elif got:
+                return self.answer(turn, n, got)
+            elif turn_age(turn) > self.settings.llm_total_timeout + 5:  # the replica generating it is gone
+                got = await self.backend.serve(sid, turn, [key], [await self.phrase(self.settings.apology, base_url), END])
+                return self.listen() if isinstance(got, str) else self.answer(turn, n, got)
+            else:
+                await self.backend.wait(sid, turn, left)
+        return document(f'<Pause length="1"/><Redirect method="POST">/continue?n={n}&amp;turn={turn}</Redirect>')
+
+    async def status(self, form: TwilioForm) -> bytes:
+        """Twilio's status callback: a finished call ends its session at once."""
+        if form.call_status in ("completed", "busy", "failed", "no-answer", "canceled"):
+            snap = await self._begin(form.call_sid)
+            cancel = ""
+            if (session := snap.session) is not None:
+                if session.current is not None and not has_end(snap.served):
+                    cancel = session.current.id
+                self._close_turn(session, snap.served)
+                seconds = round(time.time() - session.started, 1)
+                log.info(
+                    "call ended",
+                    extra={"call": form.call_sid, "outcome": form.call_status, "turns": session.turns, "seconds": seconds},
+                )
+            await self.backend.commit(form.call_sid, snap.token, None, cancel=cancel)
+        return document("")
+
+    async def handle_error(self, form: TwilioForm, base_url: str) -> bytes:
+        """Twilio's fallback URL: apologise and listen again."""
+        log.warning("twilio reported an error", extra={"call": form.call_sid, "error": form.error_code})
+        return self.listen(await self.phrase(self.settings.apology, base_url))
+
+    # -- streamed generation
+
+    def _cancelled(self, turn_id: str) -> None:
+        if (run := self.runs.get(turn_id)) is not None:
+            run.superseded = True
+            run.changed.set()
+            if run.task is not None:
+                run.task.cancel()
+
+    async def _first_document(self, run: TurnRun, base_url: str) -> bytes:
+        """Answer with the first sentence as soon as it exists, or a filler at the deadline."""
+        sid, turn = run.call_sid, run.turn
+        segments = await run.first(self.settings.first_audio_deadline)
+        if not segments and not run.superseded:
+            segments = [await self.phrase(self.settings.filler, base_url)]
+        for _ in range(400):
+            if run.superseded:
+                break
+            got = await self.backend.serve(sid, turn.id, [*turn.keys, f"{turn.id}:0"], segments)
+            if got == SUPERSEDED:
+                break
+            if got != BUSY:
+                return self.answer(turn.id, 0, segments)
+            await asyncio.sleep(0.005)
+        else:
+            raise BackendError(f"call {sid} stayed locked")
+        return await self._await_reply(sid, turn.keys[-1], base_url)  # merged into a newer turn
+
+    async def _await_reply(self, sid: str, key: str, base_url: str) -> bytes:
+        """Wait for the document another request is producing for the same speech."""
+        deadline = time.monotonic() + self.settings.first_audio_deadline + 2
+        while time.monotonic() < deadline:
+            if (stored := await self.backend.reply(sid, key)) is not None:
+                return self.answer(stored[0], 0, stored[1])
+            await asyncio.sleep(0.02)
+        return self.listen(await self.phrase(self.settings.apology, base_url))
+
+    async def _generate(self, run: TurnRun, messages: list[Message], base_url: str, number: int) -> None:
+        """Stream the model's reply into sentences, voice each as soon as it exists, emit them in order."""
+        s, sid = self.settings, run.call_sid
+        pending: list[asyncio.Task[Segment] | Segment] = []
+        more = asyncio.Event()
+        served: list[str] = []
+        usage = Usage()
+        spoken, t0 = 0, time.monotonic()
+
+        def speak(sentence: str) -> None:
+            nonlocal spoken
+            text = clip(speakable(sentence), s.max_reply_chars - spoken)
+            if text and spoken < s.max_reply_chars:
+                spoken += len(text) + 1
+                pending.append(asyncio.create_task(self.tts.render(text, base_url=base_url)))
+                more.set()
+
+        emitter = asyncio.create_task(self._emit_in_order(run, pending, more))
+        try:
+            async with asyncio.timeout(s.llm_total_timeout):
+                segmenter = Segmenter()
+                async for event in self.llm.stream(messages, call=sid, served=served):
+                    if isinstance(event, Usage):
+                        usage = Usage(
+                            input_tokens=usage.input_tokens + event.input_tokens,
+                            output_tokens=usage.output_tokens + event.output_tokens,
+                        )
+                    elif isinstance(event, str):
+                        for sentence in segmenter.feed(event):
+                            speak(sentence)
+                    if spoken >= s.max_reply_chars:
+                        break
+                for sentence in segmenter.flush():
+                    speak(sentence)
+                if not spoken:
+                    raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+        except asyncio.CancelledError:
+            emitter.cancel()
+            raise
+        except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
+            what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
+            provider = served[-1] if served else "none"
+            log.error(what, extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
+                      exc_info=not isinstance(e, (ProviderError, TimeoutError)))
+            pending.append(await self.phrase(s.apology, base_url))
+            if s.fallback_number:
+                pending.append(Segment(kind="dial", number=s.fallback_number))
+        provider = served[-1] if served else ""
+        pending.append(msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage)))
+        more.set()
+        await emitter
+        ms = round((time.monotonic() - t0) * 1000)
+        log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
+
+    async def _emit_in_order(self, run: TurnRun, pending: list[Any], more: asyncio.Event) -> None:
+        """Emit voiced sentences in order, batching whatever is already done (the end included)."""
+        while True:
+            while not pending:
+                more.clear()
+                await more.wait()
+            item = pending.pop(0)
+            batch = [await item if isinstance(item, asyncio.Task) else item]
+            while pending and (isinstance(pending[0], Segment) or pending[0].done()):
+                nxt = pending.pop(0)
+                batch.append(nxt if isinstance(nxt, Segment) else nxt.result())
+            if not await run.emit(batch, self.backend):
+                if run.task is not None:
+                    run.task.cancel()
+                return
+            if has_end(batch):
+                return
