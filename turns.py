@@ -34,6 +34,7 @@ from main import (
     SessionBackend,
     Settings,
     Snapshot,
+    ToolSpec,
     TTSVoice,
     Turn,
     TwilioForm,
