@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
+import gc
 import hashlib
 import hmac
 import importlib
@@ -22,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 import msgspec
 import pluggy
@@ -474,11 +476,10 @@ def gather_tag(settings: Settings) -> str:
 
 
 def twilio_signature(token: str, url: str, params: Sequence[tuple[str, str]]) -> str:
-    """Twilio's X-Twilio-Signature: base64 HMAC-SHA1 of the URL plus the sorted params."""
-    grouped: dict[str, set[str]] = {}
-    for key, value in params:
-        grouped.setdefault(key, set()).add(value)
-    data = url + "".join(key + value for key in sorted(grouped) for value in sorted(grouped[key]))
+    """Twilio's X-Twilio-Signature: base64 HMAC-SHA1 of the URL plus the params sorted by name, then value.
+
+    Repeated names contribute each distinct value once, which is what sorting the distinct pairs gives."""
+    data = url + "".join(key + value for key, value in sorted(set(params)))
     return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
 
 
@@ -542,11 +543,10 @@ class Signer:
         return f"{scheme}://{host}{target}"
 
     def check(self, url: str, params: Sequence[tuple[str, str]], signature: str) -> bool:
-        """Constant-time comparison against every URL variant Twilio may have signed."""
-        ok = False
-        for variant in url_variants(url):
-            ok |= hmac.compare_digest(twilio_signature(self.token, variant, params), signature)
-        return ok
+        """Compare in constant time against each URL variant Twilio may have signed."""
+        return any(
+            hmac.compare_digest(twilio_signature(self.token, variant, params), signature) for variant in url_variants(url)
+        )
 
 
 def mask(number: str) -> str:
@@ -555,6 +555,15 @@ def mask(number: str) -> str:
 
 
 # ----------------------------------------------------------------------------- routes
+
+
+request_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_fields")
+
+
+def note(**fields: Any) -> None:
+    """Add fields to the current request's one log line (tasks started by the request share it)."""
+    if (current := request_fields.get(None)) is not None:
+        current.update(fields)
 
 
 class Reject(Exception):
@@ -568,6 +577,24 @@ class Reject(Exception):
 _CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
 _TURN = re.compile(r"[0-9a-f]{8,32}")
 TERMINAL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
+
+
+def parse_form(data: bytes) -> list[tuple[str, str]]:
+    """An application/x-www-form-urlencoded body as (name, value) pairs, empty values kept.
+
+    The same result as urllib's parse_qsl with keep_blank_values and strict UTF-8, in a third of the time."""
+    if not data:
+        return []
+    pairs = []
+    for part in data.decode().split("&"):
+        if part:
+            if "+" in part:
+                part = part.replace("+", " ")
+            name, _, value = part.partition("=")
+            if "%" in part:
+                name, value = unquote(name, errors="strict"), unquote(value, errors="strict")
+            pairs.append((name, value))
+    return pairs
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -613,8 +640,8 @@ class Gate:
         if not signature and not self.unsigned:
             raise Reject(403, "missing X-Twilio-Signature")
         try:
-            params = parse_qsl(body.decode(), keep_blank_values=True, errors="strict") if method == "POST" else []
-            query = dict(parse_qsl(scope["query_string"].decode(), keep_blank_values=True, errors="strict"))
+            params = parse_form(body) if method == "POST" else []
+            query = dict(parse_form(scope["query_string"]))
         except UnicodeDecodeError:
             raise Reject(400, "body is not UTF-8") from None
         if not self.unsigned and not self.signer.check(url, params, signature):
@@ -644,23 +671,27 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
     @asgi(path, copy_scope=False, name=path)
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        status, body, ctype, sid = 200, fallback, b"text/xml", ""
+        status, body, ctype = 200, fallback, b"text/xml"
+        fields: dict[str, Any] = {"route": path, "status": 200, "call": ""}
+        context = request_fields.set(fields)
         try:
             form, base_url, query = await gate.open(scope, receive)
-            sid = form.call_sid
+            fields["call"] = form.call_sid
             async with asyncio.timeout(budget):
                 body = await handle(form, base_url, query)
         except Reject as r:
             status, body, ctype = r.status, f"{r.status} {r}\n".encode(), b"text/plain"
         except TimeoutError:
-            log.error("response budget exceeded", extra={"route": path, "call": sid})
+            log.error("response budget exceeded", extra={"route": path, "call": fields["call"]})
         except BackendError as e:
-            log.error("session backend unavailable", extra={"route": path, "call": sid, "error": str(e)})
+            log.error("session backend unavailable", extra={"route": path, "call": fields["call"], "error": str(e)})
         except Exception:
-            log.exception("request failed", extra={"route": path, "call": sid})
+            log.exception("request failed", extra={"route": path, "call": fields["call"]})
+        finally:
+            request_fields.reset(context)
         await respond(send, status, body, ctype)
-        ms = round((time.perf_counter() - t0) * 1000, 2)
-        log.info("request", extra={"route": path, "status": status, "call": sid, "ms": ms})
+        fields["status"], fields["ms"] = status, round((time.perf_counter() - t0) * 1000, 2)
+        log.info("request", extra=fields)
 
     return endpoint
 
@@ -723,6 +754,9 @@ class LogFormatter(logging.Formatter):
 
 def setup_logging(settings: Settings) -> None:
     """Log to stderr in the configured format."""
+    # The logging docs' own optimisations: no caller frame, thread or process lookups per record.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter(settings.log_format == "json"))
     handler.set_name("switchboard")
@@ -769,6 +803,8 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
                 await obj.aopen()
                 opened.append(obj)
             log.info("switchboard ready", extra={"version": VERSION, "mode": settings.mode, **chosen})
+            gc.collect()
+            gc.freeze()  # startup objects never die: keep them out of every collection (shorter GC pauses)
             yield
         finally:
             for task in list(engine.tasks):

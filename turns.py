@@ -42,6 +42,7 @@ from main import (
     document,
     gather_tag,
     log,
+    note,
     render,
 )
 
@@ -51,8 +52,8 @@ _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc e.g i.e no approx dept est fig inc ltd co mt ft jan feb mar apr jun "
     "jul aug sep sept oct nov dec a.m p.m u.s".split()
 )
-_ENDS = ".!?…"
-_CLOSERS = "\"')]”’"
+_ENDS_AND_CLOSERS = ".!?…\"')]”’"
+_CANDIDATE = re.compile("[.!?…\n]")
 
 
 class Segmenter:
@@ -60,6 +61,7 @@ class Segmenter:
 
     def __init__(self, max_len: int = 240) -> None:
         self.buf = ""
+        self.pos = 0  # everything before pos is known not to end a sentence
         self.max_len = max_len
 
     def feed(self, token: str) -> list[str]:
@@ -67,36 +69,42 @@ class Segmenter:
         self.buf += token
         out: list[str] = []
         while (cut := self._boundary()) is not None:
-            sentence, self.buf = self.buf[:cut].strip(), self.buf[cut:].lstrip()
+            sentence, self.buf, self.pos = self.buf[:cut].strip(), self.buf[cut:].lstrip(), 0
             if sentence:
                 out.append(sentence)
         return out
 
     def flush(self) -> list[str]:
         """The rest, at the end of the stream."""
-        rest, self.buf = self.buf.strip(), ""
+        rest, self.buf, self.pos = self.buf.strip(), "", 0
         return [rest] if rest else []
 
     def _boundary(self) -> int | None:
-        buf = self.buf
-        for i, ch in enumerate(buf):
-            if ch == "\n" and buf[:i].strip():
-                return i
-            if ch not in _ENDS:
+        buf, n = self.buf, len(self.buf)
+        for m in _CANDIDATE.finditer(buf, self.pos):
+            i = m.start()
+            ch = buf[i]
+            if ch == "\n":
+                if buf[:i].strip():
+                    return i
                 continue
             j = i + 1
-            while j < len(buf) and buf[j] in _ENDS + _CLOSERS:
+            while j < n and buf[j] in _ENDS_AND_CLOSERS:
                 j += 1
             k = j
-            while k < len(buf) and buf[k] in " \t":
+            while k < n and buf[k] in " \t":
                 k += 1
-            if k == j or k == len(buf):  # no space yet ("3.5"), or nothing after it yet
+            if k == n:  # nothing after it yet: decide when more text arrives
+                self.pos = i
+                break
+            if k == j:  # no space after it ("3.5", "e.g")
                 continue
-            nxt = buf[k]
-            if ch in ".…" and (nxt.islower() or (ch == "." and self._abbreviation(buf[:i]))):
+            if ch in ".…" and (buf[k].islower() or (ch == "." and self._abbreviation(buf[:i]))):
                 continue
             return j
-        if len(buf) > self.max_len:  # a long run without punctuation: cut at a pause or a space
+        else:
+            self.pos = n
+        if n > self.max_len:  # a long run without punctuation: cut at a pause or a space
             window = buf[: self.max_len]
             cut = max(window.rfind(", "), window.rfind("; "), window.rfind(": "))
             cut = cut + 1 if cut > self.max_len // 3 else window.rfind(" ")
@@ -114,8 +122,13 @@ _URL = re.compile(r"(?:https?://|www\.)\S+")
 _MD_MARKS = re.compile(r"(\*\*|__|\*|`+|~~|^#+\s*|^\s*(?:[-*+•]|\d+[.)])\s+|^>\s*)", re.MULTILINE)
 
 
+_MARKUP_HINTS = re.compile(r"[*_`#\[~>]|https?://|www\.|^\s*(?:[-+•]|\d+[.)])\s", re.MULTILINE)
+
+
 def speakable(text: str) -> str:
     """Strip what a voice should not read: markdown, URLs, emoji."""
+    if text.isascii() and not _MARKUP_HINTS.search(text):  # the common case: plain prose
+        return " ".join(text.split())
     text = _URL.sub("", _MD_LINK.sub(r"\1", text))
     text = _MD_MARKS.sub("", text)
     text = "".join(c for c in text if unicodedata.category(c) not in ("So", "Cs", "Co") and c != "\ufe0f")
@@ -166,7 +179,8 @@ class LLMChain:
             for attempt in range(s.llm_retries + 1):
                 events = provider.stream(messages, system=s.system_prompt, tools=tools)
                 try:
-                    first = await asyncio.wait_for(anext(events), s.llm_first_token_timeout)
+                    async with asyncio.timeout(s.llm_first_token_timeout):  # no extra task, unlike wait_for
+                        first = await anext(events)
                 except (ProviderError, TimeoutError, StopAsyncIteration) as e:
                     await events.aclose()
                     last = e
@@ -234,6 +248,8 @@ class Engine:
         self.runs: dict[str, TurnRun] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.phrases: dict[str, Segment] = {}
+        self.docs: dict[str, bytes] = {}
+        self.warm = [p for p in llm.providers[:1] if getattr(type(p), "warm", LLMProvider.warm) is not LLMProvider.warm]
         backend.on_cancel(self._cancelled)
 
     def background(self, coro: Any) -> asyncio.Task[Any]:
@@ -252,6 +268,12 @@ class Engine:
     def listen(self, *segments: Segment) -> bytes:
         """Speak, then listen for the caller."""
         return render([*segments, END], gather=self.gather)
+
+    async def listen_phrase(self, text: str, base_url: str) -> bytes:
+        """A fixed phrase, then listen: the same document every time, so built once."""
+        if (doc := self.docs.get(text)) is None:
+            doc = self.docs[text] = self.listen(await self.phrase(text, base_url))
+        return doc
 
     def answer(self, turn: str, n: int, segments: Sequence[Segment]) -> bytes:
         """Document n of a turn's reply."""
@@ -293,9 +315,9 @@ class Engine:
         snap = await self._begin(form.call_sid)
         session = snap.session or self._new_session(form)
         await self.backend.commit(form.call_sid, snap.token, session)
-        for provider in self.llm.providers[:1]:
+        for provider in self.warm:
             self.background(provider.warm())
-        return self.listen(await self.phrase(self.settings.greeting, base_url))
+        return await self.listen_phrase(self.settings.greeting, base_url)
 
     async def speech(self, form: TwilioForm, base_url: str) -> bytes:
         """The caller said something: answer it, streamed, once per distinct speech."""
@@ -324,6 +346,7 @@ class Engine:
         await self.backend.commit(sid, snap.token, session, turn_changed=True, cancel=cancel)
         if cancel:
             log.info("turn superseded", extra={"call": sid, "turn": session.turns, "merged": len(keys) > 1})
+        note(turn=session.turns)
         run = TurnRun(sid, session.current)
         messages = [*session.history, Message(role="user", content=user)]
         self.runs[run.turn.id] = run
@@ -344,7 +367,7 @@ class Engine:
         if session.misses >= self.settings.max_misses:
             goodbye = await self.phrase(self.settings.goodbye, base_url)
             return render([goodbye, Segment(kind="hangup"), END], gather="")
-        return self.listen(await self.phrase(self.settings.low_confidence if heard else self.settings.reprompt, base_url))
+        return await self.listen_phrase(self.settings.low_confidence if heard else self.settings.reprompt, base_url)
 
     async def continuation(self, form: TwilioForm, turn: str, n: int, base_url: str) -> bytes:
         """The next part of a turn's reply, from whichever replica generates it."""
@@ -387,7 +410,7 @@ class Engine:
     async def handle_error(self, form: TwilioForm, base_url: str) -> bytes:
         """Twilio's fallback URL: apologise and listen again."""
         log.warning("twilio reported an error", extra={"call": form.call_sid, "error": form.error_code})
-        return self.listen(await self.phrase(self.settings.apology, base_url))
+        return await self.listen_phrase(self.settings.apology, base_url)
 
     # -- streamed generation
 
@@ -424,61 +447,83 @@ class Engine:
             if (stored := await self.backend.reply(sid, key)) is not None:
                 return self.answer(stored[0], 0, stored[1])
             await asyncio.sleep(0.02)
-        return self.listen(await self.phrase(self.settings.apology, base_url))
+        return await self.listen_phrase(self.settings.apology, base_url)
 
     async def _generate(self, run: TurnRun, messages: list[Message], base_url: str, number: int) -> None:
-        """Stream the model's reply into sentences, voice each as soon as it exists, emit them in order."""
+        """Stream the model's reply into sentences, voice each as soon as it exists, emit them in order.
+
+        An instant voice (<Say>) is rendered inline; a voice that synthesises audio renders every
+        sentence in its own task, in parallel with the model still writing, and an emitter task
+        hands them on in order."""
         s, sid = self.settings, run.call_sid
+        instant = getattr(self.tts, "instant", False)
         pending: list[asyncio.Task[Segment] | Segment] = []
         more = asyncio.Event()
+        emitter = None if instant else asyncio.create_task(self._emit_in_order(run, pending, more))
         served: list[str] = []
         usage = Usage()
         spoken, t0 = 0, time.monotonic()
 
-        def speak(sentence: str) -> None:
+        async def say(sentences: list[str], tail: Sequence[Segment] = ()) -> None:
             nonlocal spoken
-            text = clip(speakable(sentence), s.max_reply_chars - spoken)
-            if text and spoken < s.max_reply_chars:
-                spoken += len(text) + 1
-                pending.append(asyncio.create_task(self.tts.render(text, base_url=base_url)))
+            texts = []
+            for sentence in sentences:
+                text = clip(speakable(sentence), s.max_reply_chars - spoken)
+                if text and spoken < s.max_reply_chars:
+                    spoken += len(text) + 1
+                    texts.append(text)
+            if emitter is not None:
+                pending.extend(asyncio.create_task(self.tts.render(t, base_url=base_url)) for t in texts)
+                pending.extend(tail)
                 more.set()
+            elif texts or tail:
+                batch = [await self.tts.render(t, base_url=base_url) for t in texts]
+                if not await run.emit([*batch, *tail], self.backend):
+                    raise asyncio.CancelledError  # superseded on another replica
 
-        emitter = asyncio.create_task(self._emit_in_order(run, pending, more))
         try:
-            async with asyncio.timeout(s.llm_total_timeout):
-                segmenter = Segmenter()
-                async for event in self.llm.stream(messages, call=sid, served=served):
-                    if isinstance(event, Usage):
-                        usage = Usage(
-                            input_tokens=usage.input_tokens + event.input_tokens,
-                            output_tokens=usage.output_tokens + event.output_tokens,
-                        )
-                    elif isinstance(event, str):
-                        for sentence in segmenter.feed(event):
-                            speak(sentence)
-                    if spoken >= s.max_reply_chars:
-                        break
-                for sentence in segmenter.flush():
-                    speak(sentence)
-                if not spoken:
-                    raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+            try:
+                async with asyncio.timeout(s.llm_total_timeout):
+                    segmenter = Segmenter()
+                    async for event in self.llm.stream(messages, call=sid, served=served):
+                        if not run.taken and served:
+                            note(provider=served[-1])
+                        if isinstance(event, str):
+                            if sentences := segmenter.feed(event):
+                                await say(sentences)
+                        elif isinstance(event, Usage):
+                            usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
+                                          output_tokens=usage.output_tokens + event.output_tokens)
+                        if spoken >= s.max_reply_chars:
+                            break
+                    rest = segmenter.flush()
+                    if not spoken and not any(speakable(r) for r in rest):
+                        raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
+                what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
+                provider = served[-1] if served else "none"
+                log.error(what, extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
+                          exc_info=not isinstance(e, (ProviderError, TimeoutError)))
+                rest = []
+                apology = [await self.phrase(s.apology, base_url)]
+                if s.fallback_number:
+                    apology.append(Segment(kind="dial", number=s.fallback_number))
+            else:
+                apology = []
+            provider = served[-1] if served else ""
+            end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
+            await say(rest, [*apology, end])
+            if emitter is not None:
+                await emitter
         except asyncio.CancelledError:
-            emitter.cancel()
+            if emitter is not None:
+                emitter.cancel()
             raise
-        except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
-            what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
-            provider = served[-1] if served else "none"
-            log.error(what, extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
-                      exc_info=not isinstance(e, (ProviderError, TimeoutError)))
-            pending.append(await self.phrase(s.apology, base_url))
-            if s.fallback_number:
-                pending.append(Segment(kind="dial", number=s.fallback_number))
-        provider = served[-1] if served else ""
-        pending.append(msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage)))
-        more.set()
-        await emitter
-        ms = round((time.monotonic() - t0) * 1000)
-        log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
+        if run.taken:  # the reply outlived its first document, whose log line could not tell this
+            ms = round((time.monotonic() - t0) * 1000)
+            log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
 
     async def _emit_in_order(self, run: TurnRun, pending: list[Any], more: asyncio.Event) -> None:
         """Emit voiced sentences in order, batching whatever is already done (the end included)."""

@@ -30,7 +30,7 @@ class Call:
         self.queues: dict[str, list[Segment]] = {}
         self.replies: dict[str, tuple[str, list[Segment]]] = {}
         self.expires = 0.0
-        self.pushed = asyncio.Event()
+        self.pushed: asyncio.Event | None = None  # made when someone waits
 
 
 class MemoryBackend(SessionBackend):
@@ -127,8 +127,9 @@ class MemoryBackend(SessionBackend):
         if call is None or call.current != turn:
             return False
         call.queues.setdefault(turn, []).extend(segments)
-        call.pushed.set()
-        call.pushed = asyncio.Event()
+        if call.pushed is not None:
+            call.pushed.set()
+            call.pushed = None
         return True
 
     async def serve(
@@ -150,6 +151,8 @@ class MemoryBackend(SessionBackend):
         call = self.calls.get(call_sid)
         if call is None or call.queues.get(turn):
             return
+        if call.pushed is None:
+            call.pushed = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(call.pushed.wait(), timeout)
 

@@ -8,6 +8,8 @@ from main import Segment, Settings, TTSVoice, hookimpl
 class SayVoice(TTSVoice):
     """Speaks through <Say voice=SAY_VOICE language=LANGUAGE>."""
 
+    instant = True  # render() never waits, so the turn engine renders inline
+
     def __init__(self, settings: Settings) -> None:
         self.voice = settings.get("SAY_VOICE", "Polly.Joanna-Neural")
         self.language = settings.language

@@ -534,7 +534,7 @@ async def test_every_request_logs_one_line_with_call_sid_and_never_the_number_or
     requests = [line for line in logs.lines if line.startswith("info request ")]
     assert [line.split(" ms=")[0] for line in requests] == [
         f"info request route=/voice status=200 call={twilio.call_sid}",
-        f"info request route=/process-speech status=200 call={twilio.call_sid}",
+        f"info request route=/process-speech status=200 call={twilio.call_sid} turn=1 provider=echo",
     ]
     everything = "\n".join(logs.lines)
     assert TOKEN not in everything and "5005550006" not in everything

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Webhook throughput: switchboard against a raw-ASGI floor, same signature check, same TwiML.
+
+Loads POST /voice (a new call each request) and POST /process-speech (a turn on one of 4096 calls,
+new speech each time, echo model) with wrk at 32 connections, signature checks on, and prints req/s,
+p50 and p99 for every server in one table. The server gets one CPU core and wrk the other
+(taskset), so the numbers compare servers, not the scheduler.
+
+    python bench/webhook.py [--seconds 10] [--connections 32] [--backends memory,valkey]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from main import twilio_signature  # noqa: E402
+from phone import free_port  # noqa: E402
+
+TOKEN = "bench-token-" + secrets.token_hex(8)
+CALLS = 4096
+
+
+def pin(core: int) -> list[str]:
+    """Run on one core when taskset exists and the machine has two."""
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def start(argv: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it answers."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full_env = {**os.environ, "PATH": path, "TWILIO_AUTH_TOKEN": TOKEN, "PUBLIC_URL": f"http://127.0.0.1:{port}", **env}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(pin(0) + argv, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"server did not start:\n{log.read_text()}")
+
+
+def requests_file(path: str, port: int, n: int, directory: Path) -> Path:
+    """n pre-signed requests, one per line: path, form body, signature."""
+    out = directory / f"{path.strip('/')}-{port}.tsv"
+    url = f"http://127.0.0.1:{port}{path}"
+    run = secrets.token_hex(4)
+    with out.open("w") as f:
+        for i in range(n):
+            call = f"CA{run}{(i if path == '/voice' else i % CALLS):024x}"
+            params = {"AccountSid": "AC" + "0" * 32, "CallSid": call, "From": "+15005550006", "To": "+15005550001",
+                      "CallStatus": "in-progress", "Direction": "inbound"}
+            if path == "/process-speech":
+                params |= {"SpeechResult": f"question number {i} about the opening hours", "Confidence": "0.93"}
+            f.write(f"{path}\t{urlencode(params)}\t{twilio_signature(TOKEN, url, list(params.items()))}\n")
+    return out
+
+
+def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, float]:
+    """Run wrk and parse req/s, p50, p99 and errors."""
+    argv = pin(1) + ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench/webhook.lua"),
+                     f"http://127.0.0.1:{port}", "--", str(data), "1"]
+    text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def pct(p: str) -> float:
+        value, u = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE).groups()  # type: ignore[union-attr]
+        return float(value) * unit[u]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: (.*)", text)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
+            "p50": pct("50"), "p99": pct("99"), "errors": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def check(port: int, path: str, data: Path) -> None:
+    """One request by hand first: the server must answer 200 with TwiML, or the numbers mean nothing."""
+    line = data.read_text().splitlines()[-1]
+    p, body, sig = line.split("\t")
+    r = httpx.post(f"http://127.0.0.1:{port}{p}", content=body,
+                   headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sig})
+    if r.status_code != 200 or b"<Response>" not in r.content:
+        raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--backends", default="memory", help="comma list: memory, valkey")
+    parser.add_argument("--valkey-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    servers = {"raw ASGI floor": (["uvicorn", "--app-dir", "bench", "raw_asgi:app"], {})}
+    for backend in args.backends.split(","):
+        env = {"SESSION_BACKEND": backend}
+        if backend == "valkey":
+            env |= {"VALKEY_URL": args.valkey_url, "VALKEY_PREFIX": "bench" + secrets.token_hex(4)}
+        servers[f"switchboard ({backend})"] = (["uvicorn", "--factory", "main:create_app"], env)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (argv, env) in servers.items():
+            port = free_port()
+            common = ["--host", "127.0.0.1", "--port", str(port), "--no-proxy-headers", "--no-access-log"]
+            proc = start(argv + common, env, port, Path(tmp) / f"{port}.log")
+            try:
+                for path in ("/voice", "/process-speech"):
+                    data = requests_file(path, port, 200_000, Path(tmp))
+                    check(port, path, data)
+                    wrk(port, data, 2, args.connections)  # warm-up
+                    rows.append((name, path, wrk(port, data, args.seconds, args.connections)))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    floor = {path: r["rps"] for name, path, r in rows if name == "raw ASGI floor"}
+    print(f"\nwebhook throughput: {args.connections} connections, {args.seconds} s, signatures on, echo model\n")
+    print(f"{'server':24} {'route':16} {'req/s':>9} {'of floor':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for name, path, r in rows:
+        print(f"{name:24} {path:16} {r['rps']:9.0f} {r['rps'] / floor[path]:9.0%} {r['p50']:8.2f} {r['p99']:8.2f} "
+              f"{r['errors']:8d}{'  ' + r['socket_errors'] if r['socket_errors'] else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
