@@ -75,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_misses: int = 3
     session_ttl: float = 1800.0
     debounce_ms: int = 500
+    stream_replies: bool = True
     first_audio_deadline: float = 3.0
     continue_wait: float = 4.0
     llm_first_token_timeout: float = 4.0

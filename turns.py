@@ -136,10 +136,11 @@ def speakable(text: str) -> str:
 
 
 def clip(text: str, room: int) -> str:
-    """Shorten text to at most `room` characters at a word boundary."""
+    """Shorten text to at most `room` characters, at a word boundary, ending it with a full stop."""
     if len(text) <= room:
         return text
-    return text[:room].rsplit(" ", 1)[0].rstrip(",;:") + "."
+    cut = text[: max(room - 1, 0)].rpartition(" ")[0].rstrip(",;: ")
+    return cut + "." if cut else ""
 
 
 def speech_key(text: str) -> str:
@@ -219,11 +220,11 @@ class TurnRun:
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    async def first(self, timeout: float) -> list[Segment]:
-        """Wait until the first sentence (or the end) exists, at most `timeout`; take what is ready."""
+    async def first(self, timeout: float, *, whole: bool = False) -> list[Segment]:
+        """Wait until the first sentence (or, with `whole`, the end) exists, at most `timeout`; take what is ready."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while not self.ready and not self.superseded:
+                while not (has_end(self.ready) if whole else self.ready) and not self.superseded:
                     self.changed.clear()
                     await self.changed.wait()
         self.taken = True
@@ -424,7 +425,7 @@ class Engine:
     async def _first_document(self, run: TurnRun, base_url: str) -> bytes:
         """Answer with the first sentence as soon as it exists, or a filler at the deadline."""
         sid, turn = run.call_sid, run.turn
-        segments = await run.first(self.settings.first_audio_deadline)
+        segments = await run.first(self.settings.first_audio_deadline, whole=not self.settings.stream_replies)
         if not segments and not run.superseded:
             segments = [await self.phrase(self.settings.filler, base_url)]
         for _ in range(400):
@@ -462,15 +463,18 @@ class Engine:
         emitter = None if instant else asyncio.create_task(self._emit_in_order(run, pending, more))
         served: list[str] = []
         usage = Usage()
-        spoken, t0 = 0, time.monotonic()
+        spoken, full, t0 = 0, False, time.monotonic()
 
         async def say(sentences: list[str], tail: Sequence[Segment] = ()) -> None:
             nonlocal spoken
             texts = []
-            for sentence in sentences:
-                text = clip(speakable(sentence), s.max_reply_chars - spoken)
-                if text and spoken < s.max_reply_chars:
-                    spoken += len(text) + 1
+            nonlocal full
+            for sentence in sentences:  # spoken counts the reply's characters, sentences joined by spaces
+                whole = speakable(sentence)
+                text = "" if full else clip(whole, s.max_reply_chars - spoken - bool(spoken))
+                full = full or text != whole
+                if text:
+                    spoken += len(text) + bool(spoken)
                     texts.append(text)
             if emitter is not None:
                 pending.extend(asyncio.create_task(self.tts.render(t, base_url=base_url)) for t in texts)
@@ -494,7 +498,7 @@ class Engine:
                         elif isinstance(event, Usage):
                             usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
                                           output_tokens=usage.output_tokens + event.output_tokens)
-                        if spoken >= s.max_reply_chars:
+                        if full:  # MAX_REPLY_CHARS reached: stop the model
                             break
                     rest = segmenter.flush()
                     if not spoken and not any(speakable(r) for r in rest):

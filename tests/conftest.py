@@ -165,10 +165,10 @@ class Scripted(LLMProvider):
     """An in-process model: answers from a script, with controllable delays, and records its inputs."""
 
     def __init__(self, name: str = "scripted", replies: Sequence[str] = ("Hello there.",), *, ttft: float = 0.0,
-                 gap: float = 0.0, fail: Exception | None = None) -> None:
+                 gap: float = 0.0, fail: Exception | None = None, stall_after: int | None = None) -> None:
         self.name = name
         self.replies = list(replies)
-        self.ttft, self.gap, self.fail = ttft, gap, fail
+        self.ttft, self.gap, self.fail, self.stall_after = ttft, gap, fail, stall_after
         self.calls: list[list[Message]] = []
         self.closed = 0
 
@@ -180,6 +180,8 @@ class Scripted(LLMProvider):
             if self.fail is not None:
                 raise self.fail
             for i, word in enumerate(reply.split(" ")):
+                if i == self.stall_after:
+                    await asyncio.Event().wait()  # a model that stops mid-reply and never recovers
                 yield word if i == 0 else " " + word
                 await asyncio.sleep(self.gap)
         finally:
