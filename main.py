@@ -19,7 +19,9 @@ import importlib
 import ipaddress
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -90,6 +92,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     goodbye: str = "I still can't hear you, so I'll hang up now. Goodbye!"
     apology: str = "Sorry, I'm having trouble answering right now."
     fallback_number: str = ""
+    drain_seconds: float = 15.0
     web_concurrency: int = 1
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
@@ -711,7 +714,7 @@ def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any]) -> li
     async def health(scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await engine.backend.ping()
-            status, state = 200, "ok"
+            status, state = (503, "draining") if engine.draining else (200, "ok")
         except Exception as e:  # any failure to reach the backend is "unavailable"; the error is logged
             log.warning("health check failed", extra={"error": f"{type(e).__name__}: {e}"})
             status, state = 503, "unavailable"
@@ -769,6 +772,25 @@ def setup_logging(settings: Settings) -> None:
 # ----------------------------------------------------------------------------- the app
 
 
+def watch_for_sigterm(engine: Engine) -> None:
+    """Mark the engine draining on SIGTERM (Railway's redeploy), then let the server's handler stop it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return
+
+    server = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        engine.draining = True
+        log.info("SIGTERM: draining")
+        if hasattr(server, "should_exit"):  # a graceful stop that ends in exit code 0, not a re-raised SIGTERM
+            server.should_exit = True
+        else:
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[object] = ()) -> Litestar:
     """Build the ASGI app from env vars (os.environ when none are given) and the installed plugins."""
     import os  # the one place the environment is read
@@ -803,17 +825,25 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
             for obj in (backend, voice, *providers):
                 await obj.aopen()
                 opened.append(obj)
+            watch_for_sigterm(engine)
             log.info("switchboard ready", extra={"version": VERSION, "mode": settings.mode, **chosen})
             gc.collect()
             gc.freeze()  # startup objects never die: keep them out of every collection (shorter GC pauses)
             yield
         finally:
+            engine.draining = True  # the server stopped taking requests; let replies being generated finish
+            if engine.tasks:
+                log.info("draining", extra={"replies": len(engine.tasks), "seconds": settings.drain_seconds})
+                await asyncio.wait(list(engine.tasks), timeout=settings.drain_seconds)
             for task in list(engine.tasks):
                 task.cancel()
             await asyncio.gather(*engine.tasks, return_exceptions=True)
             for obj in reversed(opened):
-                with contextlib.suppress(Exception):
+                try:
                     await obj.aclose()
+                except Exception:
+                    log.exception("closing a plugin failed", extra={"plugin": type(obj).__name__})
+            log.info("switchboard stopped")
 
     app = Litestar(
         routes(settings, engine, chosen), lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False

@@ -248,6 +248,7 @@ class Engine:
         self.gather = gather_tag(settings)
         self.runs: dict[str, TurnRun] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
         self.phrases: dict[str, Segment] = {}
         self.docs: dict[str, bytes] = {}
         self.warm = [p for p in llm.providers[:1] if getattr(type(p), "warm", LLMProvider.warm) is not LLMProvider.warm]

@@ -6,11 +6,21 @@ import asyncio
 import time
 import xml.etree.ElementTree as ET
 
+from conftest import (
+    Scripted,
+    Twilio,
+    concurrent,
+    continuing,
+    listening,
+    redirect_of,
+    running,
+    says,
+    scripted_app,
+    tree,
+)
+
 import main
 import turns
-from conftest import (
-    Scripted, Twilio, concurrent, continuing, listening, redirect_of, running, says, scripted_app, tree,
-)
 
 LONG = "One is first. Two comes next. Three is here. Four is near. Five is the end."
 SENTENCES = ["One is first.", "Two comes next.", "Three is here.", "Four is near.", "Five is the end."]
