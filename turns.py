@@ -246,7 +246,9 @@ class Engine:
     async def phrase(self, text: str, base_url: str) -> Segment:
         """A fixed phrase in the selected voice, voiced once."""
         if (seg := self.phrases.get(text)) is None:
-            seg = self.phrases[text] = await self.tts.render(text, base_url=base_url)
+            seg = await self.tts.render(text, base_url=base_url)
+            if seg.url or not getattr(self.tts, "hosts_audio", False):  # a <Say> stand-in for failed audio: retry
+                self.phrases[text] = seg
         return seg
 
     def listen(self, *segments: Segment) -> bytes:
