@@ -89,9 +89,10 @@ class Hosted(TTSVoice):
         await self.voice.aopen()
 
     async def aclose(self) -> None:
-        for future in list(self.making.values()):  # syntheses nobody waits for any more
+        making = list(self.making.values())  # syntheses nobody waits for any more
+        for future in making:
             future.cancel()
-        await asyncio.gather(*self.making.values(), return_exceptions=True)
+        await asyncio.gather(*making, return_exceptions=True)
         await self.voice.aclose()
 
     def relay_attrs(self) -> dict[str, str]:

@@ -175,6 +175,16 @@ async def test_a_slow_vendor_falls_back_in_time_and_its_audio_serves_the_next_ca
     assert fake.texts() == ["Hi."]
 
 
+async def test_closing_the_app_cancels_syntheses_nobody_waits_for(fake: FakeTTS) -> None:
+    fake.delay = 2.0
+    app = main.create_app(openai_env(fake, TTS_TIMEOUT="0.1", GREETING="Hi."))
+    voice = app.state.engine.tts
+    async with running(app) as client:
+        await Twilio(client).call()
+        pending = list(voice.making.values())
+    assert len(pending) == 1 and pending[0].cancelled() and voice.making == {}
+
+
 async def test_fixed_phrases_hit_the_vendor_once(fake: FakeTTS) -> None:
     app = main.create_app(openai_env(fake, GREETING="Hi.", REPROMPT="Anyone there?"))
     async with running(app) as client:
