@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import unquote
@@ -42,6 +43,7 @@ if __name__ == "__main__":  # `python main.py`: let plugins' `from main import .
 VERSION = "0.1.0"
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("switchboard")
+current_call: ContextVar[str] = ContextVar("current_call", default="")  # the CallSid a request serves, for logs
 
 SYSTEM_PROMPT = (
     "You are a friendly voice assistant on a phone call. Everything you write is spoken aloud by a "
@@ -293,6 +295,20 @@ class TTSVoice(Plugin, Protocol):
         return {}
 
 
+class AudioVoice(Plugin, Protocol):
+    """A voice that synthesises audio; the core hosts it at /audio/{key} and speaks it with <Play> (audio.py)."""
+
+    settings_key: str  # everything besides the text that changes the audio: vendor, model, voice, format
+
+    async def synthesize(self, text: str) -> tuple[bytes, str]:
+        """Audio for text and its content type (audio/mpeg or audio/wav); raise ProviderError on failure."""
+        ...
+
+    def relay_attrs(self) -> dict[str, str]:
+        """ConversationRelay attributes (ttsProvider, voice) for this voice."""
+        return {}
+
+
 class SessionBackend(Plugin, Protocol):
     """Where calls live. Every method is atomic, so any replica can serve any request of any call."""
 
@@ -466,6 +482,26 @@ def render(segments: Sequence[Segment], *, gather: str, next_url: str = "") -> b
         return document("".join(verbs))
     last = verbs.pop() if verbs else ""
     return document("".join(verbs) + gather + last + "</Gather>")
+
+
+_SAY_VOICE = (
+    r"man|woman|alice|Polly\.[^\W\d_]+(?:-Neural|-Generative)?"
+    r"|Google\.[a-z]{2,3}-[A-Za-z]{2}-(?:(?:Standard|Wavenet|Neural2)-[A-Z]|Chirp3-HD-[A-Z][a-z]+)"
+)
+
+
+def say_voice(var: str, name: str) -> str:
+    """A Twilio <Say> voice name of the right shape (Twilio knows which exist), or a fix-it ConfigError."""
+    if re.fullmatch(_SAY_VOICE, name):
+        return name
+    hint = next((f"; did you mean {n!r}?" for n in (f"Polly.{name}", f"Google.{name}") if re.fullmatch(_SAY_VOICE, n)),
+                "; voice names are case-sensitive" if re.fullmatch(_SAY_VOICE, name, re.IGNORECASE) else "")
+    raise ConfigError(
+        f"{var}={name!r} is not a Twilio <Say> voice name{hint}. Use man, woman, alice, Polly.<Name> with "
+        "an optional -Neural or -Generative (e.g. Polly.Joanna-Neural), Google.<ll-CC>-<Standard|Wavenet|Neural2>-"
+        "<letter> (e.g. Google.en-US-Neural2-F) or Google.<ll-CC>-Chirp3-HD-<Name> (e.g. "
+        "Google.en-US-Chirp3-HD-Aoede); see https://www.twilio.com/docs/voice/twiml/say/text-speech"
+    )
 
 
 def gather_tag(settings: Settings) -> str:
@@ -681,6 +717,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
         try:
             form, base_url, query = await gate.open(scope, receive)
             fields["call"] = form.call_sid
+            current_call.set(form.call_sid)
             async with asyncio.timeout(budget):
                 body = await handle(form, base_url, query)
         except Reject as r:
@@ -809,12 +846,14 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
             f"WEB_CONCURRENCY={settings.web_concurrency} with SESSION_BACKEND=memory would split calls across "
             "processes; use SESSION_BACKEND=valkey (with VALKEY_URL or REDIS_URL) or one worker."
         )
+    import audio
     from turns import Engine, LLMChain  # the turn engine imports the structs above
 
     pm = plugin_manager(plugins)
     providers = select(pm, "llm", settings.llm_provider, settings)
     voice = select(pm, "tts", [settings.tts_voice], settings)[0]
     backend = select(pm, "session", [settings.session_backend], settings)[0]
+    voice = audio.host(voice, backend, settings)  # a voice that synthesises audio is spoken with <Play>
     engine = Engine(settings, LLMChain(providers, settings), voice, backend)
     chosen = {"llm": list(settings.llm_provider), "tts": settings.tts_voice, "session": settings.session_backend}
 
@@ -846,7 +885,8 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
             log.info("switchboard stopped")
 
     app = Litestar(
-        routes(settings, engine, chosen), lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False
+        [*routes(settings, engine, chosen), audio.route(voice, backend)],
+        lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False,
     )
     app.state.engine = engine
     app.state.settings = settings

@@ -249,8 +249,8 @@ class Engine:
         self.runs: dict[str, TurnRun] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
-        self.phrases: dict[str, Segment] = {}
-        self.docs: dict[str, bytes] = {}
+        self.phrases: dict[tuple[str, str], Segment] = {}  # (text, base URL): fixed phrases, voiced once
+        self.docs: dict[tuple[str, str], bytes] = {}
         self.warm = [p for p in llm.providers[:1] if getattr(type(p), "warm", LLMProvider.warm) is not LLMProvider.warm]
         backend.on_cancel(self._cancelled)
 
@@ -263,8 +263,10 @@ class Engine:
 
     async def phrase(self, text: str, base_url: str) -> Segment:
         """A fixed phrase in the selected voice, voiced once."""
-        if (seg := self.phrases.get(text)) is None:
-            seg = self.phrases[text] = await self.tts.render(text, base_url=base_url)
+        if (seg := self.phrases.get((text, base_url))) is None:
+            seg = await self.tts.render(text, base_url=base_url)
+            if seg.url or not getattr(self.tts, "hosts_audio", False):  # a <Say> stand-in for failed audio: retry
+                self.phrases[text, base_url] = seg
         return seg
 
     def listen(self, *segments: Segment) -> bytes:
@@ -273,8 +275,10 @@ class Engine:
 
     async def listen_phrase(self, text: str, base_url: str) -> bytes:
         """A fixed phrase, then listen: the same document every time, so built once."""
-        if (doc := self.docs.get(text)) is None:
-            doc = self.docs[text] = self.listen(await self.phrase(text, base_url))
+        if (doc := self.docs.get((text, base_url))) is None:
+            doc = self.listen(await self.phrase(text, base_url))
+            if (text, base_url) in self.phrases:  # not a stand-in for audio that failed
+                self.docs[text, base_url] = doc
         return doc
 
     def answer(self, turn: str, n: int, segments: Sequence[Segment]) -> bytes:
