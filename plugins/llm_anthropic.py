@@ -112,8 +112,9 @@ class AnthropicProvider(LLMProvider):
         return self.client
 
     async def aclose(self) -> None:
-        if self.ready is not None and not self.ready.done():
+        if self.ready is not None:
             self.ready.cancel()
+            await asyncio.gather(self.ready, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
 

@@ -70,6 +70,7 @@ class OpenAIProvider(LLMProvider):
         # the default model answers at once with reasoning "none"; other models keep their own default
         self.effort = settings.get("OPENAI_REASONING_EFFORT", "" if settings.get("OPENAI_MODEL") else "none")
         self.organization = settings.get("OPENAI_ORG_ID") or None
+        self.project = settings.get("OPENAI_PROJECT_ID") or None
         self.timeout = settings.llm_total_timeout
         if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
             raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: pip install -r requirements.txt")
@@ -92,7 +93,8 @@ class OpenAIProvider(LLMProvider):
             limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=60.0),
         )
         self.client = self.sdk.AsyncOpenAI(
-            api_key=self.key, base_url=self.base_url, organization=self.organization, max_retries=0, http_client=http
+            api_key=self.key, base_url=self.base_url, organization=self.organization, project=self.project,
+            max_retries=0, http_client=http,
         )
 
     async def _ready(self) -> Any:
@@ -105,8 +107,9 @@ class OpenAIProvider(LLMProvider):
         return self.client
 
     async def aclose(self) -> None:
-        if self.ready is not None and not self.ready.done():
+        if self.ready is not None:
             self.ready.cancel()
+            await asyncio.gather(self.ready, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
 
