@@ -182,8 +182,8 @@ class LLMChain:
                         with contextlib.suppress(Exception):
                             await events.aclose()
                     last = e
-                    log.warning("provider failed",
-                                extra={"provider": provider.name, "call": call, "attempt": attempt + 1, "error": _why(e)})
+                    extra = {"provider": provider.name, "call": call, "attempt": attempt + 1, "error": _why(e)}
+                    log.warning("provider failed", extra=extra)
                     if isinstance(e, ProviderError) and e.retryable and attempt < s.llm_retries:
                         await asyncio.sleep(0.2 * 2**attempt + secrets.randbelow(100) / 1000)
                         continue

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"import {module:<10} {statistics.median(times):7.0f} ms  (fresh interpreter, median of 3)")
     print()
     print(f"{'LLM_PROVIDER':<14}{'spawn -> first /voice 200':>30}{'spawn -> first model answer':>34}")
-    eager = Path(tempfile.mkdtemp())  # for comparison: the SDK imported before the app starts, as a factory import would
+    eager = Path(tempfile.mkdtemp())  # for comparison: the SDK imported at startup, as a factory import would
     (eager / "sitecustomize.py").write_text("import anthropic\n")
     with FakeLLM() as fake:
         fake.default = Reply("Hello from the fake model.")

@@ -79,9 +79,14 @@ class AnthropicProvider(LLMProvider):
         self.max_tokens = positive_int(settings, "ANTHROPIC_MAX_TOKENS", 400)
         # the default model answers at once with thinking off; other models keep their own default
         self.thinking = settings.get("ANTHROPIC_THINKING", "" if settings.get("ANTHROPIC_MODEL") else "disabled")
+        if self.thinking not in ("", "disabled", "adaptive"):
+            raise ConfigError(
+                f"ANTHROPIC_THINKING={self.thinking!r} is not valid: use disabled or adaptive, or leave it unset"
+            )
         self.timeout = settings.llm_total_timeout
         if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
-            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: pip install -r requirements.txt")
+            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: "
+                              "pip install -r requirements.txt")
         self.sdk: Any = None
         self.client: Any = None
         self.ready: asyncio.Task[None] | None = None
@@ -124,6 +129,8 @@ class AnthropicProvider(LLMProvider):
             client = await self._ready()
             await client.models.list(limit=1)
         except Exception as e:  # warming is best effort; the first turn reports real failures
+            if getattr(e, "status_code", None) in (404, 405):  # a compatible server without /models: still warm
+                return
             why = e if isinstance(e, ProviderError) else self._failure(e)
             log.warning("provider warm-up failed", extra={"provider": self.name, "error": str(why)})
 
@@ -134,14 +141,16 @@ class AnthropicProvider(LLMProvider):
     ) -> AsyncIterator[Event]:
         client = await self._ready()
         params: dict[str, Any] = {
-            "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages), "stream": True,
+            "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages),
+            "stream": True,
         }
         if system:
             params["system"] = system
         if self.thinking:
             params["thinking"] = {"type": self.thinking}
         if tools:
-            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters} for t in tools]
+            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters}
+                               for t in tools]
         uses: dict[int, dict[str, str]] = {}
         input_tokens = output_tokens = 0
         stopped = False
@@ -177,7 +186,8 @@ class AnthropicProvider(LLMProvider):
         except Exception as e:
             raise self._failure(e) from e
         if not stopped:
-            raise ProviderError(f"{self.name} reply stream ended before message_stop", provider=self.name, retryable=True)
+            raise ProviderError(f"{self.name} reply stream ended before message_stop",
+                                provider=self.name, retryable=True)
         yield Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
     def _tool_call(self, use: dict[str, str]) -> ToolCall:

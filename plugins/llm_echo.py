@@ -29,8 +29,9 @@ class EchoProvider(LLMProvider):
             return
         heard = next((m.content for m in reversed(messages) if m.role == "user"), "")
         offered = {t.name for t in tools}
+        asked = last is not None and last.role == "user"
         for tool, phrases in TRIGGERS.items():
-            if tool in offered and last is not None and last.role == "user" and any(p in heard.lower() for p in phrases):
+            if asked and tool in offered and any(p in heard.lower() for p in phrases):
                 yield ToolCall(id=f"echo-{tool}-{len(messages)}", name=tool, arguments={})
                 yield Usage(input_tokens=used, output_tokens=1)
                 return

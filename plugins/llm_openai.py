@@ -73,7 +73,8 @@ class OpenAIProvider(LLMProvider):
         self.project = settings.get("OPENAI_PROJECT_ID") or None
         self.timeout = settings.llm_total_timeout
         if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
-            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: pip install -r requirements.txt")
+            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: "
+                              "pip install -r requirements.txt")
         self.sdk: Any = None
         self.client: Any = None
         self.ready: asyncio.Task[None] | None = None
@@ -119,6 +120,8 @@ class OpenAIProvider(LLMProvider):
             client = await self._ready()
             await client.models.list()
         except Exception as e:  # warming is best effort; the first turn reports real failures
+            if getattr(e, "status_code", None) in (404, 405):  # a compatible server without /models: still warm
+                return
             why = e if isinstance(e, ProviderError) else self._failure(e)
             log.warning("provider warm-up failed", extra={"provider": self.name, "error": str(why)})
 
@@ -128,7 +131,8 @@ class OpenAIProvider(LLMProvider):
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
     ) -> AsyncIterator[Event]:
         client = await self._ready()
-        limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"  # compatible servers know max_tokens
+        # OpenAI's own models want max_completion_tokens; compatible servers know max_tokens
+        limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"
         params: dict[str, Any] = {
             "model": self.model, "messages": openai_messages(messages, system), "stream": True,
             "stream_options": {"include_usage": True}, limit: self.max_tokens,
@@ -168,7 +172,8 @@ class OpenAIProvider(LLMProvider):
         except Exception as e:
             raise self._failure(e) from e
         if not finished:
-            raise ProviderError(f"{self.name} reply stream ended before the model finished", provider=self.name, retryable=True)
+            raise ProviderError(f"{self.name} reply stream ended before the model finished",
+                                provider=self.name, retryable=True)
         yield usage or Usage()
 
     def _tool_call(self, call: dict[str, str]) -> ToolCall:

@@ -44,6 +44,8 @@ def test_a_missing_key_says_what_to_set() -> None:
         main.create_app(env(LLM_PROVIDER="anthropic"))
     assert str(e.value) == ("ANTHROPIC_API_KEY is not set; LLM_PROVIDER=anthropic needs it. "
                             "Set ANTHROPIC_API_KEY, or choose another plugin.")
+    with pytest.raises(main.ConfigError, match="ANTHROPIC_THINKING='off' is not valid: use disabled or adaptive"):
+        main.create_app(env(LLM_PROVIDER="anthropic", ANTHROPIC_API_KEY="k", ANTHROPIC_THINKING="off"))
 
 
 def test_history_is_merged_to_alternate_and_start_with_the_caller() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import ROOT, Twilio, env, listening, running, says, tree
+from conftest import ROOT, Captured, Twilio, env, listening, running, says, tree
 from fake_llm import FakeLLM, Reply
 
 import main
@@ -147,6 +147,16 @@ async def test_warm_opens_the_connection_that_the_first_turn_reuses(fake_llm: Fa
         assert await collect(provider, [Message(role="user", content="hi")]) != []
     assert fake_llm.connections == 1  # the turn used the warm connection: no new DNS, TCP or TLS
     assert [(r.method, r.path) for r in fake_llm.requests] == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
+
+
+async def test_warming_is_best_effort_and_says_why_it_failed(logs: Captured) -> None:
+    with FakeLLM() as fake:
+        settings = main.load_settings(env(**fake.env("openai")))
+    provider = OpenAIProvider(settings)  # nothing listens on the port any more
+    await provider.warm()
+    await provider.aclose()
+    [line] = logs.lines
+    assert line.startswith("warning provider warm-up failed provider=openai error=openai connection failed: ConnectError")
 
 
 async def test_closing_the_stream_early_closes_it_at_the_server(fake_llm: FakeLLM) -> None:
