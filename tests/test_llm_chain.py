@@ -52,12 +52,12 @@ async def test_a_stalled_first_token_falls_back_to_the_next_provider(fake_llm: F
     with FakeLLM() as openai:
         fake_llm.script(Reply("Too late.", ttft=30), Reply("Anthropic is back."))
         openai.script(Reply("Hello from OpenAI.", input_tokens=12, output_tokens=4))
-        app = main.create_app(env(LLM_PROVIDER="anthropic,openai", LLM_FIRST_TOKEN_TIMEOUT="0.3",
+        app = main.create_app(env(LLM_PROVIDER="anthropic,openai", LLM_FIRST_TOKEN_TIMEOUT="0.5",
                                   **fake_llm.env("anthropic"), **openai.env("openai")))
         async with running(app) as client:
             twilio = Twilio(client)
             await twilio.call()
-            await sdks_loaded(app)  # the 0.3 s first-token timeout below must not include a cold SDK import
+            await sdks_loaded(app)  # the 0.5 s first-token timeout must not include a cold SDK import
             answer = await twilio.say("hello")
             again = await twilio.say("are you there")
             session = session_of(app, twilio.call_sid)
