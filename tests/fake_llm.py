@@ -8,9 +8,11 @@ It serves the real wire formats the official SDKs parse (JSON, and SSE when the 
                     Reply(status=429, retry_after="1"))
         app = main.create_app(env(LLM_PROVIDER="openai", **fake.env("openai")))
         ...
-        fake.requests[-1].body["messages"]           # what the model was sent (system, history, tools)
-        fake.requests[-1].closed_early               # the client hung up before the reply was complete
-        await fake.until(lambda: fake.requests and fake.requests[-1].closed_early)
+        fake.posts[-1].body["messages"]              # what the model was sent (system, history, tools)
+        fake.posts[-1].closed_early                  # the client hung up before the reply was complete
+        await fake.until(lambda: fake.posts and fake.posts[-1].closed_early)
+
+`fake.requests` is every request in order (warm-up GETs included), `fake.posts` only the model calls.
 
 Routes: POST /v1/chat/completions (OpenAI), POST /v1/messages (Anthropic), GET /v1/models (both;
 what `warm()` calls). `fake.env("openai")` / `fake.env("anthropic")` give the plugin's env vars
