@@ -139,20 +139,22 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
 # ----------------------------------------------------------------------------- structs
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One turn of the conversation as the model sees it."""
-
-    role: Literal["user", "assistant"]
-    content: str
-    interrupted: bool = False
-
-
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
     """The model asks to run a tool."""
 
     id: str
     name: str
     arguments: dict[str, Any]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One turn of the conversation as the model sees it; a tool's result is a "tool" message."""
+
+    role: Literal["user", "assistant", "tool"]
+    content: str
+    interrupted: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the tools the model asked for
+    tool_call_id: str = ""  # tool: the call this result answers
 
 
 class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):

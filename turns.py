@@ -164,6 +164,15 @@ def turn_age(turn_id: str) -> float:
 # ----------------------------------------------------------------------------- the LLM chain
 
 
+def _why(e: Exception) -> str:
+    """A provider's failure in a few words for the log."""
+    if isinstance(e, TimeoutError):
+        return "no first token in time"
+    if isinstance(e, StopAsyncIteration):
+        return "empty reply"
+    return str(e) if isinstance(e, ProviderError) else f"{type(e).__name__}: {e}"
+
+
 class LLMChain:
     """The selected providers in order: the next serves the turn when one fails before its first token."""
 
@@ -178,15 +187,18 @@ class LLMChain:
         s, last = self.settings, None
         for provider in self.providers:
             for attempt in range(s.llm_retries + 1):
-                events = provider.stream(messages, system=s.system_prompt, tools=tools)
+                events = None
                 try:
+                    events = provider.stream(messages, system=s.system_prompt, tools=tools)
                     async with asyncio.timeout(s.llm_first_token_timeout):  # no extra task, unlike wait_for
                         first = await anext(events)
-                except (ProviderError, TimeoutError, StopAsyncIteration) as e:
-                    await events.aclose()
+                except Exception as e:  # a vendor failure, a stall, an empty reply or a plugin bug: try the next
+                    if events is not None:
+                        with contextlib.suppress(Exception):
+                            await events.aclose()
                     last = e
-                    why = "no first token in time" if isinstance(e, TimeoutError) else str(e) or "empty reply"
-                    log.warning("provider failed", extra={"provider": provider.name, "call": call, "error": why})
+                    extra = {"provider": provider.name, "call": call, "attempt": attempt + 1, "error": _why(e)}
+                    log.warning("provider failed", extra=extra)
                     if isinstance(e, ProviderError) and e.retryable and attempt < s.llm_retries:
                         await asyncio.sleep(0.2 * 2**attempt + secrets.randbelow(100) / 1000)
                         continue
@@ -199,6 +211,8 @@ class LLMChain:
                 finally:
                     await events.aclose()
                 return
+        if not isinstance(last, (ProviderError, TimeoutError, StopAsyncIteration, type(None))):
+            raise last  # a plugin bug is reported as one
         raise ProviderError("every LLM provider failed", provider="chain") from last
 
 

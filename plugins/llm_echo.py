@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from main import LLMProvider, Message, Settings, ToolSpec, Usage, hookimpl
+from main import Event, LLMProvider, Message, Settings, ToolCall, ToolSpec, Usage, hookimpl
+
+# fixed phrases that make the echo model call a tool (when the core offers it), so the dev phone can show tools
+TRIGGERS = {"transfer_call": ("transfer me", "talk to a person"), "end_call": ("goodbye", "that's all")}
 
 
 class EchoProvider(LLMProvider):
-    """Answers 'You said: <last caller turn>.' word by word, like a streaming model."""
+    """Answers 'You said: <last caller turn>.' word by word, like a streaming model; calls tools on fixed phrases."""
 
     name = "echo"
 
@@ -20,8 +23,21 @@ class EchoProvider(LLMProvider):
 
     async def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[str | Usage]:
+    ) -> AsyncIterator[Event]:
+        used = sum(len(m.content.split()) for m in messages)
+        last = messages[-1] if messages else None
+        if last is not None and last.role == "tool":  # a tool has run: acknowledge it
+            yield "Okay."
+            yield Usage(input_tokens=used, output_tokens=1)
+            return
         heard = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        offered = {t.name for t in tools}
+        asked = last is not None and last.role == "user"
+        for tool, phrases in TRIGGERS.items():
+            if asked and tool in offered and any(p in heard.lower() for p in phrases):
+                yield ToolCall(id=f"echo-{tool}-{len(messages)}", name=tool, arguments={})
+                yield Usage(input_tokens=used, output_tokens=1)
+                return
         reply = f"{self.prefix} {heard.rstrip('.!?')}."
         words = reply.split(" ")
         if self.first_delay:
@@ -30,7 +46,7 @@ class EchoProvider(LLMProvider):
             if i and self.delay:
                 await asyncio.sleep(self.delay)
             yield word if i == 0 else " " + word
-        yield Usage(input_tokens=sum(len(m.content.split()) for m in messages), output_tokens=len(words))
+        yield Usage(input_tokens=used, output_tokens=len(words))
 
 
 @hookimpl

@@ -25,6 +25,8 @@ from twilio.twiml.voice_response import VoiceResponse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fake_llm import fake_llm  # noqa: E402,F401  (the fake OpenAI/Anthropic server fixture, for every test module)
+
 import main  # noqa: E402
 import phone  # noqa: E402
 from main import LLMProvider, Message, ProviderError, hookimpl  # noqa: E402

@@ -1,0 +1,225 @@
+"""Anthropic messages, streamed, on the official `anthropic` SDK.
+
+The system prompt goes in `system`; the history is reshaped to the API's rule (starts with a user
+turn, roles alternate) by merging consecutive same-role turns. The SDK (about a second to import)
+is loaded in the background when the app opens, never by the factory; its own retries are off
+because retries, timeouts and fallback belong to the core's LLM chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from main import (
+    ConfigError,
+    Event,
+    LLMProvider,
+    Message,
+    ProviderError,
+    Settings,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    hookimpl,
+    log,
+)
+
+DEFAULT_MODEL = "claude-haiku-5-5"
+DEFAULT_URL = "https://api.anthropic.com"
+RETRYABLE_EVENTS = ("overloaded_error", "api_error", "rate_limit_error", "timeout_error")
+
+
+def positive_int(settings: Settings, name: str, default: int) -> int:
+    """A plugin setting that must be a positive integer."""
+    value = settings.get(name, str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}={value!r} is not valid: expected a positive whole number (default {default})")
+    return int(value)
+
+
+def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The history as the Messages API wants it: starts with a user turn, roles alternate, no empty text."""
+    turns: list[tuple[str, list[dict[str, Any]]]] = []
+    for m in messages:
+        if m.role == "tool":
+            role, blocks = "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
+        else:
+            role = m.role
+            blocks = [{"type": "text", "text": m.content}] if m.content.strip() else []
+            blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments} for c in m.tool_calls]
+        if not blocks:
+            continue
+        if turns and turns[-1][0] == role:
+            last = turns[-1][1]
+            if last[-1]["type"] == "text" and blocks[0]["type"] == "text":  # e.g. two caller turns after a barge-in
+                last[-1] = {"type": "text", "text": last[-1]["text"] + "\n" + blocks.pop(0)["text"]}
+            last.extend(blocks)
+        elif turns or m.role == "user":  # the history must start with a caller's turn
+            turns.append((role, blocks))
+    return [{"role": role, "content": blocks[0]["text"] if len(blocks) == 1 and blocks[0]["type"] == "text" else blocks}
+            for role, blocks in turns]
+
+
+class AnthropicProvider(LLMProvider):
+    """Streams replies from /v1/messages: text tokens, tool calls as their blocks end, then usage."""
+
+    name = "anthropic"
+    package = "anthropic"
+    errors: tuple[type[BaseException], ...] = ()  # httpx2's transport errors, once the SDK is loaded
+
+    def __init__(self, settings: Settings) -> None:
+        self.key = settings.require("ANTHROPIC_API_KEY", "LLM_PROVIDER=anthropic")
+        self.model = settings.get("ANTHROPIC_MODEL", DEFAULT_MODEL)
+        self.base_url = settings.get("ANTHROPIC_BASE_URL", DEFAULT_URL).rstrip("/")
+        self.max_tokens = positive_int(settings, "ANTHROPIC_MAX_TOKENS", 400)
+        # the default model answers at once with thinking off; other models keep their own default
+        self.thinking = settings.get("ANTHROPIC_THINKING", "" if settings.get("ANTHROPIC_MODEL") else "disabled")
+        if self.thinking not in ("", "disabled", "adaptive"):
+            raise ConfigError(
+                f"ANTHROPIC_THINKING={self.thinking!r} is not valid: use disabled or adaptive, or leave it unset"
+            )
+        self.timeout = settings.llm_total_timeout
+        if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
+            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: "
+                              "pip install -r requirements.txt")
+        self.sdk: Any = None
+        self.client: Any = None
+        self.ready: asyncio.Task[None] | None = None
+
+    # -- lifecycle: the SDK import (~1 s) and the client are made in the background
+
+    async def aopen(self) -> None:
+        if self.ready is None:
+            self.ready = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        self.sdk = await asyncio.to_thread(importlib.import_module, self.package)
+        httpx2 = importlib.import_module("httpx2")  # the SDK's HTTP client, imported with it
+        self.errors = (httpx2.TransportError, httpx2.TimeoutException)
+        http = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(self.timeout, connect=5.0), follow_redirects=True,
+            limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=60.0),
+        )
+        self.client = self.sdk.AsyncAnthropic(api_key=self.key, base_url=self.base_url, max_retries=0, http_client=http)
+
+    async def _ready(self) -> Any:
+        await self.aopen()
+        assert self.ready is not None
+        try:
+            await asyncio.shield(self.ready)  # a caller's timeout must not cancel the shared start-up
+        except Exception as e:
+            raise ProviderError(f"the {self.package} SDK could not start: {e}", provider=self.name) from e
+        return self.client
+
+    async def aclose(self) -> None:
+        if self.ready is not None:
+            self.ready.cancel()
+            await asyncio.gather(self.ready, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
+
+    async def warm(self) -> None:
+        """Open the HTTPS connection (DNS, TCP, TLS) with a cheap authenticated request, ahead of the first turn."""
+        try:
+            client = await self._ready()
+            await client.models.list(limit=1)
+        except Exception as e:  # warming is best effort; the first turn reports real failures
+            if getattr(e, "status_code", None) in (404, 405):  # a compatible server without /models: still warm
+                return
+            why = e if isinstance(e, ProviderError) else self._failure(e)
+            log.warning("provider warm-up failed", extra={"provider": self.name, "error": str(why)})
+
+    # -- streaming
+
+    async def stream(
+        self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[Event]:
+        client = await self._ready()
+        params: dict[str, Any] = {
+            "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages),
+            "stream": True,
+        }
+        if system:
+            params["system"] = system
+        if self.thinking:
+            params["thinking"] = {"type": self.thinking}
+        if tools:
+            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters}
+                               for t in tools]
+        uses: dict[int, dict[str, str]] = {}
+        input_tokens = output_tokens = 0
+        stopped = False
+        try:
+            response = await client.messages.create(**params)
+            try:
+                async for event in response:
+                    kind = event.type
+                    if kind == "content_block_delta":
+                        delta = event.delta
+                        if delta.type == "text_delta" and delta.text:
+                            yield delta.text
+                        elif delta.type == "input_json_delta" and event.index in uses:
+                            uses[event.index]["json"] += delta.partial_json
+                    elif kind == "content_block_start" and event.content_block.type == "tool_use":
+                        block = event.content_block
+                        uses[event.index] = {"id": block.id, "name": block.name, "json": ""}
+                    elif kind == "content_block_stop" and event.index in uses:
+                        yield self._tool_call(uses.pop(event.index))
+                    elif kind == "message_start":
+                        u = event.message.usage
+                        input_tokens = (u.input_tokens or 0) + (getattr(u, "cache_creation_input_tokens", 0) or 0) + (
+                            getattr(u, "cache_read_input_tokens", 0) or 0)
+                        output_tokens = u.output_tokens or 0
+                    elif kind == "message_delta":
+                        output_tokens = event.usage.output_tokens or output_tokens  # cumulative
+                    elif kind == "message_stop":
+                        stopped = True
+            finally:
+                await response.close()
+        except ProviderError:
+            raise
+        except Exception as e:
+            raise self._failure(e) from e
+        if not stopped:
+            raise ProviderError(f"{self.name} reply stream ended before message_stop",
+                                provider=self.name, retryable=True)
+        yield Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+
+    def _tool_call(self, use: dict[str, str]) -> ToolCall:
+        try:
+            arguments = json.loads(use["json"] or "{}")
+        except ValueError as e:
+            raise ProviderError(f"tool call {use['name']!r} has malformed input", provider=self.name) from e
+        if not isinstance(arguments, dict):
+            raise ProviderError(f"tool call {use['name']!r} has malformed input", provider=self.name)
+        return ToolCall(id=use["id"], name=use["name"], arguments=arguments)
+
+    def _failure(self, e: BaseException) -> ProviderError:
+        """One ProviderError for any vendor failure; retryable for 429, 5xx/529, connection errors and timeouts."""
+        sdk, retryable = self.sdk, False
+        if sdk is not None and isinstance(e, sdk.APIStatusError):
+            status, err = e.status_code, e.body.get("error") if isinstance(e.body, dict) else None
+            kind, message = (err.get("type", ""), err.get("message", "")) if isinstance(err, dict) else ("", e.message)
+            if status == 200:  # an `error` event inside the stream
+                what, retryable = f"error in the stream: {kind}: {message}", kind in RETRYABLE_EVENTS
+            else:
+                retryable = status in (408, 409, 429) or status >= 500
+                what = f"HTTP {status} {kind}: {message}"
+        elif sdk is not None and isinstance(e, sdk.APITimeoutError):
+            what, retryable = "request timed out", True
+        elif (sdk is not None and isinstance(e, sdk.APIConnectionError)) or isinstance(e, self.errors):
+            cause = e.__cause__ or e
+            what, retryable = f"connection failed: {type(cause).__name__}: {cause}", True
+        else:
+            what = f"malformed reply: {type(e).__name__}: {e}"
+        return ProviderError(f"{self.name} {what}"[:500], provider=self.name, retryable=retryable)
+
+
+@hookimpl
+def register_llm_providers(register):  # type: ignore[no-untyped-def]
+    register("anthropic", AnthropicProvider)

@@ -1,0 +1,209 @@
+"""OpenAI chat completions, streamed, on the official `openai` SDK; any OpenAI-compatible server works too.
+
+OPENAI_BASE_URL points it at Groq, Together, Ollama, vLLM or a proxy. The SDK is imported in the
+background when the app opens (never by the factory), so startup does not wait for it; the SDK's
+own retries are off because retries, timeouts and fallback belong to the core's LLM chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from main import (
+    ConfigError,
+    Event,
+    LLMProvider,
+    Message,
+    ProviderError,
+    Settings,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    hookimpl,
+    log,
+)
+
+DEFAULT_MODEL = "gpt-5.4-mini"
+DEFAULT_URL = "https://api.openai.com/v1"
+
+
+def positive_int(settings: Settings, name: str, default: int) -> int:
+    """A plugin setting that must be a positive integer."""
+    value = settings.get(name, str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}={value!r} is not valid: expected a positive whole number (default {default})")
+    return int(value)
+
+
+def openai_messages(messages: Sequence[Message], system: str) -> list[dict[str, Any]]:
+    """The history in chat-completions form: system first, tool calls and tool results as the API wants them."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        if m.role == "tool":
+            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+        elif m.role == "assistant" and m.tool_calls:
+            out.append({"role": "assistant", "content": m.content or None, "tool_calls": [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                for c in m.tool_calls]})
+        elif m.content:
+            out.append({"role": m.role, "content": m.content})
+    return out
+
+
+class OpenAIProvider(LLMProvider):
+    """Streams replies from /chat/completions: text tokens, then tool calls, then usage."""
+
+    name = "openai"
+    package = "openai"
+    errors: tuple[type[BaseException], ...] = ()  # httpx2's transport errors, once the SDK is loaded
+
+    def __init__(self, settings: Settings) -> None:
+        self.key = settings.require("OPENAI_API_KEY", "LLM_PROVIDER=openai")
+        self.model = settings.get("OPENAI_MODEL", DEFAULT_MODEL)
+        self.base_url = settings.get("OPENAI_BASE_URL", DEFAULT_URL).rstrip("/")
+        self.max_tokens = positive_int(settings, "OPENAI_MAX_TOKENS", 400)
+        # the default model answers at once with reasoning "none"; other models keep their own default
+        self.effort = settings.get("OPENAI_REASONING_EFFORT", "" if settings.get("OPENAI_MODEL") else "none")
+        self.organization = settings.get("OPENAI_ORG_ID") or None
+        self.project = settings.get("OPENAI_PROJECT_ID") or None
+        self.timeout = settings.llm_total_timeout
+        if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
+            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: "
+                              "pip install -r requirements.txt")
+        self.sdk: Any = None
+        self.client: Any = None
+        self.ready: asyncio.Task[None] | None = None
+
+    # -- lifecycle: the SDK import (~0.4 s) and the client are made in the background
+
+    async def aopen(self) -> None:
+        if self.ready is None:
+            self.ready = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        self.sdk = await asyncio.to_thread(importlib.import_module, self.package)
+        httpx2 = importlib.import_module("httpx2")  # the SDK's HTTP client, imported with it
+        self.errors = (httpx2.TransportError, httpx2.TimeoutException)
+        http = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(self.timeout, connect=5.0), follow_redirects=True,
+            limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=60.0),
+        )
+        self.client = self.sdk.AsyncOpenAI(
+            api_key=self.key, base_url=self.base_url, organization=self.organization, project=self.project,
+            max_retries=0, http_client=http,
+        )
+
+    async def _ready(self) -> Any:
+        await self.aopen()
+        assert self.ready is not None
+        try:
+            await asyncio.shield(self.ready)  # a caller's timeout must not cancel the shared start-up
+        except Exception as e:
+            raise ProviderError(f"the {self.package} SDK could not start: {e}", provider=self.name) from e
+        return self.client
+
+    async def aclose(self) -> None:
+        if self.ready is not None:
+            self.ready.cancel()
+            await asyncio.gather(self.ready, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
+
+    async def warm(self) -> None:
+        """Open the HTTPS connection (DNS, TCP, TLS) with a cheap authenticated request, ahead of the first turn."""
+        try:
+            client = await self._ready()
+            await client.models.list()
+        except Exception as e:  # warming is best effort; the first turn reports real failures
+            if getattr(e, "status_code", None) in (404, 405):  # a compatible server without /models: still warm
+                return
+            why = e if isinstance(e, ProviderError) else self._failure(e)
+            log.warning("provider warm-up failed", extra={"provider": self.name, "error": str(why)})
+
+    # -- streaming
+
+    async def stream(
+        self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[Event]:
+        client = await self._ready()
+        # OpenAI's own models want max_completion_tokens; compatible servers know max_tokens
+        limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"
+        params: dict[str, Any] = {
+            "model": self.model, "messages": openai_messages(messages, system), "stream": True,
+            "stream_options": {"include_usage": True}, limit: self.max_tokens,
+        }
+        if self.effort:
+            params["reasoning_effort"] = self.effort
+        if tools:
+            params["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in tools]
+        calls: dict[int, dict[str, str]] = {}
+        usage, finished = None, False
+        try:
+            response = await client.chat.completions.create(**params)
+            try:
+                async for chunk in response:
+                    if chunk.usage is not None:
+                        usage = Usage(input_tokens=chunk.usage.prompt_tokens or 0,
+                                      output_tokens=chunk.usage.completion_tokens or 0)
+                    for choice in chunk.choices:
+                        delta = choice.delta
+                        if delta.content:
+                            yield delta.content
+                        for part in delta.tool_calls or ():
+                            call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                            call["id"] = part.id or call["id"]
+                            if part.function is not None:
+                                call["name"] = part.function.name or call["name"]
+                                call["arguments"] += part.function.arguments or ""
+                        if choice.finish_reason:
+                            finished = True
+                            for call in (calls.pop(i) for i in sorted(calls)):
+                                yield self._tool_call(call)
+            finally:
+                await response.close()
+        except ProviderError:
+            raise
+        except Exception as e:
+            raise self._failure(e) from e
+        if not finished:
+            raise ProviderError(f"{self.name} reply stream ended before the model finished",
+                                provider=self.name, retryable=True)
+        yield usage or Usage()
+
+    def _tool_call(self, call: dict[str, str]) -> ToolCall:
+        try:
+            arguments = json.loads(call["arguments"] or "{}")
+        except ValueError as e:
+            raise ProviderError(f"tool call {call['name']!r} has malformed arguments", provider=self.name) from e
+        if not isinstance(arguments, dict) or not call["name"]:
+            raise ProviderError(f"malformed tool call {call['name']!r}", provider=self.name)
+        return ToolCall(id=call["id"], name=call["name"], arguments=arguments)
+
+    def _failure(self, e: BaseException) -> ProviderError:
+        """One ProviderError for any vendor failure; retryable for 429, 5xx, connection errors and timeouts."""
+        sdk, retryable = self.sdk, False
+        if sdk is not None and isinstance(e, sdk.APIStatusError):
+            status = e.status_code
+            retryable = status in (408, 409, 429) or status >= 500
+            what = f"HTTP {status}: {e.message}"
+        elif sdk is not None and isinstance(e, sdk.APITimeoutError):
+            what, retryable = "request timed out", True
+        elif (sdk is not None and isinstance(e, sdk.APIConnectionError)) or isinstance(e, self.errors):
+            cause = e.__cause__ or e
+            what, retryable = f"connection failed: {type(cause).__name__}: {cause}", True
+        elif sdk is not None and isinstance(e, sdk.APIError):  # an error event inside the stream
+            what, retryable = f"error in the stream: {e.message}", True
+        else:
+            what = f"malformed reply: {type(e).__name__}: {e}"
+        return ProviderError(f"{self.name} {what}"[:500], provider=self.name, retryable=retryable)
+
+
+@hookimpl
+def register_llm_providers(register):  # type: ignore[no-untyped-def]
+    register("openai", OpenAIProvider)
