@@ -70,6 +70,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     llm_provider: tuple[str, ...] = ("echo",)
     tts_voice: str = "say"
     session_backend: str = "memory"
+    tools: tuple[str, ...] = ("end_call", "transfer_call")
     valkey_url: str = ""
     system_prompt: str = SYSTEM_PROMPT
     greeting: str = "Hello! You are talking to switchboard. How can I help?"
@@ -93,6 +94,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     low_confidence: str = "Sorry, could you repeat that?"
     goodbye: str = "I still can't hear you, so I'll hang up now. Goodbye!"
     apology: str = "Sorry, I'm having trouble answering right now."
+    farewell: str = "Thank you for calling. Goodbye!"
+    transferring: str = "Please hold while I transfer your call."
     fallback_number: str = ""
     drain_seconds: float = 15.0
     web_concurrency: int = 1
@@ -120,7 +123,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     for field in msgspec.structs.fields(Settings):
         value = environ.get(field.name.upper(), "").strip()
         if field.name != "env" and value:
-            is_list = field.name in ("llm_provider", "trusted_proxies")
+            is_list = field.name in ("llm_provider", "trusted_proxies", "tools")
             raw[field.name] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
     if "public_url" not in raw and environ.get("RAILWAY_PUBLIC_DOMAIN"):
         raw["public_url"] = "https://" + environ["RAILWAY_PUBLIC_DOMAIN"]
@@ -183,10 +186,26 @@ class Segment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     voice: str = ""
     language: str = ""
     url: str = ""
-    number: str = ""
+    number: str = ""  # on "dial": where to, and the caller ID the person called sees
+    caller_id: str = ""
     provider: str = ""  # on "end": which provider served the turn, and its usage
     input_tokens: int = 0
     output_tokens: int = 0
+
+
+class CallInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The call a tool acts on."""
+
+    call_sid: str
+    caller: str = ""
+    to: str = ""
+
+
+class ToolResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a tool tells the model, and how the call goes on after the reply (a "hangup" or "dial" Segment)."""
+
+    content: str
+    action: Segment | None = None
 
 
 class Turn(msgspec.Struct, kw_only=True):
@@ -311,6 +330,16 @@ class AudioVoice(Plugin, Protocol):
         return {}
 
 
+class Tool(Plugin, Protocol):
+    """Something the model can do during a call: hang up, transfer, look something up."""
+
+    spec: ToolSpec
+
+    async def run(self, arguments: dict[str, Any], call: CallInfo) -> ToolResult:
+        """Do it; raise on failure (the model is told it failed, the caller never hears a traceback)."""
+        ...
+
+
 class SessionBackend(Plugin, Protocol):
     """Where calls live. Every method is atomic, so any replica can serve any request of any call."""
 
@@ -390,11 +419,16 @@ class Hookspecs:
     def register_session_backends(self, register: Register) -> None:
         """Register session backend factories: register("valkey", ValkeyBackend)."""
 
+    @hookspec
+    def register_tools(self, register: Register) -> None:
+        """Register tool factories: register("end_call", EndCall); a factory may return None to offer nothing."""
+
 
 KINDS = {  # kind: (hook, env var)
     "llm": ("register_llm_providers", "LLM_PROVIDER"),
     "tts": ("register_tts_voices", "TTS_VOICE"),
     "session": ("register_session_backends", "SESSION_BACKEND"),
+    "tool": ("register_tools", "TOOLS"),
 }
 
 
@@ -458,7 +492,8 @@ def verb(seg: Segment) -> str:
     if seg.kind == "hangup":
         return "<Hangup/>"
     if seg.kind == "dial":
-        return f"<Dial>{esc(seg.number)}</Dial>"
+        caller_id = f' callerId="{esc(seg.caller_id)}"' if seg.caller_id else ""
+        return f"<Dial{caller_id}>{esc(seg.number)}</Dial>"
     if seg.url:
         return f"<Play>{esc(seg.url)}</Play>"
     attrs = (f' voice="{esc(seg.voice)}"' if seg.voice else "") + (
@@ -856,7 +891,9 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     voice = select(pm, "tts", [settings.tts_voice], settings)[0]
     backend = select(pm, "session", [settings.session_backend], settings)[0]
     voice = audio.host(voice, backend, settings)  # a voice that synthesises audio is spoken with <Play>
-    engine = Engine(settings, LLMChain(providers, settings), voice, backend)
+    tool_names = () if settings.tools == ("none",) else settings.tools
+    tools = [tool for tool in select(pm, "tool", tool_names, settings) if tool is not None]
+    engine = Engine(settings, LLMChain(providers, settings), voice, backend, tools)
     chosen = {"llm": list(settings.llm_provider), "tts": settings.tts_voice, "session": settings.session_backend}
 
     @contextlib.asynccontextmanager

@@ -25,6 +25,7 @@ from main import (
     END,
     SUPERSEDED,
     BackendError,
+    CallInfo,
     Event,
     LLMProvider,
     Message,
@@ -34,6 +35,9 @@ from main import (
     SessionBackend,
     Settings,
     Snapshot,
+    Tool,
+    ToolCall,
+    ToolResult,
     ToolSpec,
     TTSVoice,
     Turn,
@@ -218,6 +222,9 @@ class LLMChain:
 
 # ----------------------------------------------------------------------------- the turn engine
 
+MAX_TOOL_ROUNDS = 3  # tool calls in one turn before the model must just answer
+TOOL_TIMEOUT = 5.0
+
 
 def has_end(segments: Sequence[Segment]) -> bool:
     """Whether a turn's reply is complete."""
@@ -227,8 +234,8 @@ def has_end(segments: Sequence[Segment]) -> bool:
 class TurnRun:
     """A reply being generated on this replica; its first document goes to the request that began it."""
 
-    def __init__(self, call_sid: str, turn: Turn) -> None:
-        self.call_sid, self.turn = call_sid, turn
+    def __init__(self, call: CallInfo, turn: Turn) -> None:
+        self.call, self.call_sid, self.turn = call, call.call_sid, turn
         self.ready: list[Segment] = []
         self.taken = self.superseded = False
         self.changed = asyncio.Event()
@@ -257,8 +264,12 @@ class TurnRun:
 class Engine:
     """Runs calls: sessions, turns, streamed replies and the documents that carry them."""
 
-    def __init__(self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend) -> None:
+    def __init__(
+        self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend, tools: Sequence[Tool] = ()
+    ) -> None:
         self.settings, self.llm, self.tts, self.backend = settings, llm, voice, backend
+        self.tools = {tool.spec.name: tool for tool in tools}
+        self.tool_specs = tuple(tool.spec for tool in tools)
         self.gather = gather_tag(settings)
         self.runs: dict[str, TurnRun] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -367,7 +378,7 @@ class Engine:
         if cancel:
             log.info("turn superseded", extra={"call": sid, "turn": session.turns, "merged": len(keys) > 1})
         note(turn=session.turns)
-        run = TurnRun(sid, session.current)
+        run = TurnRun(CallInfo(call_sid=sid, caller=session.caller, to=session.to), session.current)
         messages = [*session.history, Message(role="user", content=user)]
         self.runs[run.turn.id] = run
         run.task = self.background(self._generate(run, messages, base_url, session.turns))
@@ -482,6 +493,7 @@ class Engine:
         emitter = None if instant else asyncio.create_task(self._emit_in_order(run, pending, more))
         served: list[str] = []
         usage = Usage()
+        action: Segment | None = None  # a tool's hangup or dial, after the reply
         spoken, full, t0 = 0, False, time.monotonic()
 
         async def say(sentences: list[str], tail: Sequence[Segment] = ()) -> None:
@@ -507,21 +519,37 @@ class Engine:
         try:
             try:
                 async with asyncio.timeout(s.llm_total_timeout):
-                    segmenter = Segmenter()
-                    async for event in self.llm.stream(messages, call=sid, served=served):
-                        if not run.taken and served:
-                            note(provider=served[-1])
-                        if isinstance(event, str):
-                            if sentences := segmenter.feed(event):
-                                await say(sentences)
-                        elif isinstance(event, Usage):
-                            usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
-                                          output_tokens=usage.output_tokens + event.output_tokens)
-                        if full:  # MAX_REPLY_CHARS reached: stop the model
+                    segmenter, history = Segmenter(), list(messages)
+                    for round_ in range(MAX_TOOL_ROUNDS + 1):  # the model may call tools, then carries on
+                        calls: list[ToolCall] = []
+                        text: list[str] = []
+                        offered = self.tool_specs if round_ < MAX_TOOL_ROUNDS else ()
+                        async for event in self.llm.stream(history, call=sid, served=served, tools=offered):
+                            if not run.taken and served:
+                                note(provider=served[-1])
+                            if isinstance(event, str):
+                                text.append(event)
+                                if sentences := segmenter.feed(event):
+                                    await say(sentences)
+                            elif isinstance(event, ToolCall):
+                                calls.append(event)
+                            elif isinstance(event, Usage):
+                                usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
+                                              output_tokens=usage.output_tokens + event.output_tokens)
+                            if full:  # MAX_REPLY_CHARS reached: stop the model
+                                break
+                        if not calls or full:
                             break
+                        await say(segmenter.flush())  # what it said before calling a tool is spoken now
+                        results = await self._run_tools(calls, run)
+                        action = action or next((r.action for r in results if r.action is not None), None)
+                        history.append(Message(role="assistant", content="".join(text), tool_calls=tuple(calls)))
+                        history += [Message(role="tool", content=r.content, tool_call_id=c.id) for c, r in zip(calls, results)]
                     rest = segmenter.flush()
                     if not spoken and not any(speakable(r) for r in rest):
-                        raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+                        if action is None:
+                            raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+                        rest = [s.farewell if action.kind == "hangup" else s.transferring]
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
@@ -534,7 +562,7 @@ class Engine:
                 if s.fallback_number:
                     apology.append(Segment(kind="dial", number=s.fallback_number))
             else:
-                apology = []
+                apology = [action] if action is not None else []
             provider = served[-1] if served else ""
             end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
             await say(rest, [*apology, end])
@@ -547,6 +575,22 @@ class Engine:
         if run.taken:  # the reply outlived its first document, whose log line could not tell this
             ms = round((time.monotonic() - t0) * 1000)
             log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
+
+    async def _run_tools(self, calls: list[ToolCall], run: TurnRun) -> list[ToolResult]:
+        """Run the tools the model asked for; a failure becomes a result that tells the model so."""
+        results = []
+        for call in calls:
+            try:
+                if (tool := self.tools.get(call.name)) is None:
+                    raise LookupError(f"there is no tool named {call.name!r}")
+                async with asyncio.timeout(TOOL_TIMEOUT):
+                    result = await tool.run(call.arguments, run.call)
+                log.info("tool called", extra={"call": run.call_sid, "turn": run.turn.id, "tool": call.name})
+            except Exception as e:  # a tool's failure is the model's to explain, never the caller's traceback
+                log.warning("tool failed", extra={"call": run.call_sid, "tool": call.name, "error": f"{type(e).__name__}: {e}"})
+                result = ToolResult(content=f"The {call.name} tool failed ({e}). Tell the caller briefly and carry on.")
+            results.append(result)
+        return results
 
     async def _emit_in_order(self, run: TurnRun, pending: list[Any], more: asyncio.Event) -> None:
         """Emit voiced sentences in order, batching whatever is already done (the end included)."""

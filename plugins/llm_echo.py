@@ -9,6 +9,7 @@ from main import Event, LLMProvider, Message, Settings, ToolCall, ToolSpec, Usag
 
 # fixed phrases that make the echo model call a tool (when the core offers it), so the dev phone can show tools
 TRIGGERS = {"transfer_call": ("transfer me", "talk to a person"), "end_call": ("goodbye", "that's all")}
+AFTER_TOOL = {"transfer_call": "Transferring you now.", "end_call": "Goodbye!"}
 
 
 class EchoProvider(LLMProvider):
@@ -26,9 +27,11 @@ class EchoProvider(LLMProvider):
     ) -> AsyncIterator[Event]:
         used = sum(len(m.content.split()) for m in messages)
         last = messages[-1] if messages else None
-        if last is not None and last.role == "tool":  # a tool has run: acknowledge it
-            yield "Okay."
-            yield Usage(input_tokens=used, output_tokens=1)
+        if last is not None and last.role == "tool":  # a tool has run: say what happens next
+            asked_for = next((c.name for m in reversed(messages) for c in m.tool_calls), "")
+            reply = AFTER_TOOL.get(asked_for, "Okay.")
+            yield reply
+            yield Usage(input_tokens=used, output_tokens=len(reply.split()))
             return
         heard = next((m.content for m in reversed(messages) if m.role == "user"), "")
         offered = {t.name for t in tools}

@@ -52,9 +52,9 @@ async def test_echo_calls_offered_tools_on_fixed_phrases() -> None:
     assert (await reply("goodbye", tools=()))[0] == "You"
 
 
-async def test_after_a_tool_result_echo_acknowledges_instead_of_calling_it_again() -> None:
+async def test_after_a_tool_result_echo_says_what_happens_instead_of_calling_it_again() -> None:
     echo = EchoProvider(main.load_settings(env()))
     history = [main.Message(role="user", content="goodbye"),
                main.Message(role="assistant", content="", tool_calls=(main.ToolCall(id="e1", name="end_call", arguments={}),)),
                main.Message(role="tool", content="call ended", tool_call_id="e1")]
-    assert [e async for e in echo.stream(history, system="", tools=TOOLS)] == ["Okay.", main.Usage(input_tokens=3, output_tokens=1)]
+    assert [e async for e in echo.stream(history, system="", tools=TOOLS)] == ["Goodbye!", main.Usage(input_tokens=3, output_tokens=1)]
