@@ -71,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tts_voice: str = "say"
     session_backend: str = "memory"
     tools: tuple[str, ...] = ("end_call", "transfer_call")
+    call_recorders: tuple[str, ...] = ("log",)
     valkey_url: str = ""
     system_prompt: str = SYSTEM_PROMPT
     greeting: str = "Hello! You are talking to switchboard. How can I help?"
@@ -123,7 +124,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     for field in msgspec.structs.fields(Settings):
         value = environ.get(field.name.upper(), "").strip()
         if field.name != "env" and value:
-            is_list = field.name in ("llm_provider", "trusted_proxies", "tools")
+            is_list = field.name in ("llm_provider", "trusted_proxies", "tools", "call_recorders")
             raw[field.name] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
     if "public_url" not in raw and environ.get("RAILWAY_PUBLIC_DOMAIN"):
         raw["public_url"] = "https://" + environ["RAILWAY_PUBLIC_DOMAIN"]
@@ -230,6 +231,44 @@ class Session(msgspec.Struct, kw_only=True):
     current: Turn | None = None
     providers: list[str] = []
     usage: dict[str, Usage] = {}
+
+
+class TurnRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished turn, for call recorders: what was heard and sent, who answered, how fast, at what cost."""
+
+    call_sid: str
+    turn: int
+    turn_id: str
+    started: float  # epoch seconds: when the caller's speech arrived
+    speech: str
+    reply: str  # what the caller was actually sent
+    interrupted: bool = False
+    provider: str = ""
+    first_token_ms: float | None = None  # None when another replica generated the turn
+    first_audio_ms: float | None = None
+    reply_ms: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0  # US dollars
+
+
+class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished call, for call recorders; `caller` is the full number (mask it before logging)."""
+
+    call_sid: str
+    caller: str
+    to: str
+    started: float
+    ended: float
+    outcome: str
+    turns: int
+    providers: list[str] = []
+    usage: dict[str, Usage] = {}
+    input_tokens: int = 0
+    output_tokens: int = 0
+    llm_cost: float = 0.0
+    phone_cost: float = 0.0
+    cost: float = 0.0  # US dollars: llm_cost + phone_cost
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -397,6 +436,16 @@ class SessionBackend(Plugin, Protocol):
         ...
 
 
+class CallRecorder(Plugin, Protocol):
+    """Keeps call records. Both methods run inside a call's request: never block (queue slow work)."""
+
+    def turn_finished(self, record: TurnRecord) -> None:
+        """A turn is over (answered, interrupted or abandoned)."""
+
+    def call_finished(self, record: CallRecord) -> None:
+        """A call is over; its turns were reported before."""
+
+
 # ----------------------------------------------------------------------------- hookspecs
 
 hookspec = pluggy.HookspecMarker("switchboard")
@@ -423,12 +472,17 @@ class Hookspecs:
     def register_tools(self, register: Register) -> None:
         """Register tool factories: register("end_call", EndCall); a factory may return None to offer nothing."""
 
+    @hookspec
+    def register_call_recorders(self, register: Register) -> None:
+        """Register call recorder factories: register("postgres", PostgresRecorder)."""
+
 
 KINDS = {  # kind: (hook, env var)
     "llm": ("register_llm_providers", "LLM_PROVIDER"),
     "tts": ("register_tts_voices", "TTS_VOICE"),
     "session": ("register_session_backends", "SESSION_BACKEND"),
     "tool": ("register_tools", "TOOLS"),
+    "recorder": ("register_call_recorders", "CALL_RECORDERS"),
 }
 
 
@@ -744,6 +798,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
     """A Twilio webhook route in raw ASGI: the hot path stays lean (see DESIGN.md)."""
     budget = 9.5  # seconds: well inside Twilio's 15 s, whatever the model or the backend does
     fallback = document(f"{engine.gather}<Say>{esc(engine.settings.apology)}</Say></Gather>")
+    answered = engine.obs.route(path)  # this route's metrics, bound once
 
     @asgi(path, copy_scope=False, name=path)
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
@@ -762,6 +817,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
         except TimeoutError:
             log.error("response budget exceeded", extra={"route": path, "call": fields["call"]})
         except BackendError as e:
+            engine.obs.backend_errors.inc()
             log.error("session backend unavailable", extra={"route": path, "call": fields["call"], "error": str(e)})
         except Exception:
             log.exception("request failed", extra={"route": path, "call": fields["call"]})
@@ -770,6 +826,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
         await respond(send, status, body, ctype)
         fields["status"], fields["ms"] = status, round((time.perf_counter() - t0) * 1000, 2)
         log.info("request", extra=fields)
+        answered(fields)
 
     return endpoint
 
@@ -884,6 +941,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
             "processes; use SESSION_BACKEND=valkey (with VALKEY_URL or REDIS_URL) or one worker."
         )
     import audio
+    import observe
     from turns import Engine, LLMChain  # the turn engine imports the structs above
 
     pm = plugin_manager(plugins)
@@ -893,14 +951,17 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     voice = audio.host(voice, backend, settings)  # a voice that synthesises audio is spoken with <Play>
     tool_names = () if settings.tools == ("none",) else settings.tools
     tools = [tool for tool in select(pm, "tool", tool_names, settings) if tool is not None]
-    engine = Engine(settings, LLMChain(providers, settings), voice, backend, tools)
+    recorder_names = () if settings.call_recorders == ("none",) else settings.call_recorders
+    recorders = select(pm, "recorder", recorder_names, settings)
+    obs = observe.Observer(settings, providers, recorders)
+    engine = Engine(settings, LLMChain(providers, settings, obs), voice, backend, obs, tools)
     chosen = {"llm": list(settings.llm_provider), "tts": settings.tts_voice, "session": settings.session_backend}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         opened: list[Any] = []
         try:
-            for obj in (backend, voice, *providers):
+            for obj in (backend, voice, *providers, *recorders):
                 await obj.aopen()
                 opened.append(obj)
             watch_for_sigterm(engine)
@@ -923,8 +984,9 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
                     log.exception("closing a plugin failed", extra={"plugin": type(obj).__name__})
             log.info("switchboard stopped")
 
+    observe.start_sentry(settings)  # before Litestar(): its integration hooks the app's construction
     app = Litestar(
-        [*routes(settings, engine, chosen), audio.route(voice, backend)],
+        [*routes(settings, engine, chosen), audio.route(voice, backend), obs.endpoint()],
         lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False,
     )
     app.state.engine = engine

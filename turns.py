@@ -15,7 +15,7 @@ import secrets
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -49,6 +49,9 @@ from main import (
     note,
     render,
 )
+
+if TYPE_CHECKING:
+    from observe import Observer
 
 # ----------------------------------------------------------------------------- speech text
 
@@ -180,9 +183,10 @@ def _why(e: Exception) -> str:
 class LLMChain:
     """The selected providers in order: the next serves the turn when one fails before its first token."""
 
-    def __init__(self, providers: Sequence[LLMProvider], settings: Settings) -> None:
+    def __init__(self, providers: Sequence[LLMProvider], settings: Settings, obs: Observer) -> None:
         self.providers = list(providers)
         self.settings = settings
+        self.obs = obs
 
     async def stream(
         self, messages: Sequence[Message], *, call: str, served: list[str], tools: Sequence[ToolSpec] = ()
@@ -191,7 +195,7 @@ class LLMChain:
         s, last = self.settings, None
         for provider in self.providers:
             for attempt in range(s.llm_retries + 1):
-                events = None
+                events, t0 = None, time.perf_counter()
                 try:
                     events = provider.stream(messages, system=s.system_prompt, tools=tools)
                     async with asyncio.timeout(s.llm_first_token_timeout):  # no extra task, unlike wait_for
@@ -201,6 +205,7 @@ class LLMChain:
                         with contextlib.suppress(Exception):
                             await events.aclose()
                     last = e
+                    self.obs.provider_error(provider.name)
                     extra = {"provider": provider.name, "call": call, "attempt": attempt + 1, "error": _why(e)}
                     log.warning("provider failed", extra=extra)
                     if isinstance(e, ProviderError) and e.retryable and attempt < s.llm_retries:
@@ -208,6 +213,7 @@ class LLMChain:
                         continue
                     break
                 served.append(provider.name)
+                self.obs.first_token(provider.name, time.perf_counter() - t0, fallback=provider is not self.providers[0])
                 try:
                     yield first
                     async for event in events:
@@ -265,9 +271,10 @@ class Engine:
     """Runs calls: sessions, turns, streamed replies and the documents that carry them."""
 
     def __init__(
-        self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend, tools: Sequence[Tool] = ()
+        self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend, obs: Observer,
+        tools: Sequence[Tool] = (),
     ) -> None:
-        self.settings, self.llm, self.tts, self.backend = settings, llm, voice, backend
+        self.settings, self.llm, self.tts, self.backend, self.obs = settings, llm, voice, backend, obs
         self.tools = {tool.spec.name: tool for tool in tools}
         self.tool_specs = tuple(tool.spec for tool in tools)
         self.gather = gather_tag(settings)
@@ -334,9 +341,10 @@ class Engine:
                 input_tokens=old.input_tokens + end.input_tokens, output_tokens=old.output_tokens + end.output_tokens
             )
         del session.history[: -2 * self.settings.max_turns]
+        self.obs.turn_closed(session, turn, said, end)
 
-    @staticmethod
-    def _new_session(form: TwilioForm) -> Session:
+    def _new_session(self, form: TwilioForm) -> Session:
+        self.obs.call_started()
         return Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
 
     # -- webhooks
@@ -430,11 +438,7 @@ class Engine:
                 if session.current is not None and not has_end(snap.served):
                     cancel = session.current.id
                 self._close_turn(session, snap.served)
-                seconds = round(time.time() - session.started, 1)
-                log.info(
-                    "call ended",
-                    extra={"call": form.call_sid, "outcome": form.call_status, "turns": session.turns, "seconds": seconds},
-                )
+                self.obs.call_ended(session, form.call_status)  # logs "call ended" with its cost, tells the recorders
             await self.backend.commit(form.call_sid, snap.token, None, cancel=cancel)
         return document("")
 
@@ -555,6 +559,7 @@ class Engine:
             except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
                 what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
                 provider = served[-1] if served else "none"
+                self.obs.turn_failed(what, provider)
                 log.error(what, extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
                           exc_info=not isinstance(e, (ProviderError, TimeoutError)))
                 rest = []
@@ -564,6 +569,7 @@ class Engine:
             else:
                 apology = [action] if action is not None else []
             provider = served[-1] if served else ""
+            self.obs.turn_generated(provider, usage, time.monotonic() - t0)  # before the end can be served
             end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
             await say(rest, [*apology, end])
             if emitter is not None:

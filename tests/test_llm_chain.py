@@ -66,7 +66,7 @@ async def test_a_stalled_first_token_falls_back_to_the_next_provider(fake_llm: F
     assert tree(again.content) == listening("Anthropic is back.")  # the chain starts from the first provider each turn
     sid = twilio.call_sid
     assert lines(logs, "warning provider failed") == [
-        f"warning provider failed provider=anthropic call={sid} attempt=1 error=no first token in time"]
+        f"warning provider failed provider=anthropic call={sid} attempt=1 error=no first token in time turn=1"]
     turns = lines(logs, "info request route=/process-speech")  # the request's one line names the provider
     assert [re.sub(r" ms=.*", "", line) for line in turns] == [
         f"info request route=/process-speech status=200 call={sid} turn=1 provider=openai",
@@ -137,7 +137,7 @@ async def test_a_plugin_bug_in_one_provider_falls_back_to_the_next(logs: Capture
         answer = await twilio.say("hello")
     assert tree(answer.content) == listening("Still here.")
     assert lines(logs, "warning provider failed") == [
-        f"warning provider failed provider=broken call={twilio.call_sid} attempt=1 error=RuntimeError: bug in a plugin"]
+        f"warning provider failed provider=broken call={twilio.call_sid} attempt=1 error=RuntimeError: bug in a plugin turn=1"]
 
 
 async def test_each_turn_records_its_provider_and_usage(fake_llm: FakeLLM) -> None:

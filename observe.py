@@ -1,0 +1,519 @@
+"""Observability: Prometheus metrics, the call on every log line, Sentry, call records and what a call cost.
+
+main.py and turns.py tell the Observer about a few moments (a request answered, a model's first token, a
+reply generated, a turn closed, a call started or ended); everything about watching calls lives here.
+Which call and turn a moment belongs to comes from main.request_fields, the context variable that carries
+the request's log fields (its CallSid, and its turn once the turn begins) into the tasks the request starts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import prometheus_client
+from litestar import asgi
+from litestar.types import Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+import audio
+from main import (
+    TERMINAL_STATUSES,
+    VERSION,
+    CallRecord,
+    CallRecorder,
+    ConfigError,
+    LLMProvider,
+    Segment,
+    Session,
+    Settings,
+    Turn,
+    TurnRecord,
+    Usage,
+    log,
+    mask,
+    request_fields,
+    respond,
+)
+
+prometheus_client.disable_created_metrics()  # no `_created` twin for every series: half the scrape, nothing lost
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 25.0)
+COST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# US dollars per million input and output tokens, by model name (longest prefix wins); list prices when
+# written (Anthropic's for prompts under 100k tokens), so check them and override with
+# PRICES={"model-or-provider": [input, output]}. The providers' defaults come first.
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "echo": (0.0, 0.0),
+    "gpt-5.4-mini": (0.75, 4.50),
+    "gpt-5.4-nano": (0.20, 1.25),
+    "claude-haiku-5-5": (0.10, 0.50),
+    "claude-sonnet-5-5": (2.00, 10.00),
+    "claude-opus-5-5": (4.00, 20.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5": (1.25, 10.00),
+    "claude-3-haiku": (0.25, 1.25),
+    "claude-3-5-haiku": (0.80, 4.00),
+    "claude-haiku-4-5": (1.00, 5.00),
+    "claude-3-7-sonnet": (3.00, 15.00),
+    "claude-sonnet-4": (3.00, 15.00),
+    "claude-opus-4": (15.00, 75.00),
+    "claude-opus-4-5": (5.00, 25.00),
+}
+
+
+# ----------------------------------------------------------------------------- log lines about a call
+
+
+class CallContext(logging.Filter):
+    """Adds the call's CallSid and turn number to every log line about a call that lacks them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (fields := request_fields.get(None)) is not None:
+            if "call" not in record.__dict__ and (sid := fields.get("call")):
+                record.call = sid
+            if "turn" not in record.__dict__ and (turn := fields.get("turn")):
+                record.turn = turn
+        return True
+
+
+def current_turn() -> tuple[str, int] | None:
+    """(CallSid, turn number) of the turn this request or generation is about, if any."""
+    fields = request_fields.get(None)
+    return (fields["call"], fields["turn"]) if fields is not None and "turn" in fields else None
+
+
+_SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$")
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Values no log line may show: tokens, keys and secrets, and the credentials inside URLs (DSNs)."""
+    found = set()
+    for name, value in settings.env.items():
+        if _SECRET_NAME.search(name.upper()) and len(value) >= 8:
+            found.add(value)
+        if "://" in value:
+            try:
+                url = urlsplit(value)
+                credentials = (url.password, url.username if name.upper().endswith("DSN") else None)
+            except ValueError:
+                continue
+            found.update(c for c in credentials if c and len(c) >= 6)
+    return sorted(found, key=len, reverse=True)
+
+
+class Redacting(logging.Formatter):
+    """Formats with switchboard's formatter, then blanks any secret a library's message let through."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self.inner, self.secrets = inner, secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+
+def install_log_hygiene(settings: Settings) -> None:
+    """Every line about a call names it; no line shows a secret (create_app runs many times in tests)."""
+    if not any(isinstance(f, CallContext) for f in log.filters):
+        log.addFilter(CallContext())
+    if secrets := secrets_of(settings):
+        for handler in log.handlers:
+            if handler.get_name() == "switchboard" and handler.formatter and not isinstance(handler.formatter, Redacting):
+                handler.setFormatter(Redacting(handler.formatter, secrets))
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def _lookup(table: Mapping[str, tuple[float, float]], name: str) -> tuple[float, float] | None:
+    """The price of `name`, exactly or by its longest listed prefix (model names carry dates)."""
+    if not name:
+        return None
+    if name in table:
+        return table[name]
+    keys = [k for k in table if name.startswith(k)]
+    return table[max(keys, key=len)] if keys else None
+
+
+class Prices:
+    """Turns tokens and minutes into US dollars."""
+
+    def __init__(self, settings: Settings, providers: Sequence[LLMProvider]) -> None:
+        raw = settings.get("PRICES")
+        try:
+            user = msgspec.json.decode(raw, type=dict[str, tuple[float, float]]) if raw else {}
+            self.per_minute = float(settings.get("CALL_PRICE_PER_MINUTE", "0"))
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            raise ConfigError(
+                f"PRICES or CALL_PRICE_PER_MINUTE is not valid ({e}); PRICES is JSON like "
+                '{"gpt-4o-mini": [0.15, 0.6]} in dollars per million input and output tokens'
+            ) from None
+        self.rates: dict[str, tuple[float, float] | None] = {}
+        for p in providers:
+            model = str(getattr(p, "model", "") or "")
+            self.rates[p.name] = (
+                _lookup(user, model) or _lookup(user, p.name) or _lookup(DEFAULT_PRICES, model)
+                or _lookup(DEFAULT_PRICES, p.name)
+            )
+        self.unpriced: set[str] = set()
+
+    def tokens(self, provider: str, input_tokens: int, output_tokens: int) -> float:
+        """What a model's tokens cost; unknown prices cost 0 and are logged once."""
+        rate = self.rates.get(provider)
+        if rate is None:
+            if (input_tokens or output_tokens) and provider not in self.unpriced:
+                self.unpriced.add(provider)
+                log.warning("no price for this provider's model; its cost counts as 0 (set PRICES)",
+                            extra={"provider": provider})
+            return 0.0
+        return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
+
+    def phone(self, seconds: float) -> float:
+        """What the call's minutes cost (Twilio bills each started minute)."""
+        return math.ceil(max(seconds, 0) / 60) * self.per_minute
+
+
+# ----------------------------------------------------------------------------- the observer
+
+
+class Latency:
+    """One turn's timings, kept on the replica that measured them until the turn is recorded."""
+
+    __slots__ = ("first_token", "first_audio", "reply")
+
+    def __init__(self) -> None:
+        self.first_token: float | None = None
+        self.first_audio: float | None = None
+        self.reply: float | None = None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+class RecorderLosses:
+    """Publishes the records each recorder had to drop (its `dropped` count) as a counter."""
+
+    def __init__(self, recorders: Mapping[str, CallRecorder]) -> None:
+        self.recorders = recorders
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "switchboard_call_records_dropped", "Call records a recorder gave up on (backend down, queue full).",
+            labels=["recorder"],
+        )
+        for name, recorder in self.recorders.items():
+            family.add_metric([name], float(getattr(recorder, "dropped", 0)))
+        yield family
+
+
+class AudioCounts:
+    """Publishes audio.py's counts: sentences a failing voice left to FALLBACK_SAY_VOICE, and hosted clips."""
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily("switchboard_tts_fallbacks", "Sentences spoken with FALLBACK_SAY_VOICE because "
+                                  "the voice failed.", value=audio.counts["fallback"])
+        family = CounterMetricFamily("switchboard_tts_audio", "Hosted audio clips: synthesized, reused (from another "
+                                     "replica), served to Twilio, missing.", labels=["event"])
+        for event in ("synthesized", "reused", "served", "missing"):
+            family.add_metric([event], audio.counts[event])
+        yield family
+
+
+class ProviderMetrics:
+    """One model provider's metric children, bound once."""
+
+    __slots__ = ("first_token", "reply", "errors", "fallbacks", "tokens_in", "tokens_out", "cost")
+
+    def __init__(self, obs: Observer, name: str) -> None:
+        self.first_token, self.reply = obs.first_tokens.labels(name), obs.replies.labels(name)
+        self.errors, self.fallbacks = obs.provider_errors.labels(name), obs.fallbacks.labels(name)
+        self.tokens_in, self.tokens_out = obs.tokens.labels(name, "input"), obs.tokens.labels(name, "output")
+        self.cost = obs.llm_cost.labels(name)
+
+
+class Observer:
+    """Metrics in a per-app registry, per-turn timings, cost, and the call recorders."""
+
+    def __init__(self, settings: Settings, providers: Sequence[LLMProvider], recorders: Sequence[CallRecorder]) -> None:
+        install_log_hygiene(settings)
+        self.settings = settings
+        self.prices = Prices(settings, providers)
+        self.recorders = list(recorders)
+        self.latencies: OrderedDict[tuple[str, int], Latency] = OrderedDict()
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(RecorderLosses(dict(zip(settings.call_recorders, self.recorders, strict=False))))  # (or "none")
+        r.register(AudioCounts())
+        route, provider = ["route"], ["provider"]
+        self.request_seconds = Histogram("switchboard_request_seconds", "Webhook response time.", route, registry=r)
+        self.responses = Counter("switchboard_responses", "Webhook responses by status.", ["route", "status"], registry=r)
+        self.rejections = Counter("switchboard_signature_rejections", "Requests refused for a bad or missing "
+                                  "X-Twilio-Signature.", route, registry=r)
+        self.backend_errors = Counter("switchboard_session_backend_errors", "Requests the session backend failed.",
+                                      registry=r)
+        self.first_tokens = Histogram("switchboard_llm_first_token_seconds", "A model's time to its first token.",
+                                      provider, buckets=LATENCY_BUCKETS, registry=r)
+        self.first_audio = Histogram("switchboard_first_audio_seconds", "From /process-speech arriving to the first "
+                                     "document of the reply leaving.", buckets=LATENCY_BUCKETS, registry=r)
+        self.replies = Histogram("switchboard_reply_seconds", "A whole reply's generation time.", provider,
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.active = Gauge("switchboard_active_calls", "Calls in progress (sum over replicas).", registry=r)
+        self.started = Counter("switchboard_calls_started", "Calls started.", registry=r)
+        self.ended = Counter("switchboard_calls_ended", "Calls ended, by Twilio's final CallStatus.", ["outcome"],
+                             registry=r)
+        self.provider_errors = Counter("switchboard_provider_errors", "Failed model attempts.", provider, registry=r)
+        self.fallbacks = Counter("switchboard_provider_fallbacks", "Turns a fallback model served after an earlier "
+                                 "one failed.", provider, registry=r)
+        self.failures = Counter("switchboard_turn_failures", "Turns answered with the apology.", ["reason"], registry=r)
+        self.tokens = Counter("switchboard_llm_tokens", "Tokens used.", ["provider", "direction"], registry=r)
+        self.llm_cost = Counter("switchboard_llm_cost_dollars", "What the models cost.", provider, registry=r)
+        self.call_cost = Histogram("switchboard_call_cost_dollars", "What a call cost (models and minutes).",
+                                   buckets=COST_BUCKETS, registry=r)
+        self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
+        self.by_provider: dict[str, ProviderMetrics] = {}
+        for p in providers:
+            self._provider(p.name)
+
+    def _provider(self, name: str) -> ProviderMetrics:
+        if (bound := self.by_provider.get(name)) is None:
+            bound = self.by_provider[name] = ProviderMetrics(self, name)
+        return bound
+
+    def _latency(self, turn: tuple[str, int]) -> Latency:
+        if (lat := self.latencies.get(turn)) is None:
+            lat = self.latencies[turn] = Latency()
+            if len(self.latencies) > 4096:  # turns closed elsewhere (another replica) are forgotten
+                self.latencies.popitem(last=False)
+        return lat
+
+    # -- requests
+
+    def route(self, path: str) -> Callable[[dict[str, Any]], None]:
+        """What a webhook calls with its log fields when it has answered: its metrics, bound once."""
+        latency, rejected = self.request_seconds.labels(path), self.rejections.labels(path)
+        by_status: dict[int, Any] = {200: self.responses.labels(path, "200")}
+        speech = path == "/process-speech"
+
+        def answered(fields: dict[str, Any]) -> None:
+            status, seconds = fields["status"], fields["ms"] / 1000
+            latency.observe(seconds)
+            if (counter := by_status.get(status)) is None:
+                counter = by_status[status] = self.responses.labels(path, str(status))
+            counter.inc()
+            if status == 403:
+                rejected.inc()
+            elif speech and (turn := fields.get("turn")):  # this request began a turn: its first audio just left
+                self.first_audio.observe(seconds)
+                self._latency((fields["call"], turn)).first_audio = seconds
+
+        return answered
+
+    def endpoint(self) -> Any:
+        """GET /metrics in Prometheus' text format; with METRICS_TOKEN set, only for `Bearer <token>`."""
+        expected = b"Bearer " + self.settings.get("METRICS_TOKEN").encode()
+        protected = expected != b"Bearer "
+        registry = self.registry
+
+        @asgi("/metrics", copy_scope=False, name="metrics")
+        async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
+            headers = dict(scope["headers"])
+            if scope["method"] not in ("GET", "HEAD"):
+                await respond(send, 405, b"405 method not allowed\n", b"text/plain")
+            elif protected and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+                body = b"401 set Authorization: Bearer <METRICS_TOKEN>\n"
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="metrics"')]})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                encode, content_type = choose_encoder(headers.get(b"accept", b"").decode("latin-1"))
+                await respond(send, 200, encode(registry), content_type.encode())
+
+        return metrics
+
+    # -- turns
+
+    def first_token(self, provider: str, seconds: float, *, fallback: bool) -> None:
+        """A model produced its first token (or event); `fallback`: an earlier model failed this turn."""
+        bound = self._provider(provider)
+        bound.first_token.observe(seconds)
+        if fallback:
+            bound.fallbacks.inc()
+        if turn := current_turn():
+            self._latency(turn).first_token = seconds
+
+    def provider_error(self, provider: str) -> None:
+        """A model attempt failed before its first token."""
+        self._provider(provider).errors.inc()
+
+    def turn_failed(self, reason: str, provider: str) -> None:
+        """A turn ended in the apology; a model failing mid-reply counts against it too."""
+        self.failures.labels(reason).inc()
+        if reason == "provider error" and provider in self.prices.rates:
+            self._provider(provider).errors.inc()
+
+    def turn_generated(self, provider: str, usage: Usage, seconds: float) -> None:
+        """A reply is complete: its time, tokens and their cost."""
+        if turn := current_turn():
+            self._latency(turn).reply = seconds
+        if not provider:
+            return
+        bound = self._provider(provider)
+        bound.reply.observe(seconds)
+        bound.tokens_in.inc(usage.input_tokens)
+        bound.tokens_out.inc(usage.output_tokens)
+        bound.cost.inc(self.prices.tokens(provider, usage.input_tokens, usage.output_tokens))
+
+    def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> None:
+        """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost."""
+        lat = self.latencies.pop((session.call_sid, session.turns), None) or Latency()
+        provider = end.provider if end is not None else ""
+        tokens_in, tokens_out = (end.input_tokens, end.output_tokens) if end is not None else (0, 0)
+        record = TurnRecord(
+            call_sid=session.call_sid, turn=session.turns, turn_id=turn.id, started=turn.started, speech=turn.user,
+            reply=said, interrupted=end is None, provider=provider, first_token_ms=_ms(lat.first_token),
+            first_audio_ms=_ms(lat.first_audio), reply_ms=_ms(lat.reply), input_tokens=tokens_in,
+            output_tokens=tokens_out, cost=round(self.prices.tokens(provider, tokens_in, tokens_out), 6),
+        )
+        for recorder in self.recorders:
+            try:
+                recorder.turn_finished(record)
+            except Exception:  # a recorder's bug never breaks a call
+                log.exception("call recorder failed", extra={"recorder": type(recorder).__name__})
+
+    # -- calls
+
+    def call_started(self) -> None:
+        """A call this replica had not seen began."""
+        self.started.inc()
+        self.active.inc()
+
+    def call_ended(self, session: Session, outcome: str) -> None:
+        """A call is over: log it with its cost, count it, tell the recorders."""
+        now = time.time()
+        seconds = now - session.started
+        llm = sum(self.prices.tokens(p, u.input_tokens, u.output_tokens) for p, u in session.usage.items())
+        phone = self.prices.phone(seconds)
+        record = CallRecord(
+            call_sid=session.call_sid, caller=session.caller, to=session.to, started=session.started, ended=now,
+            outcome=outcome, turns=session.turns, providers=list(dict.fromkeys(session.providers)),
+            usage=dict(session.usage), input_tokens=sum(u.input_tokens for u in session.usage.values()),
+            output_tokens=sum(u.output_tokens for u in session.usage.values()), llm_cost=round(llm, 6),
+            phone_cost=round(phone, 6), cost=round(llm + phone, 6),
+        )
+        (self.outcomes.get(outcome) or self.ended.labels(outcome)).inc()
+        self.active.dec()
+        self.call_cost.observe(record.cost)
+        log.info("call ended", extra={
+            "call": session.call_sid, "outcome": outcome, "turns": session.turns, "seconds": round(seconds, 1),
+            "tokens": record.input_tokens + record.output_tokens, "cost_usd": record.cost,
+        })
+        for recorder in self.recorders:
+            try:
+                recorder.call_finished(record)
+            except Exception:
+                log.exception("call recorder failed", extra={"recorder": type(recorder).__name__})
+
+
+# ----------------------------------------------------------------------------- Sentry
+
+_PHONE = re.compile(r"\+?\d[\d ().-]{7,}\d")
+_KEEP_HEADERS = frozenset({"content-type", "content-length", "user-agent", "host", "i-twilio-idempotency-token"})
+
+
+def _scrub(value: Any) -> Any:
+    """Mask anything that looks like a phone number, through dicts and lists."""
+    if isinstance(value, str):
+        return _PHONE.sub(lambda m: mask(re.sub(r"\D", "", m.group())), value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    """Tag the event with its call and turn; drop request bodies, users and phone numbers."""
+    fields = request_fields.get(None) or {}
+    tags = event.setdefault("tags", {})
+    if sid := fields.get("call"):
+        tags["call_sid"] = sid
+    if turn := fields.get("turn"):
+        tags["turn"] = str(turn)
+    event.pop("user", None)
+    if isinstance(request := event.get("request"), dict):
+        headers = request.get("headers") or {}
+        event["request"] = {
+            "method": request.get("method"), "url": request.get("url"),
+            "headers": {k: v for k, v in headers.items() if k.lower() in _KEEP_HEADERS},
+        }
+    for key in ("message", "logentry", "extra", "breadcrumbs"):
+        if key in event:
+            event[key] = _scrub(event[key])
+    for exc in (event.get("exception") or {}).get("values", []):
+        if isinstance(exc.get("value"), str):
+            exc["value"] = _scrub(exc["value"])
+    return event
+
+
+def before_breadcrumb(crumb: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    """Breadcrumbs (earlier log lines) get the same masking."""
+    return _scrub(crumb)
+
+
+def start_sentry(settings: Settings) -> bool:
+    """With SENTRY_DSN set, report errors to Sentry; without it, sentry_sdk is never imported."""
+    dsn = settings.get("SENTRY_DSN")
+    if not dsn:
+        return False
+    import sentry_sdk
+    from sentry_sdk.integrations.litestar import LitestarIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
+    sentry_sdk.init(
+        dsn=dsn,
+        release=f"switchboard@{VERSION}",
+        environment=settings.get("SENTRY_ENVIRONMENT") or settings.get("RAILWAY_ENVIRONMENT_NAME") or None,
+        # Errors become events; warnings (not every request line) become breadcrumbs: this halves Sentry's
+        # cost per request (bench/webhook_overhead.py). No per-request release-health sessions either.
+        integrations=[LitestarIntegration(), LoggingIntegration(level=logging.WARNING, event_level=logging.ERROR)],
+        auto_enabling_integrations=False,  # no patched vendor SDKs on the hot path, no prompts in events
+        auto_session_tracking=False,
+        # nothing personal (this SDK's successor to send_default_pii=False, which it deprecates): no users,
+        # cookies, bodies (the form holds From and SpeechResult), query strings, prompts, or frame locals
+        data_collection={
+            "user_info": False, "cookies": {"mode": "off"}, "http_bodies": [], "url_query_params": {"mode": "off"},
+            "http_headers": {"request": {"mode": "allowlist", "terms": sorted(_KEEP_HEADERS)}},
+            "gen_ai": {"inputs": False, "outputs": False}, "database_query_data": False,
+            "stack_frame_variables": False,
+        },
+        max_request_body_size="never",
+        before_send=before_send,
+        before_breadcrumb=before_breadcrumb,
+    )
+    log.info("sentry enabled", extra={"sentry_host": urlsplit(dsn).hostname or "?"})
+    return True

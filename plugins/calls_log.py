@@ -1,0 +1,33 @@
+"""The default call recorder: one structured log line per finished call, the caller's number masked."""
+
+from __future__ import annotations
+
+from main import CallRecord, CallRecorder, Settings, TurnRecord, hookimpl, log, mask
+
+
+class LogRecorder(CallRecorder):
+    """Logs `call record` with the call's outcome, length, turns, models, tokens, cost and mean latencies."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.first_audio: dict[str, list[float]] = {}  # per call, until it ends
+
+    def turn_finished(self, record: TurnRecord) -> None:
+        if record.first_audio_ms is not None:
+            self.first_audio.setdefault(record.call_sid, []).append(record.first_audio_ms)
+            if len(self.first_audio) > 10_000:  # calls that never got a status callback
+                del self.first_audio[next(iter(self.first_audio))]
+
+    def call_finished(self, record: CallRecord) -> None:
+        waits = self.first_audio.pop(record.call_sid, [])
+        log.info("call record", extra={
+            "call": record.call_sid, "caller": mask(record.caller), "to": mask(record.to),
+            "outcome": record.outcome, "seconds": round(record.ended - record.started, 1), "turns": record.turns,
+            "providers": ",".join(record.providers) or "-", "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens, "cost_usd": record.cost,
+            "first_audio_ms": round(sum(waits) / len(waits), 1) if waits else None,
+        })
+
+
+@hookimpl
+def register_call_recorders(register):  # type: ignore[no-untyped-def]
+    register("log", LogRecorder)
