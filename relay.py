@@ -171,6 +171,7 @@ class TokenCleaner:
         if self.pair:
             first, self.pair = self.pair, ""
             if c == first:  # "~~" or "__": emphasis marks
+                self._begin_line(out)
                 return
             self._visible(first, out)
         if c.isspace():
@@ -182,7 +183,8 @@ class TokenCleaner:
             else:
                 self.column0 = False
             return
-        if c in "*`[" or c in "\ufe0f\u200d" or unicodedata.category(c) in ("So", "Cs", "Co"):
+        if c in "*`[\ufe0f\u200d" or "\U0001f3fb" <= c <= "\U0001f3ff" or unicodedata.category(c) in ("So", "Cs", "Co"):
+            self._begin_line(out)  # dropped, but the line has begun (as in speakable)
             return
         if c == "]":
             self.bracket = True
@@ -207,11 +209,7 @@ class TokenCleaner:
             if _MARK_PREFIX.fullmatch(candidate) and (self.column0 or candidate[0] not in "#>"):
                 self.held = candidate
                 return
-            held, self.held = self.held, ""
-            self.line_start = False
-            if held and not (held[0] in "#>"):  # "-5", "1.5", "12 ..." are text; "#Title", ">quote" are marks
-                self._emit(held, out)
-                self.word_start = False
+            self._begin_line(out)
         if self.word_start or self.held:
             candidate = (self.held + c).lower()
             if any(url.startswith(candidate) for url in _URL_STARTS):
@@ -226,6 +224,15 @@ class TokenCleaner:
             if held:
                 self._emit(held, out)
         self._emit(c, out)
+
+    def _begin_line(self, out: list[str]) -> None:
+        """Something other than a space follows what is held at the line's start."""
+        if self.line_start and self.held:
+            held, self.held = self.held, ""
+            if held[0] not in "#>":  # "-5", "1.5", "12 ..." are text; "#Title", ">quote" are marks
+                self._emit(held, out)
+                self.word_start = False
+        self.line_start = self.column0 = False
 
     def _emit(self, text: str, out: list[str]) -> None:
         if self.space:
@@ -437,7 +444,7 @@ class Conversation:
         heard = " ".join(m.utterance_until_interrupt.split())
         running = await self._cancel()
         self.outbox.clear()
-        turn = self.turn
+        turn, self.turn = self.turn, ""  # the talk cycle is over: a second interrupt has nothing to trim
         trimmed = await self._trim(turn, heard) if turn else False
         log.info("relay interrupted", extra={"call": self.sid, "turn": self.turns, "generating": running,
                                              "trimmed": trimmed, "heard_chars": len(heard),
@@ -489,16 +496,17 @@ class Conversation:
                             usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
                                           output_tokens=usage.output_tokens + event.output_tokens)
                         elif isinstance(event, str) and (text := cleaner.feed(event)):
+                            if spoken + len(text) > s.max_reply_chars:  # MAX_REPLY_CHARS: stop before, not after
+                                break
                             if first is None:
                                 filler.cancel()
                                 first = time.monotonic()
                             self._say(text)
                             spoken += len(text)
-                            if spoken >= s.max_reply_chars:
-                                break
-                if spoken < s.max_reply_chars and (text := cleaner.flush()):
-                    self._say(text)
-                    spoken += len(text)
+                    else:
+                        if (text := cleaner.flush()) and spoken + len(text) <= s.max_reply_chars:
+                            self._say(text)
+                            spoken += len(text)
                 if not spoken:
                     raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
         except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology

@@ -231,3 +231,592 @@ async def test_a_relay_call_streams_the_reply_token_by_token() -> None:
         await peer.send(prompt("hi"))
         got = await peer.reply()
     assert got == texts(*words(reply))
+
+
+# ----------------------------------------------------------------------------- the <Connect> document
+
+
+def connect_doc(url: str, *, greeting: str = GREETING, action: str = "/relay-action", attempt: str = "1",
+                **voice: str) -> tuple[Any, ...]:
+    """The expected document, built with the twilio package's VoiceResponse."""
+
+    def build(r: VoiceResponse) -> None:
+        relay_noun = r.connect(action=action).conversation_relay(
+            url=url, welcome_greeting=greeting, language="en-US", interruptible="any", dtmf_detection=True, **voice
+        )
+        relay_noun.parameter(name="attempt", value=attempt)
+
+    return twiml(build)
+
+
+async def test_voice_in_relay_mode_answers_connect_conversation_relay() -> None:
+    app = main.create_app(env(MODE="relay"))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        answer = await twilio.call()
+    assert answer.headers["content-type"] == "text/xml"
+    assert tree(answer.content) == connect_doc("ws://testserver.local/relay")
+    assert session_of(app, twilio.call_sid) is not None  # the session exists before the socket opens
+
+
+async def test_the_socket_url_is_the_public_wss_url_and_the_voice_supplies_its_attributes() -> None:
+    class RelayVoice(main.TTSVoice):
+        async def render(self, text: str, *, base_url: str) -> main.Segment:
+            return main.Segment(text=text)
+
+        def relay_attrs(self) -> dict[str, str]:
+            return {"ttsProvider": "ElevenLabs", "voice": "UgBBYS2sOqTuMpoF3BR0"}
+
+    for extra, headers in [({"PUBLIC_URL": "https://agent.example.com"}, {}),
+                           ({}, {"x-forwarded-proto": "https", "x-forwarded-host": "agent.example.com"})]:
+        app = main.create_app(env(MODE="relay", TTS_VOICE="eleven", **extra), plugins=[plugin(tts={"eleven": RelayVoice()})])
+        async with concurrent(app) as client:
+            data = {"CallSid": new_call_sid(), "From": "+15005550006"}
+            signature = main.twilio_signature(TOKEN, "https://agent.example.com/voice?x=1", list(data.items()))
+            answer = await client.post("/voice?x=1", content=urlencode(data), headers={
+                "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature, **headers})
+        expected = connect_doc("wss://agent.example.com/relay", tts_provider="ElevenLabs", voice="UgBBYS2sOqTuMpoF3BR0")
+        assert tree(answer.content) == expected, extra or headers
+
+
+async def test_mode_is_overridable_per_number_on_the_voice_url() -> None:
+    gather_app = main.create_app(env())
+    relay_app = main.create_app(env(MODE="relay"))
+    async with concurrent(gather_app) as g, concurrent(relay_app) as r:
+        default_gather = await Twilio(g).post("/voice")
+        relay_number = await Twilio(g).post("/voice?mode=relay")
+        default_relay = await Twilio(r).post("/voice")
+        gather_number = await Twilio(r).post("/voice?mode=gather")
+        bogus = await Twilio(g).post("/voice?mode=webhook")
+    greeting = twiml(lambda resp: resp.gather(**GATHER).say(GREETING, **VOICE))
+    assert tree(default_gather.content) == tree(gather_number.content) == greeting
+    assert tree(relay_number.content) == tree(default_relay.content) == connect_doc("ws://testserver.local/relay")
+    assert (bogus.status_code, bogus.text) == (400, "400 mode='webhook' on the voice URL must be gather or relay\n")
+
+
+def test_relay_settings_are_checked_at_startup() -> None:
+    with pytest.raises(main.ConfigError, match="RELAY_INTERRUPTIBLE='sometimes' is not valid"):
+        main.create_app(env(RELAY_INTERRUPTIBLE="sometimes"))
+    with pytest.raises(main.ConfigError, match="RELAY_DTMF_WAIT must be a number"):
+        main.create_app(env(RELAY_DTMF_WAIT="soon"))
+
+
+async def test_interruptible_is_configurable() -> None:
+    app = main.create_app(env(MODE="relay", RELAY_INTERRUPTIBLE="speech"))
+    async with concurrent(app) as client:
+        answer = await Twilio(client).call()
+    relay_noun = tree(answer.content)[3][0][3][0]
+    assert relay_noun[0] == "ConversationRelay" and relay_noun[1]["interruptible"] == "speech"
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+async def test_tokens_leave_as_the_model_writes_them_in_order_untrimmed_the_last_flagged() -> None:
+    reply = "Sure thing, here is   a spaced reply."
+    model = Scripted(replies=[reply], gap=0.05)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("hi"))
+        got = await peer.reply()
+        times = [t for t, m in peer.received if m["token"]]
+    tokens = words(reply)  # " " tokens inside the reply are whitespace runs: they collapse into the next word
+    assert got == texts("Sure", " thing,", " here", " is", " a", " spaced", " reply.")
+    assert "".join(tokens).split() == text_of(got).split()
+    assert times[-1] - times[0] >= 0.05 * (len(tokens) - 2)  # streamed as written, not buffered
+    session = session_of(app, twilio.call_sid)
+    assert session is not None and session.history == [
+        main.Message(role="user", content="hi"), main.Message(role="assistant", content="Sure thing, here is a spaced reply.")]
+    assert session.current is None and session.providers == ["scripted"]
+
+
+async def test_markdown_is_cleaned_token_by_token_without_breaking_words() -> None:
+    model = Scripted(replies=["**Sure**, see [the docs](https://example.com/x) or https://x.example now 🎉"], gap=0.0)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("help"))
+        got = await peer.reply()
+    assert text_of(got) == "Sure, see the docs or now"
+    assert got[-1]["last"] is True
+
+
+async def test_history_the_model_sees_is_bounded_by_max_turns() -> None:
+    model = Scripted(replies=["First answer.", "Second answer.", "Third answer.", "Fourth answer."])
+    app = scripted_app(model, MAX_TURNS="2")
+    async with relay_call(app) as (peer, _):
+        for text in ["one", "two", "three", "four"]:
+            await peer.send(prompt(text))
+            await peer.reply()
+    sent = [(m.role, m.content) for m in model.calls[-1]]
+    assert sent == [("user", "two"), ("assistant", "Second answer."), ("user", "three"), ("assistant", "Third answer."),
+                    ("user", "four")]
+
+
+async def test_partial_prompts_are_answered_once_when_the_caller_finishes() -> None:
+    model = Scripted(replies=["A table for two, done."])
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("I would like", last=False))
+        await peer.send(prompt("I would like a table", last=False))
+        assert await peer.quiet(0.1) == []
+        await peer.send(prompt("I would like a table for two"))
+        await peer.reply()
+        await peer.send(prompt("for", last=False))  # fragments rather than cumulative text
+        await peer.send(prompt("tonight"))
+        await peer.reply()
+    assert [m.content for m in model.calls[0]] == ["I would like a table for two"]
+    assert model.calls[1][-1].content == "for tonight"
+
+
+async def test_info_error_unknown_and_malformed_messages_do_not_disturb_the_call(logs: Captured) -> None:
+    model = Scripted(replies=["Still here."])
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send({"type": "info", "name": "agentSpeaking", "value": "on", "ts": 1752091234567})
+        await peer.send({"type": "error", "description": "Invalid message received: { \"foo\" : \"bar\" }"})
+        await peer.send({"type": "somethingNew", "payload": [1, 2]})
+        await peer.to_app.put({"type": "websocket.receive", "text": "{not json"})
+        await peer.send({"type": "prompt", "voicePrompt": ["not", "text"]})
+        await peer.send(prompt("are you there"))
+        got = await peer.reply()
+    assert text_of(got) == "Still here."
+    assert [m.content for m in model.calls[0]] == ["are you there"]
+    sid = twilio.call_sid
+    assert any(line.startswith(f"warning twilio relay error call={sid} error=Invalid message") for line in logs.lines)
+    assert sum(line.startswith(f"warning unreadable relay message call={sid}") for line in logs.lines) == 2
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+@pytest.mark.parametrize("ms", [460, 460.5, "460"])
+async def test_an_interrupt_cancels_the_reply_and_the_model_later_knows_only_what_was_heard(ms: Any) -> None:
+    model = Scripted(replies=["Life is a complex set of things we all share.", "Sure."], gap=0.1)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("tell me about life"))
+        first = [await peer.recv() for _ in range(3)]
+        await peer.send(interrupt("Life is a", ms))
+        late = await peer.quiet(0.35)  # at most a token already on its way; no more, and no last flag
+        await peer.send(prompt("go on"))
+        await peer.reply()
+    assert text_of(first) == "Life is a"
+    assert len(late) <= 1 and not any(m.get("last") for m in late)
+    assert model.closed == 2  # the interrupted stream was closed, then the second reply's
+    assert [(m.role, m.content, m.interrupted) for m in model.calls[1]] == [
+        ("user", "tell me about life", False), ("assistant", "Life is a", True), ("user", "go on", False)]
+
+
+async def test_an_interrupt_after_the_reply_was_written_trims_the_stored_turn() -> None:
+    model = Scripted(replies=["One two three four five six.", "Okay."])
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("count"))
+        await peer.reply()  # all written; Twilio is still speaking it
+        await peer.send(interrupt("One two three"))
+        await peer.quiet(0.05)
+        session = session_of(app, twilio.call_sid)
+        await peer.send(interrupt(""))  # a second interrupt: nothing more to trim
+        await peer.send(prompt("stop"))
+        await peer.reply()
+    assert session is not None and session.history[-1] == main.Message(role="assistant", content="One two three", interrupted=True)
+    assert [(m.role, m.content) for m in model.calls[1]] == [("user", "count"), ("assistant", "One two three"), ("user", "stop")]
+
+
+async def test_an_interrupt_before_anything_was_heard_drops_the_reply_from_history() -> None:
+    model = Scripted(replies=["Never heard.", "Fine."], ttft=0.3)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("question"))
+        await asyncio.sleep(0.05)
+        await peer.send(interrupt("", 0))
+        assert await peer.quiet(0.4) == []
+        await peer.send(prompt("another"))
+        await peer.reply()
+    assert [(m.role, m.content) for m in model.calls[1]] == [("user", "question"), ("user", "another")]
+    assert model.closed == 2
+
+
+async def test_speech_during_a_reply_starts_a_new_turn_and_keeps_what_was_sent() -> None:
+    model = Scripted(replies=["This is a long answer that goes on.", "New answer."], gap=0.1)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("first"))
+        await peer.recv()
+        await peer.recv()
+        await peer.send(prompt("second"))  # interruptible="none": no interrupt came first
+        got = await peer.reply()
+    assert text_of(got).endswith("New answer.")
+    assert [(m.role, m.content, m.interrupted) for m in model.calls[1]] == [
+        ("user", "first", False), ("assistant", "This is", True), ("user", "second", False)]
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+async def test_digits_are_answered_as_one_turn_at_the_pound_key_or_after_a_pause() -> None:
+    model = Scripted(replies=["Got it.", "Thanks."])
+    app = scripted_app(model, RELAY_DTMF_WAIT="0.2")
+    async with relay_call(app) as (peer, _):
+        for digit in "12#":
+            await peer.send(dtmf(digit))
+        first = await peer.reply()
+        await peer.send(dtmf("4"))
+        await peer.send(dtmf("x"))  # not a key: ignored
+        await peer.send(dtmf("*"))
+        t0 = time.monotonic()
+        second = await peer.reply()
+        waited = time.monotonic() - t0
+    assert (text_of(first), text_of(second)) == ("Got it.", "Thanks.")
+    assert model.calls[0][-1].content == "(The caller pressed 1 2 on the keypad.)"
+    assert model.calls[1][-1].content == "(The caller pressed 4 * on the keypad.)"
+    assert 0.2 <= waited < 1.0
+
+
+# ----------------------------------------------------------------------------- signed upgrades
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # missing
+        {"x-twilio-signature": "WRONG_SIGNATURE"},
+        signed(WS_URL, token="not-the-token"),
+        signed("http://testserver.local/relay"),  # the https/http URL instead of wss/ws
+        signed("wss://testserver.local/relay"),  # the wrong scheme for a plain ws connection
+        signed(WS_URL + "?extra=1"),
+    ],
+)
+async def test_an_unsigned_or_badly_signed_upgrade_is_refused_before_accept(headers: dict[str, str], logs: Captured) -> None:
+    model = Scripted()
+    app = scripted_app(model)
+    async with concurrent(app):
+        peer = AsgiPeer(app, headers)
+        accepted = await peer.open()
+        await asyncio.wait_for(peer.task, 5)  # type: ignore[arg-type]
+    assert accepted is False and model.calls == []
+    line = next(line for line in logs.lines if "relay" in line and "signature" in line.lower())
+    assert "checked_url=ws://testserver.local/relay" in line and "PUBLIC_URL" in line
+    assert TOKEN not in "\n".join(logs.lines)
+
+
+async def test_the_upgrade_is_checked_against_the_public_wss_url() -> None:
+    app = main.create_app(env(PUBLIC_URL="https://agent.example.com"))
+    async with concurrent(app):
+        good = AsgiPeer(app, signed("wss://agent.example.com/relay"))
+        with_port = AsgiPeer(app, signed("wss://agent.example.com:443/relay"))
+        plain = AsgiPeer(app, signed("https://agent.example.com/relay"))
+        results = [await good.open(), await with_port.open(), await plain.open()]
+        await good.close()
+        await with_port.close()
+    assert results == [True, True, False]
+
+
+async def test_plain_http_on_the_socket_route_is_told_to_upgrade() -> None:
+    app = main.create_app(env())
+    async with concurrent(app) as client:
+        response = await client.get("/relay")
+    assert (response.status_code, response.text) == (426, "426 this route takes WebSocket upgrades only\n")
+
+
+async def test_a_socket_that_never_sends_setup_is_closed(monkeypatch: pytest.MonkeyPatch, logs: Captured) -> None:
+    monkeypatch.setattr(relay, "SETUP_WAIT", 0.2)
+    app = main.create_app(env())
+    async with concurrent(app):
+        peer = AsgiPeer(app, signed(WS_URL))
+        assert await peer.open()
+        await peer.send(prompt("hello?"))  # before setup: ignored
+        await peer.send(setup_message("not a call sid!"))
+        with pytest.raises(ConnectionError, match="closed by the app: 1008"):
+            await peer.recv(2)
+        await peer.close()
+    assert any(line.startswith("warning relay setup never came") for line in logs.lines)
+
+
+# ----------------------------------------------------------------------------- degraded mode
+
+
+async def test_a_stalled_model_gets_a_filler_then_the_apology_in_time() -> None:
+    model = Scripted(replies=["Too late."], ttft=10)
+    app = scripted_app(model, FIRST_AUDIO_DEADLINE="0.15", LLM_FIRST_TOKEN_TIMEOUT="0.4")
+    settings = app.state.settings
+    async with relay_call(app) as (peer, twilio):
+        t0 = time.monotonic()
+        await peer.send(prompt("hello"))
+        got = await peer.reply(timeout=3)
+        times = [t - t0 for t, _ in peer.received]
+    assert got == texts(settings.filler, " " + settings.apology, last_empty=False)
+    assert 0.15 <= times[0] < 0.35 and 0.4 <= times[1] < 0.7
+    assert model.closed == 1  # the stalled stream was closed
+    session = session_of(app, twilio.call_sid)
+    assert session is not None and session.history[-1].content == f"{settings.filler} {settings.apology}"
+
+
+async def test_a_reply_that_outlives_the_total_timeout_ends_with_the_apology() -> None:
+    model = Scripted(replies=["Slow words never end"], gap=5)
+    app = scripted_app(model, LLM_TOTAL_TIMEOUT="0.3")
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("hello"))
+        got = await peer.reply(timeout=2)
+    assert got == texts("Slow", " " + app.state.settings.apology, last_empty=False)
+    assert model.closed == 1
+
+
+async def test_the_next_provider_answers_when_the_first_fails() -> None:
+    broken = Scripted("broken", fail=ProviderError("vendor down", provider="broken"))
+    good = Scripted("good", replies=["From the backup."])
+    app = main.create_app(env(LLM_PROVIDER="broken,good"), plugins=[plugin(llm=[broken, good])])
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("hello"))
+        got = await peer.reply()
+    assert text_of(got) == "From the backup."
+    session = session_of(app, twilio.call_sid)
+    assert session is not None and session.providers == ["good"]
+
+
+async def test_a_provider_failure_apologises_then_ends_with_a_handoff_that_dials_the_fallback(logs: Captured) -> None:
+    model = Scripted(fail=ProviderError("vendor down", provider="scripted"))
+    app = scripted_app(model, FALLBACK_NUMBER="+15005550009")
+    apology = app.state.settings.apology
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("hello"))
+        got = await peer.reply()
+        await peer.send(prompt("hello again"))  # after `end`, nothing more is answered
+        assert await peer.quiet(0.1) == []
+        handoff = got[-1]["handoffData"]
+        callback = await twilio.post("/relay-action", SessionStatus="ended", SessionDuration="3", HandoffData=handoff)
+    assert got == [{"type": "text", "token": apology, "last": True},
+                   {"type": "end", "handoffData": '{"reasonCode":"live-agent-handoff","reason":"the assistant could not answer"}'}]
+    assert tree(callback.content) == twiml(lambda r: r.dial("+15005550009"))
+    assert session_of(app, twilio.call_sid) is None and len(model.calls) == 1
+    assert any(line.startswith(f"info call ended call={twilio.call_sid} outcome=handoff") for line in logs.lines)
+
+
+async def test_without_a_fallback_number_a_failure_apologises_and_keeps_listening() -> None:
+    model = Scripted(replies=["", "Back again."])
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("hello"))
+        first = await peer.reply()
+        await peer.send(prompt("hello again"))
+        second = await peer.reply()
+    assert first == texts(app.state.settings.apology, last_empty=False)
+    assert text_of(second) == "Back again."
+
+
+# ----------------------------------------------------------------------------- the <Connect action> callback
+
+
+async def test_the_callback_ends_the_session_when_the_caller_hangs_up(logs: Captured) -> None:
+    model = Scripted(replies=["Bye."])
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("bye"))
+        await peer.reply()
+        await peer.close()
+        callback = await twilio.post("/relay-action", CallStatus="completed", SessionStatus="completed", SessionDuration="9")
+    assert tree(callback.content) == twiml(lambda r: None)
+    assert session_of(app, twilio.call_sid) is None
+    assert any(line.startswith(f"info call ended call={twilio.call_sid} outcome=completed turns=1") for line in logs.lines)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"SessionStatus": "ended", "HandoffData": '{"reasonCode":"live-agent-handoff","number":"+15005550010"}'},
+         lambda r: r.dial("+15005550010")),
+        ({"SessionStatus": "ended", "HandoffData": '{"reasonCode":"live-agent-handoff"}'},
+         lambda r: (r.say("Sorry, I'm having trouble answering right now.", **VOICE), r.hangup())),
+        ({"SessionStatus": "ended"}, lambda r: r.hangup()),
+        ({"SessionStatus": "ended", "HandoffData": "not json"}, lambda r: r.hangup()),
+        ({"SessionStatus": "completed", "CallStatus": "in-progress"}, lambda r: None),
+        ({"CallStatus": "busy"}, lambda r: None),
+    ],
+)
+async def test_callback_variants_end_the_session(params: dict[str, str], expected: Any) -> None:
+    app = main.create_app(env(MODE="relay"))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        callback = await twilio.post("/relay-action", **params)
+    assert tree(callback.content) == twiml(expected)
+    assert session_of(app, twilio.call_sid) is None
+
+
+async def test_a_failed_session_reconnects_a_few_times_then_apologises() -> None:
+    app = main.create_app(env(MODE="relay", FALLBACK_NUMBER="+15005550009"))
+    lost = {"SessionStatus": "failed", "SessionDuration": "2", "ErrorCode": "39001",
+            "ErrorMessage": "Network connection to WebSocket server failed."}
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        first = await twilio.post("/relay-action", **lost)
+        third = await twilio.post("/relay-action?retries=2", **lost)
+        after_a_long_talk = await twilio.post("/relay-action?retries=3", **lost | {"SessionDuration": "300"})
+        exists = session_of(app, twilio.call_sid) is not None
+        gave_up = await twilio.post("/relay-action?retries=3", **lost)
+    again = "Sorry, we were cut off. Please go on."
+    url = "ws://testserver.local/relay"
+    assert tree(first.content) == connect_doc(url, greeting=again, action="/relay-action?retries=1", attempt="2")
+    assert tree(third.content) == connect_doc(url, greeting=again, action="/relay-action?retries=3", attempt="4")
+    assert tree(after_a_long_talk.content) == tree(first.content)
+    assert exists and session_of(app, twilio.call_sid) is None
+
+    def apology_then_dial(r: VoiceResponse) -> None:
+        r.say(app.state.settings.apology, **VOICE)
+        r.dial("+15005550009")
+
+    assert tree(gave_up.content) == twiml(apology_then_dial)
+
+
+async def test_a_dropped_socket_reconnects_in_the_same_process_with_its_history() -> None:
+    model = Scripted(replies=["Nice to meet you, Ada.", "This answer will be cut off by the drop.", "You are Ada."],
+                     gap=0.05)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("my name is Ada"))
+        await peer.reply()
+        await peer.send(prompt("tell me a story"))
+        await peer.recv()
+        await peer.recv()
+        await peer.close(1006)  # the network drops mid-reply
+        callback = await twilio.post("/relay-action", SessionStatus="failed", SessionDuration="4", ErrorCode="39001")
+        again = AsgiPeer(app, signed(WS_URL))
+        assert await again.open()
+        await again.send(setup_message(twilio.call_sid, attempt="2"))
+        await again.send(prompt("who am I"))
+        got = await again.reply()
+        await again.close()
+    assert tree(callback.content)[3][0][0] == "Connect"
+    assert text_of(got) == "You are Ada."
+    assert [(m.role, m.content, m.interrupted) for m in model.calls[-1]] == [
+        ("user", "my name is Ada", False), ("assistant", "Nice to meet you, Ada.", False),
+        ("user", "tell me a story", False), ("assistant", "This answer", True), ("user", "who am I", False)]
+    assert model.closed == 3
+
+
+# ----------------------------------------------------------------------------- a slow socket
+
+
+def test_the_outbox_is_bounded_and_coalesces_tokens_when_the_socket_falls_behind() -> None:
+    box = relay.Outbox(limit=8)
+    tokens = [f" w{i}" for i in range(10_000)]
+    for token in tokens:
+        box.text(token)
+    box.finish()
+    assert len(box.items) == 8 and box.coalesced == 10_000 - 8
+    assert "".join(m.token for m in box.items) == "".join(tokens)  # type: ignore[union-attr]
+    assert [m.last for m in box.items] == [False] * 7 + [True]  # type: ignore[union-attr]
+
+
+async def test_a_slow_socket_gets_coalesced_tokens_not_a_growing_queue(logs: Captured) -> None:
+    reply = " ".join(f"word{i}" for i in range(300))
+    model = Scripted(replies=[reply], gap=0.0)
+    app = scripted_app(model, MAX_REPLY_CHARS="5000")
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        await twilio.post("/voice?mode=relay")
+        peer = AsgiPeer(app, signed(WS_URL), send_delay=0.01)  # each send takes 10 ms
+        assert await peer.open()
+        await peer.send(setup_message(twilio.call_sid))
+        await peer.send(prompt("talk a lot"))
+        got = await peer.reply(timeout=10)
+        await peer.close()
+    assert text_of(got) == reply and got[-1]["last"] is True
+    assert len(got) < 300 / 2  # far fewer messages than tokens
+    closed = next(line for line in logs.lines if line.startswith("info relay closed"))
+    assert int(closed.split("coalesced=")[1]) > 0
+
+
+async def test_a_reply_stops_at_max_reply_chars_and_its_stream_is_closed() -> None:
+    model = Scripted(replies=[" ".join(["blah"] * 100)])
+    app = scripted_app(model, MAX_REPLY_CHARS="40")
+    async with relay_call(app) as (peer, _):
+        await peer.send(prompt("ramble"))
+        got = await peer.reply()
+    assert text_of(got) == " ".join(["blah"] * 8) and got[-1]["last"] is True
+    assert model.closed == 1
+
+
+# ----------------------------------------------------------------------------- cleaning tokens
+
+
+def clean(tokens: list[str]) -> str:
+    cleaner = relay.TokenCleaner()
+    return "".join(cleaner.feed(t) for t in tokens) + cleaner.flush()
+
+
+@pytest.mark.parametrize(
+    ("raw", "spoken"),
+    [
+        ("**Bold** and _plain_ text", "Bold and _plain_ text"),
+        ("## Heading", "Heading"),
+        ("- first item", "first item"),
+        ("See [the docs](https://example.com/docs) now", "See the docs now"),
+        ("Visit https://example.com/x?y=1 today", "Visit today"),
+        ("Great job 🎉👍", "Great job"),
+        ("Use `code` here", "Use code here"),
+        ("Steps:\n1. Mix\n2) Bake\n- Eat", "Steps: Mix Bake Eat"),
+        ("It is -5 degrees, 1.5 times\n10 apples", "It is -5 degrees, 1.5 times 10 apples"),
+        ("> quoted\n#tag and C# and a > b", "quoted tag and C# and a > b"),
+        ("~~old~~ new, ~5 min, snake_case, __strong__", "old new, ~5 min, snake_case, strong"),
+        ("what www.example.com hello http", "what hello http"),
+        ("Thumbs 👍🏽 up ❤️ ok", "Thumbs up ok"),
+    ],
+)
+def test_tokens_lose_markdown_urls_and_emoji_however_they_are_cut(raw: str, spoken: str) -> None:
+    assert clean([raw]) == spoken
+    assert clean(list(raw)) == spoken  # one character per token
+    assert clean(words(raw)) == spoken
+
+
+_markdownish = st.lists(st.sampled_from(list("ab .,1-#>*_~`[]()\n:/hw") + ["http", "www.", "🎉", "  "]), max_size=40).map("".join)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(_markdownish, st.lists(st.integers(min_value=0, max_value=60), max_size=12))
+def test_cleaning_does_not_depend_on_where_the_tokens_are_cut(text: str, cuts: list[int]) -> None:
+    points = sorted({min(c, len(text)) for c in cuts})
+    tokens = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
+    assert clean(tokens) == clean([text])
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.from_regex(r"[A-Za-z0-9',.?!]{1,10}", fullmatch=True), min_size=1, max_size=20))
+def test_plain_words_pass_through_untouched(ws: list[str]) -> None:
+    ws = [w for w in ws if not w.lower().startswith(("http", "www.", "ht", "w")) or w.isalpha() and len(w) > 4]
+    text = " ".join(ws)
+    if not text or text[0].isdigit():  # "1." at the start of a line is a list marker
+        return
+    assert clean(words(text)) == text
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(st.text(st.sampled_from(list("ab *`#-1.)~_\t+•")), max_size=40))
+def test_token_cleaning_agrees_with_sentence_cleaning_on_a_line(text: str) -> None:
+    # (across newlines speakable's `\s*` runs into the next line; the examples above cover newlines)
+    assert clean(list(text)) == turns.speakable(text)
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+async def test_relay_logs_carry_the_call_sid_and_never_the_numbers_or_token(logs: Captured) -> None:
+    model = Scripted(replies=["Hi.", "Cut"], gap=0.2)
+    app = scripted_app(model)
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("hello"))
+        await peer.reply()
+        await peer.send(prompt("again"))
+        await peer.send(interrupt(""))
+        await peer.send({"type": "error", "description": "oops"})
+        await peer.close()
+        await twilio.post("/relay-action", CallStatus="completed", SessionStatus="completed")
+    sid = twilio.call_sid
+    relay_lines = [line for line in logs.lines if " request " not in line and "ready" not in line]
+    assert [line.split(" call=")[0] for line in relay_lines] == [
+        "info relay connected", "info turn generated", "info relay interrupted", "warning twilio relay error",
+        "info relay closed", "info call ended"]
+    assert all(f"call={sid}" in line for line in relay_lines)
+    everything = "\n".join(logs.lines)
+    assert TOKEN not in everything and "5005550006" not in everything and "5005550001" not in everything
