@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -213,6 +210,13 @@ def texts(*tokens: str, last_empty: bool = True) -> list[dict[str, Any]]:
     else:
         out[-1]["last"] = True
     return out
+
+
+def streamed(got: list[dict[str, Any]]) -> list[str]:
+    """The tokens of one talk cycle, checking that only the last message says last (it may be empty)."""
+    assert all(m["type"] == "text" for m in got)
+    assert [m["last"] for m in got] == [False] * (len(got) - 1) + [True]
+    return [m["token"] for m in got if m["token"]]
 
 
 def words(reply: str) -> list[str]:
@@ -820,3 +824,172 @@ async def test_relay_logs_carry_the_call_sid_and_never_the_numbers_or_token(logs
     assert all(f"call={sid}" in line for line in relay_lines)
     everything = "\n".join(logs.lines)
     assert TOKEN not in everything and "5005550006" not in everything and "5005550001" not in everything
+
+
+# ----------------------------------------------------------------------------- real processes
+
+RECALL = '''
+import asyncio
+from main import LLMProvider, ProviderError, hookimpl
+
+class Recall(LLMProvider):
+    """Repeats every caller turn it is shown, so a test can see the history a process holds."""
+    name = "recall"
+    def __init__(self, settings):
+        self.gap = float(settings.get("RECALL_GAP", "0"))
+        self.settings_fail = settings.get("RECALL_FAIL") == "1"
+    async def stream(self, messages, *, system, tools=()):
+        if self.settings_fail:
+            raise ProviderError("recall is down", provider="recall")
+        heard = " | ".join(m.content for m in messages if m.role == "user")
+        for i, word in enumerate(f"I heard: {heard}.".split(" ")):
+            yield word if i == 0 else " " + word
+            await asyncio.sleep(self.gap)
+
+@hookimpl
+def register_llm_providers(register):
+    register("recall", Recall)
+'''
+
+
+@pytest.fixture
+def recall(tmp_path: Path) -> dict[str, str]:
+    """Env for a server process whose model (an entry-point plugin) repeats the history it is given."""
+    (tmp_path / "sb_recall.py").write_text(RECALL)
+    dist = tmp_path / "sb_recall-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sb-recall\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[switchboard]\nrecall = sb_recall\n")
+    return {"PYTHONPATH": str(tmp_path), "LLM_PROVIDER": "recall"}
+
+
+async def webhook_post(client: httpx.AsyncClient, url: str, call_sid: str, **params: str) -> httpx.Response:
+    """A signed form POST to a real server, as Twilio sends it."""
+    data = {"AccountSid": "AC" + "0" * 32, "CallSid": call_sid, "From": "+15005550006", "To": "+15005550001",
+            "CallStatus": "in-progress", **params}
+    signature = main.twilio_signature(TOKEN, url, list(data.items()))
+    return await client.post(url, data=data, headers={"x-twilio-signature": signature})
+
+
+def relay_target(document: bytes, base: str) -> tuple[str, str]:
+    """The socket URL and the action URL of a <Connect><ConversationRelay> document."""
+    connect = __import__("xml.etree.ElementTree").etree.ElementTree.fromstring(document).find("Connect")
+    assert connect is not None, document
+    noun = connect.find("ConversationRelay")
+    assert noun is not None
+    return noun.get("url", ""), base + connect.get("action", "")
+
+
+@contextlib.asynccontextmanager
+async def ws_peer(url: str, call_sid: str, **custom: str) -> AsyncIterator[WsPeer]:
+    async with websockets.connect(url, additional_headers=signed(url)) as ws:
+        peer = WsPeer(ws)
+        await peer.send(setup_message(call_sid, **custom))
+        yield peer
+
+
+async def test_the_procfile_server_takes_signed_relay_upgrades_and_streams() -> None:
+    with server({"MODE": "relay"}) as (base, _proc, log_path):
+        call_sid = new_call_sid()
+        async with httpx.AsyncClient() as client:
+            answer = await webhook_post(client, base + "/voice", call_sid, CallStatus="ringing")
+            url, action = relay_target(answer.content, base)
+            assert url == base.replace("http://", "ws://") + "/relay"
+            async with ws_peer(url, call_sid) as peer:
+                await peer.send(prompt("hello from a real socket"))
+                got = await peer.reply()
+            for bad in [{}, signed(url, token="not-the-token"), signed(url.replace("ws://", "http://"))]:
+                with pytest.raises(websockets.InvalidStatus) as refused:
+                    async with websockets.connect(url, additional_headers=bad):
+                        pass
+                assert refused.value.response.status_code == 403
+            callback = await webhook_post(client, action, call_sid, CallStatus="completed", SessionStatus="completed")
+    assert streamed(got) == words("You said: hello from a real socket.")
+    assert tree(callback.content) == twiml(lambda r: None)
+    text = log_path.read_text()
+    assert f"relay connected call={call_sid}" in text and f"call ended call={call_sid}" in text
+    assert TOKEN not in text and "5005550006" not in text
+
+
+def valkey_plugin() -> Path:
+    return ROOT / "plugins" / "session_valkey.py"
+
+
+@pytest.mark.skipif(not valkey_plugin().exists(),
+                    reason="needs a shared session backend: plugins/session_valkey.py is not on this branch yet")
+async def test_a_call_reconnects_on_another_process_with_its_history(recall: dict[str, str]) -> None:
+    prefix = "sb-relay-test-" + secrets.token_hex(6)
+    shared = recall | {"SESSION_BACKEND": "valkey", "VALKEY_URL": "redis://127.0.0.1:6379/0", "VALKEY_PREFIX": prefix,
+                       "MODE": "relay", "RECALL_GAP": "0.05"}
+    try:
+        with server(shared) as (base_a, proc_a, _), server(shared) as (base_b, _proc_b, log_b):
+            call_sid = new_call_sid()
+            async with httpx.AsyncClient() as client:
+                answer = await webhook_post(client, base_a + "/voice", call_sid, CallStatus="ringing")
+                url_a, _ = relay_target(answer.content, base_a)
+                async with ws_peer(url_a, call_sid) as peer:
+                    await peer.send(prompt("my name is Ada"))
+                    first = await peer.reply()
+                    await peer.send(prompt("and I like tea"))
+                    await peer.recv()
+                    await peer.recv()
+                    proc_a.terminate()  # the replica goes away mid-reply
+                    proc_a.wait(15)
+                # Twilio calls the <Connect action> URL; the load balancer picks the other replica
+                callback = await webhook_post(client, base_b + "/relay-action", call_sid, SessionStatus="failed",
+                                              SessionDuration="3", ErrorCode="39001")
+                url_b, _ = relay_target(callback.content, base_b)
+                async with ws_peer(url_b, call_sid, attempt="2") as peer:
+                    await peer.send(prompt("who am I"))
+                    second = await peer.reply()
+        assert text_of(first) == "I heard: my name is Ada."
+        assert text_of(second) == "I heard: my name is Ada | and I like tea | who am I."
+        assert f"relay connected call={call_sid} attempt=2 history=" in log_b.read_text()
+    finally:
+        import valkey
+
+        store = valkey.Valkey.from_url("redis://127.0.0.1:6379/0")
+        keys = list(store.scan_iter(f"{prefix}*"))
+        if keys:
+            store.delete(*keys)
+        store.close()
+
+
+async def test_the_dev_phone_drives_a_relay_call_in_the_terminal(recall: dict[str, str]) -> None:
+    lines = iter([("hello from the dev phone", None), ("tell me more please", None), ("/interrupt", None),
+                  ("", None), ("12#", None), ("/bye", None)])
+    printed: list[str] = []
+    streamed: list[str] = []
+    with server(recall | {"RECALL_GAP": "0.15"}) as (base, _proc, log_path):
+        call = phone.Phone(base, TOKEN, out=printed.append, write=streamed.append, voice="/voice?mode=relay")
+        ended = await asyncio.to_thread(call.run, lines)
+    assert ended == "completed"
+    assert call.spoken == [GREETING, "I heard: hello from the dev phone.",
+                           "I heard: hello from the dev phone | tell me more please | "
+                           "(The caller pressed 1 2 on the keypad.)."]
+    interrupted = next(line for line in printed if "you interrupted after" in line)
+    assert interrupted == "   (you interrupted after: 'I')"
+    assert [path for path, _ in call.timings] == ["/voice?mode=relay", "/relay", "/relay-action", "/status"]
+    assert "".join(streamed).startswith("agent: I heard: hello from the dev phone.\n")
+    text = log_path.read_text()
+    assert "relay interrupted" in text and "trimmed=True" in text and f"call ended call={call.call_sid}" in text
+
+
+async def test_the_dev_phone_follows_a_handoff_to_the_connect_action_and_dials(recall: dict[str, str]) -> None:
+    printed: list[str] = []
+
+    def person() -> Any:
+        yield "hello", None
+        deadline = time.monotonic() + 10
+        while not any("ended the session" in line for line in printed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield "", None  # presses Enter, as the phone asks
+
+    with server(recall | {"RECALL_FAIL": "1", "FALLBACK_NUMBER": "+15005550009", "MODE": "relay"}) as (base, _, _log):
+        call = phone.Phone(base, TOKEN, out=printed.append, write=lambda _: None)
+        ended = await asyncio.to_thread(call.run, person())
+    assert ended == "completed"
+    assert call.spoken == [GREETING, "Sorry, I'm having trouble answering right now."]
+    assert "   (the agent ended the session, handing off; press Enter)" in printed
+    assert "   (transferring the call to +15005550009)" in printed
+    assert [path for path, _ in call.timings] == ["/voice", "/relay", "/relay-action", "/status"]
