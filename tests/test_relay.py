@@ -898,6 +898,8 @@ async def test_the_procfile_server_takes_signed_relay_upgrades_and_streams() -> 
             async with ws_peer(url, call_sid) as peer:
                 await peer.send(prompt("hello from a real socket"))
                 got = await peer.reply()
+                # the client offered permessage-deflate; tiny token frames are sent uncompressed
+                assert peer.ws.response.headers.get("Sec-WebSocket-Extensions") is None
             for bad in [{}, signed(url, token="not-the-token"), signed(url.replace("ws://", "http://"))]:
                 with pytest.raises(websockets.InvalidStatus) as refused:
                     async with websockets.connect(url, additional_headers=bad):
