@@ -49,11 +49,12 @@ class Phone:
     def __init__(
         self, base_url: str, token: str, *, caller: str = "+15005550006", to: str = "+15005550001",
         confidence: float = 0.92, out: Callable[[str], None] = print, voice: str = "/voice",
-        write: Callable[[str], None] | None = None,
+        write: Callable[[str], None] | None = None, typing: bool = False,
     ) -> None:
         self.base = base_url.rstrip("/")
         self.voice = voice
         self.write = write or stdout
+        self.typing = typing  # a person at a terminal: relay replies stream while they type
         self.token = token
         self.confidence = confidence
         self.out = out
@@ -216,13 +217,15 @@ class RelaySession:
             reader = threading.Thread(target=self.read, args=(ws,), daemon=True)
             self.idle.set()
             reader.start()
-            while reader.is_alive():
+            while reader.is_alive() and self.end is None:
+                if not phone.typing:  # piped lines: one after each reply (a person may type while it streams)
+                    self.idle.wait(self.REPLY_WAIT)
                 text, _ = next(say, ("/bye", None))
                 if text != "/interrupt":  # the caller talks (or hangs up) once the agent's talk cycle is over
                     self.idle.wait(self.REPLY_WAIT)
                 if text == "/bye":
                     return None
-                if not reader.is_alive():
+                if not reader.is_alive() or self.end is not None:
                     break
                 self.say(ws, text)
             reader.join()
@@ -237,11 +240,15 @@ class RelaySession:
     def say(self, ws: Any, text: str) -> None:
         """Send one line: an interrupt, key presses, or what the caller said."""
         if text == "/interrupt":
+            if self.idle.is_set():  # Twilio interrupts only an agent that is talking
+                self.phone.out("   (the agent is not talking; nothing to interrupt)")
+                return
             self.first.wait(self.REPLY_WAIT)  # interrupt the agent once it has started talking
             heard, self.muted = "".join(self.heard), True
             since = round((time.monotonic() - self.asked) * 1000)
             ws.send(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": heard, "durationUntilInterruptMs": since}))
-            self.phone.write("\n")
+            if heard:
+                self.phone.write("\n")
             self.phone.out(f"   (you interrupted after: {heard!r})")
             self.heard = []
             self.idle.set()
@@ -267,7 +274,7 @@ class RelaySession:
                 message = json.loads(raw)
                 if message.get("type") == "text" and not self.muted:
                     if not self.heard:
-                        phone.write("agent: ")
+                        phone.write("\ragent: " if phone.typing else "agent: ")  # over the "you: " prompt
                         self.first_ms = (time.monotonic() - self.asked) * 1000
                     self.heard.append(message.get("token", ""))
                     phone.write(message.get("token", ""))
@@ -279,6 +286,8 @@ class RelaySession:
                         phone.out(f"   [first token {self.first_ms:.0f} ms, reply {total:.0f} ms]")
                         self.heard = []
                         self.idle.set()
+                        if phone.typing:
+                            phone.write("you: ")
                 elif message.get("type") == "end":
                     self.end = message
                     handing_off = ", handing off" if message.get("handoffData") else ""
@@ -362,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--token is required with a URL: the agent's TWILIO_AUTH_TOKEN")
     try:
         voice = "/voice?mode=relay" if args.relay else "/voice"
-        Phone(args.url, args.token, caller=args.caller, to=args.to, confidence=args.confidence, voice=voice).run(
+        Phone(args.url, args.token, caller=args.caller, to=args.to, confidence=args.confidence, voice=voice,
+              typing=sys.stdin.isatty()).run(
             typed_lines(args.confidence)
         )
     except KeyboardInterrupt:

@@ -334,6 +334,11 @@ class Conversation:
                 with contextlib.suppress(Exception):
                     await self.send({"type": "websocket.close", "code": 1008})
                 return
+            except Exception:  # the backend is down: close, so Twilio calls the action URL (which retries)
+                log.exception("relay setup failed", extra={"call": self.sid, "route": RELAY_PATH})
+                with contextlib.suppress(Exception):
+                    await self.send({"type": "websocket.close", "code": 1011})
+                return
             while True:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
@@ -525,7 +530,10 @@ class Conversation:
             self.outbox.end({"reasonCode": HANDOFF, "reason": "the assistant could not answer"})
         provider = served[-1] if served else ""
         end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
-        await asyncio.shield(self._record(turn.id, "".join(self.sent).strip(), complete=True, end=end))
+        try:
+            await asyncio.shield(self._record(turn.id, "".join(self.sent).strip(), complete=True, end=end))
+        except Exception as e:  # the caller heard the reply; only its place in history is lost
+            log.error("turn not stored", extra={"call": sid, "turn": number, "error": str(e) or repr(e)})
         ms = round((time.monotonic() - t0) * 1000)
         ttft = round((first - t0) * 1000) if first is not None else None
         log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken,
