@@ -785,7 +785,8 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
                     await obj.aclose()
 
     app = Litestar(
-        routes(settings, engine, chosen, Relay(settings, engine)), lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False
+        routes(settings, engine, chosen, Relay(settings, engine)),
+        lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False,
     )
     app.state.engine = engine
     app.state.settings = settings

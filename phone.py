@@ -203,7 +203,8 @@ class RelaySession:
             ws = connect(self.url, additional_headers={"X-Twilio-Signature": signature}, open_timeout=10)
         except (OSError, InvalidHandshake) as e:
             phone.out(f"   (ConversationRelay could not open {self.url}: {e})")
-            return self.callback("failed", ErrorCode="39001", ErrorMessage="Network connection to WebSocket server failed.")
+            return self.callback("failed", ErrorCode="39001",
+                                 ErrorMessage="Network connection to WebSocket server failed.")
         ms = (time.perf_counter() - t0) * 1000
         phone.timings.append((urlsplit(self.url).path, ms))
         phone.out(f"   [{self.url} connected {ms:.0f} ms]")
@@ -230,7 +231,8 @@ class RelaySession:
                 self.say(ws, text)
             reader.join()
         if self.end is not None:
-            return self.callback("ended", **({"HandoffData": self.end["handoffData"]} if self.end.get("handoffData") else {}))
+            handoff = self.end.get("handoffData")
+            return self.callback("ended", **({"HandoffData": handoff} if handoff else {}))
         phone.out("   (the socket closed without `end`)")
         return self.callback("failed", ErrorCode="39001", ErrorMessage="WebSocket closed unexpectedly.")
 
@@ -246,7 +248,8 @@ class RelaySession:
             self.first.wait(self.REPLY_WAIT)  # interrupt the agent once it has started talking
             heard, self.muted = "".join(self.heard), True
             since = round((time.monotonic() - self.asked) * 1000)
-            ws.send(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": heard, "durationUntilInterruptMs": since}))
+            ws.send(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": heard,
+                                "durationUntilInterruptMs": since}))
             if heard:
                 self.phone.write("\n")
             self.phone.out(f"   (you interrupted after: {heard!r})")

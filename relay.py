@@ -517,8 +517,9 @@ class Conversation:
         except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
             filler.cancel()
             what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
+            bug = not isinstance(e, (ProviderError, TimeoutError))
             log.error(what, extra={"call": sid, "turn": number, "provider": served[-1] if served else "none",
-                                   "error": str(e) or repr(e)}, exc_info=not isinstance(e, (ProviderError, TimeoutError)))
+                                   "error": str(e) or repr(e)}, exc_info=bug)
             self.gap = bool(self.sent)
             self._say(s.apology)
             handoff = bool(s.fallback_number)
@@ -603,7 +604,9 @@ class Relay:
         self.settings, self.engine = settings, engine
         self.interruptible = settings.get("RELAY_INTERRUPTIBLE", "any").lower()
         if self.interruptible not in INTERRUPTIBLE:
-            raise ConfigError(f"RELAY_INTERRUPTIBLE={self.interruptible!r} is not valid: use one of {', '.join(INTERRUPTIBLE)}")
+            raise ConfigError(
+                f"RELAY_INTERRUPTIBLE={self.interruptible!r} is not valid: use one of {', '.join(INTERRUPTIBLE)}"
+            )
         try:
             self.dtmf_wait = float(settings.get("RELAY_DTMF_WAIT", "1.5"))
         except ValueError:

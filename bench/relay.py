@@ -169,7 +169,8 @@ async def in_process(streams: int, tokens: int, gap: float, rounds: int) -> list
                     done.set()
 
         scope = {"type": "websocket", "scheme": "ws", "path": "/relay", "raw_path": b"/relay", "query_string": b"",
-                 "headers": [(b"host", b"bench.local"), (b"x-twilio-signature", twilio_signature(TOKEN, url, []).encode())],
+                 "headers": [(b"host", b"bench.local"),
+                             (b"x-twilio-signature", twilio_signature(TOKEN, url, []).encode())],
                  "client": ("127.0.0.1", 1), "server": ("bench.local", 80), "root_path": "", "subprotocols": [],
                  "asgi": {"version": "3.0"}, "state": {}, "extensions": {}}
         await inbox.put({"type": "websocket.connect"})
@@ -237,7 +238,8 @@ async def run(args: argparse.Namespace) -> None:
     server = phone.start_local(port, TOKEN, env, log)
     url = f"ws://127.0.0.1:{port}/relay"
     try:
-        print(f"model: {args.tokens} tokens per reply, {args.gap * 1000:.0f} ms apart; {args.rounds} replies per stream")
+        print(f"model: {args.tokens} tokens per reply, {args.gap * 1000:.0f} ms apart; "
+              f"{args.rounds} replies per stream")
         print("\nin process: model yields a token -> the app hands it to the ASGI server (ms)")
         print(f"{'streams':>12} {'tokens':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
         for streams in args.streams:
