@@ -19,6 +19,8 @@ from collections import deque
 from typing import Any
 
 import msgspec
+from litestar import asgi
+from litestar.types import Receive, Scope, Send
 
 from main import (
     _CALL_SID,
@@ -296,7 +298,7 @@ class Outbox:
 class Conversation:
     """One ConversationRelay socket: the call's turns, streamed replies, interruptions and digits."""
 
-    def __init__(self, relay: Relay, send: Any) -> None:
+    def __init__(self, relay: Relay, send: Send) -> None:
         self.relay, self.engine, self.settings = relay, relay.engine, relay.settings
         self.send = send
         self.sid = ""
@@ -316,7 +318,7 @@ class Conversation:
 
     # -- the socket
 
-    async def run(self, receive: Any) -> None:
+    async def run(self, receive: Receive) -> None:
         """Read Twilio's messages until the socket closes."""
         writer = asyncio.create_task(self._write())
         code: Any = None
@@ -617,9 +619,6 @@ class Relay:
 
     def routes(self, gate: Gate) -> list[Any]:
         """`/relay-action` (a signed webhook) and `WS /relay` (a signed upgrade)."""
-        from litestar import asgi
-        from litestar.types import Receive, Scope, Send
-
         self.gate = gate
 
         @asgi(RELAY_PATH, copy_scope=False, name=RELAY_PATH)
@@ -703,7 +702,7 @@ class Relay:
             log.info("call ended", extra={"call": sid, "outcome": outcome, "turns": session.turns, "seconds": seconds})
         await self.engine.backend.commit(sid, snap.token, None, cancel=cancel)
 
-    async def socket(self, scope: Any, receive: Any, send: Any) -> None:
+    async def socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """WS /relay: check the upgrade's signature, then run the conversation."""
         if scope["type"] != "websocket":
             await respond(send, 426, b"426 this route takes WebSocket upgrades only\n", b"text/plain")
