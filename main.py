@@ -35,6 +35,7 @@ from litestar import Litestar, asgi
 from litestar.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from relay import Relay
     from turns import Engine
 
 if __name__ == "__main__":  # `python main.py`: let plugins' `from main import ...` find this module
@@ -291,6 +292,9 @@ class TwilioForm(msgspec.Struct, kw_only=True, rename="pascal"):
     confidence: float | None = None
     error_code: str = ""
     error_url: str = ""
+    session_status: str = ""  # the <Connect action> callback after a ConversationRelay (relay.py)
+    session_duration: str = ""
+    handoff_data: str = ""
 
 
 segment_encoder = msgspec.msgpack.Encoder()
@@ -831,8 +835,8 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
     return endpoint
 
 
-def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any]) -> list[Any]:
-    """The HTTP routes: Twilio's webhooks and the health check."""
+def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay: Relay) -> list[Any]:
+    """The HTTP routes: Twilio's webhooks, ConversationRelay's socket and callback, the health check."""
     gate = Gate(settings)
 
     async def continuation(form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
@@ -853,11 +857,12 @@ def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any]) -> li
         await respond(send, status, body, b"application/json")
 
     return [
-        webhook("/voice", gate, engine, lambda f, b, q: engine.voice(f, b)),
+        webhook("/voice", gate, engine, relay.voice),
         webhook("/process-speech", gate, engine, lambda f, b, q: engine.speech(f, b)),
         webhook("/continue", gate, engine, continuation),
         webhook("/status", gate, engine, lambda f, b, q: engine.status(f)),
         webhook("/handle-error", gate, engine, lambda f, b, q: engine.handle_error(f, b)),
+        *relay.routes(gate),
         health,
     ]
 
@@ -942,6 +947,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
         )
     import audio
     import observe
+    from relay import Relay
     from turns import Engine, LLMChain  # the turn engine imports the structs above
 
     pm = plugin_manager(plugins)
@@ -986,7 +992,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
 
     observe.start_sentry(settings)  # before Litestar(): its integration hooks the app's construction
     app = Litestar(
-        [*routes(settings, engine, chosen), audio.route(voice, backend), obs.endpoint()],
+        [*routes(settings, engine, chosen, Relay(settings, engine)), audio.route(voice, backend), obs.endpoint()],
         lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False,
     )
     app.state.engine = engine

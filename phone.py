@@ -3,28 +3,38 @@
 
     python phone.py                          start the agent locally (Procfile command) and call it
     python phone.py URL --token T            call a running or deployed agent (T = its TWILIO_AUTH_TOKEN)
+    python phone.py --relay                  call /voice?mode=relay (ConversationRelay mode)
 
 It places a call with a signed POST to /voice carrying Twilio's parameters, prints what each <Say>
 would speak, sends each line you type as SpeechResult (+ Confidence) to the <Gather> action URL,
 follows <Redirect>, <Pause>, <Hangup> and <Dial>, and prints how long every response took.
 While talking: an empty line is silence; `/low TEXT` sends TEXT with a low confidence;
 `/conf 0.4 TEXT` sends TEXT with that confidence; `/bye` hangs up. Lines piped on stdin work too.
+
+When the agent answers <Connect><ConversationRelay>, the phone plays ConversationRelay: it opens the
+wss/ws URL with a signed upgrade, sends `setup`, sends each line as a `prompt` and prints the reply's
+tokens as they stream. `/interrupt` interrupts the reply with what has been printed so far; a line of
+digits (0-9 * #) is sent as key presses. When the agent ends the session (or the socket drops), the
+phone calls the <Connect action> URL like Twilio and follows its answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urljoin
+from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -38,9 +48,13 @@ class Phone:
 
     def __init__(
         self, base_url: str, token: str, *, caller: str = "+15005550006", to: str = "+15005550001",
-        confidence: float = 0.92, out: Callable[[str], None] = print,
+        confidence: float = 0.92, out: Callable[[str], None] = print, voice: str = "/voice",
+        write: Callable[[str], None] | None = None, typing: bool = False,
     ) -> None:
         self.base = base_url.rstrip("/")
+        self.voice = voice
+        self.write = write or stdout
+        self.typing = typing  # a person at a terminal: relay replies stream while they type
         self.token = token
         self.confidence = confidence
         self.out = out
@@ -54,6 +68,7 @@ class Phone:
         }
         self.spoken: list[str] = []  # every <Say> text, in order
         self.timings: list[tuple[str, float]] = []  # (path, ms) of every request
+        self.relay_noun: ET.Element | None = None
 
     def post(self, url: str, extra: dict[str, str] | None = None) -> httpx.Response:
         """A signed form POST, as Twilio sends it."""
@@ -75,7 +90,7 @@ class Phone:
             self.http.close()
 
     def _talk(self, say: Iterator[tuple[str, float | None]]) -> str:
-        next_url, extra = "/voice", {}
+        next_url, extra = self.voice, {}
         while True:
             response = self.post(next_url, extra)
             self.out(f"   [{self.timings[-1][0]} {response.status_code} {self.timings[-1][1]:.0f} ms]")
@@ -88,6 +103,14 @@ class Phone:
                 return self.hang_up("completed")
             kind, next_url = action
             extra = {}
+            if kind == "connect" and self.relay_noun is not None:
+                session = RelaySession(self, self.relay_noun)
+                callback = session.run(say)
+                if callback is None:  # the caller hung up: Twilio reports it to the action URL, then the status
+                    self.post(next_url, {"CallStatus": "completed", "SessionStatus": "completed",
+                                         "SessionDuration": session.duration()})
+                    return self.hang_up("completed")
+                extra = callback
             if kind == "gather":
                 text, confidence = next(say, ("/bye", None))
                 if text == "/bye":
@@ -113,6 +136,9 @@ class Phone:
             elif el.tag == "Dial":
                 self.out(f"   (transferring the call to {(el.text or '').strip() or 'a person'})")
                 return None
+            elif el.tag == "Connect" and (noun := el.find("ConversationRelay")) is not None:
+                self.relay_noun = noun
+                return "connect", urljoin(url, el.get("action") or url)
             else:
                 self.out(f"   (unsupported verb <{el.tag}>)")
         return None
@@ -133,6 +159,149 @@ class Phone:
         self.post("/status", {"CallStatus": status, "CallDuration": duration})
         self.out(f"   (call {status}; status callback {self.timings[-1][1]:.0f} ms)")
         return status
+
+
+def stdout(text: str) -> None:
+    """Print without a newline, at once (streamed tokens)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+class RelaySession:
+    """Twilio's side of one ConversationRelay socket, in the terminal."""
+
+    REPLY_WAIT = 30.0  # seconds to wait for the agent's talk cycle before reading the next line
+
+    def __init__(self, phone: Phone, noun: ET.Element) -> None:
+        self.phone = phone
+        self.url = noun.get("url", "")
+        self.greeting = noun.get("welcomeGreeting", "")
+        self.custom = {p.get("name", ""): p.get("value", "") for p in noun.iter("Parameter")}
+        self.started = time.monotonic()
+        self.heard: list[str] = []  # the current reply's tokens printed so far
+        self.idle = threading.Event()  # no reply in progress: the caller may talk
+        self.first = threading.Event()  # the current reply has begun
+        self.muted = False  # after /interrupt, until the next prompt
+        self.end: dict[str, str] | None = None  # the agent's `end` message
+        self.asked = self.first_ms = 0.0
+
+    def duration(self) -> str:
+        return str(round(time.monotonic() - self.started))
+
+    def run(self, say: Iterator[tuple[str, float | None]]) -> dict[str, str] | None:
+        """Talk until the socket closes; return the <Connect action> parameters (None: the caller hung up)."""
+        from websockets.exceptions import InvalidHandshake
+        from websockets.sync.client import connect
+
+        phone = self.phone
+        if self.greeting:
+            phone.spoken.append(self.greeting)
+            phone.out(f"agent: {self.greeting}")
+        signature = twilio_signature(phone.token, self.url, [])
+        t0 = time.perf_counter()
+        try:
+            ws = connect(self.url, additional_headers={"X-Twilio-Signature": signature}, open_timeout=10)
+        except (OSError, InvalidHandshake) as e:
+            phone.out(f"   (ConversationRelay could not open {self.url}: {e})")
+            return self.callback("failed", ErrorCode="39001",
+                                 ErrorMessage="Network connection to WebSocket server failed.")
+        ms = (time.perf_counter() - t0) * 1000
+        phone.timings.append((urlsplit(self.url).path, ms))
+        phone.out(f"   [{self.url} connected {ms:.0f} ms]")
+        with ws:
+            ws.send(json.dumps({
+                "type": "setup", "sessionId": "VX" + secrets.token_hex(16), "accountSid": phone.params["AccountSid"],
+                "parentCallSid": "", "callSid": phone.call_sid, "from": phone.params["From"], "to": phone.params["To"],
+                "forwardedFrom": "", "callType": "PSTN", "callerName": "", "direction": "inbound",
+                "callStatus": "IN-PROGRESS", "customParameters": self.custom,
+            }))
+            reader = threading.Thread(target=self.read, args=(ws,), daemon=True)
+            self.idle.set()
+            reader.start()
+            while reader.is_alive() and self.end is None:
+                if not phone.typing:  # piped lines: one after each reply (a person may type while it streams)
+                    self.idle.wait(self.REPLY_WAIT)
+                text, _ = next(say, ("/bye", None))
+                if text != "/interrupt":  # the caller talks (or hangs up) once the agent's talk cycle is over
+                    self.idle.wait(self.REPLY_WAIT)
+                if text == "/bye":
+                    return None
+                if not reader.is_alive() or self.end is not None:
+                    break
+                self.say(ws, text)
+            reader.join()
+        if self.end is not None:
+            handoff = self.end.get("handoffData")
+            return self.callback("ended", **({"HandoffData": handoff} if handoff else {}))
+        phone.out("   (the socket closed without `end`)")
+        return self.callback("failed", ErrorCode="39001", ErrorMessage="WebSocket closed unexpectedly.")
+
+    def callback(self, status: str, **more: str) -> dict[str, str]:
+        return {"SessionStatus": status, "SessionDuration": self.duration(), **more}
+
+    def say(self, ws: Any, text: str) -> None:
+        """Send one line: an interrupt, key presses, or what the caller said."""
+        if text == "/interrupt":
+            if self.idle.is_set():  # Twilio interrupts only an agent that is talking
+                self.phone.out("   (the agent is not talking; nothing to interrupt)")
+                return
+            self.first.wait(self.REPLY_WAIT)  # interrupt the agent once it has started talking
+            heard, self.muted = "".join(self.heard), True
+            since = round((time.monotonic() - self.asked) * 1000)
+            ws.send(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": heard,
+                                "durationUntilInterruptMs": since}))
+            if heard:
+                self.phone.write("\n")
+            self.phone.out(f"   (you interrupted after: {heard!r})")
+            self.heard = []
+            self.idle.set()
+            return
+        if not text:  # silence: ConversationRelay sends nothing
+            return
+        self.idle.clear()
+        self.first.clear()
+        self.muted, self.heard, self.asked = False, [], time.monotonic()
+        if all(c in "0123456789*#" for c in text):
+            for digit in text:
+                ws.send(json.dumps({"type": "dtmf", "digit": digit}))
+        else:
+            ws.send(json.dumps({"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True}))
+
+    def read(self, ws: Any) -> None:
+        """Print the agent's tokens as they stream; note its `end`."""
+        from websockets.exceptions import ConnectionClosed
+
+        phone = self.phone
+        try:
+            for raw in ws:
+                message = json.loads(raw)
+                if message.get("type") == "text" and not self.muted:
+                    if not self.heard:
+                        phone.write("\ragent: " if phone.typing else "agent: ")  # over the "you: " prompt
+                        self.first_ms = (time.monotonic() - self.asked) * 1000
+                    self.heard.append(message.get("token", ""))
+                    phone.write(message.get("token", ""))
+                    self.first.set()
+                    if message.get("last"):
+                        total = (time.monotonic() - self.asked) * 1000
+                        phone.write("\n")
+                        phone.spoken.append("".join(self.heard).strip())
+                        phone.out(f"   [first token {self.first_ms:.0f} ms, reply {total:.0f} ms]")
+                        self.heard = []
+                        self.idle.set()
+                        if phone.typing:
+                            phone.write("you: ")
+                elif message.get("type") == "end":
+                    self.end = message
+                    handing_off = ", handing off" if message.get("handoffData") else ""
+                    phone.out(f"   (the agent ended the session{handing_off}; press Enter)")
+                    ws.close()
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self.idle.set()
+            self.first.set()
 
 
 def typed_lines(confidence: float) -> Iterator[tuple[str, float | None]]:
@@ -190,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="caller", default="+15005550006", help="the caller's number")
     parser.add_argument("--to", default="+15005550001", help="the number called")
     parser.add_argument("--confidence", type=float, default=0.92, help="Confidence sent with each line")
+    parser.add_argument("--relay", action="store_true", help="call /voice?mode=relay (ConversationRelay mode)")
     parser.add_argument("--log", default=str(HERE / ".phone-server.log"), help="where the local agent logs")
     args = parser.parse_args(argv)
     server = None
@@ -203,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.token:
         parser.error("--token is required with a URL: the agent's TWILIO_AUTH_TOKEN")
     try:
-        Phone(args.url, args.token, caller=args.caller, to=args.to, confidence=args.confidence).run(
+        voice = "/voice?mode=relay" if args.relay else "/voice"
+        Phone(args.url, args.token, caller=args.caller, to=args.to, confidence=args.confidence, voice=voice,
+              typing=sys.stdin.isatty()).run(
             typed_lines(args.confidence)
         )
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ import observe
 import phone
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error")
+ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action")
 CALLER = "+15005550006"
 
 
@@ -126,9 +126,9 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
 
     expected = {
         **{("switchboard_request_seconds_count", (("route", r),)): float(n)
-           for r, n in zip(ROUTES, (2, 1, 1, 1, 0), strict=True)},
+           for r, n in zip(ROUTES, (2, 1, 1, 1, 0, 0), strict=True)},
         **{("switchboard_responses_total", (("route", r), ("status", "200"))): float(n)
-           for r, n in zip(ROUTES, (1, 1, 1, 1, 0), strict=True)},
+           for r, n in zip(ROUTES, (1, 1, 1, 1, 0, 0), strict=True)},
         ("switchboard_responses_total", (("route", "/voice"), ("status", "403"))): 1.0,
         **counters("switchboard_signature_rejections", "route", {r: r == "/voice" for r in ROUTES}),
         ("switchboard_session_backend_errors_total", ()): 0.0,

@@ -1,0 +1,722 @@
+"""ConversationRelay mode: Twilio listens and speaks, switchboard exchanges text with it over a WebSocket.
+
+`/voice` (MODE=relay, or `?mode=relay` on a number's webhook URL) answers
+`<Connect action="/relay-action"><ConversationRelay url="wss://host/relay" .../></Connect>`. Twilio
+opens `WS /relay` (a signed upgrade), sends `setup`, then the caller's words as `prompt`s; the model's
+tokens go back as `text` messages the moment they exist. An `interrupt` cancels the reply and trims
+the stored turn to what the caller heard. Calls live in the session backend, so when a socket drops,
+the `<Connect action>` callback can reconnect the call on any replica and carry on with its history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import unicodedata
+from collections import deque
+from typing import Any
+
+import msgspec
+from litestar import asgi
+from litestar.types import Receive, Scope, Send
+
+from main import (
+    _CALL_SID,
+    END,
+    TERMINAL_STATUSES,
+    ConfigError,
+    Gate,
+    Message,
+    ProviderError,
+    Reject,
+    Segment,
+    Session,
+    Settings,
+    Turn,
+    TwilioForm,
+    Usage,
+    document,
+    esc,
+    log,
+    respond,
+    verb,
+    webhook,
+)
+from turns import Engine, new_turn_id
+
+RELAY_PATH, ACTION_PATH = "/relay", "/relay-action"
+QUEUE = 32  # messages waiting for a slow socket before tokens coalesce
+SETUP_WAIT = 10.0  # seconds Twilio has to send `setup` after the upgrade
+MAX_RETRIES = 3  # reconnects in a row of sessions that failed within QUICK_FAILURE seconds
+QUICK_FAILURE = 30.0
+HANDOFF = "live-agent-handoff"
+INTERRUPTIBLE = ("any", "speech", "dtmf", "none", "true", "false")
+MISMATCH_HINT = "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+class Inbound(msgspec.Struct, kw_only=True, rename="camel"):
+    """Any message Twilio sends on the socket; `type` says which fields matter."""
+
+    type: str = ""
+    call_sid: str = ""
+    caller: str = msgspec.field(default="", name="from")
+    to: str = ""
+    custom_parameters: dict[str, Any] = {}
+    voice_prompt: str = ""
+    last: bool = True
+    utterance_until_interrupt: str = ""
+    duration_until_interrupt_ms: int | float | str | None = None
+    digit: str = ""
+    description: str = ""
+    name: str = ""
+
+
+class Text(msgspec.Struct, tag_field="type", tag="text"):
+    """A piece of the reply for Twilio to speak; `last` closes the talk cycle."""
+
+    token: str
+    last: bool = False
+
+
+class End(msgspec.Struct, tag_field="type", tag="end", rename="camel", omit_defaults=True):
+    """End the session; Twilio passes handoffData (a JSON string) to the <Connect action> URL."""
+
+    handoff_data: str = ""
+
+
+inbound = msgspec.json.Decoder(Inbound, strict=False)
+outbound = msgspec.json.Encoder()
+
+
+def milliseconds(value: int | float | str | None) -> float | None:
+    """durationUntilInterruptMs as Twilio sends it: an int, a float or a numeric string."""
+    try:
+        return float(value) if value is not None and value != "" else None
+    except ValueError:
+        return None
+
+
+def merge_prompt(partial: str, text: str) -> str:
+    """Join a final prompt to earlier partial ones (whether Twilio sends them cumulative or as pieces)."""
+    if not partial or text.startswith(partial):
+        return text
+    return f"{partial} {text}" if text else partial
+
+
+# ----------------------------------------------------------------------------- token cleaning
+
+_MARK_PREFIX = re.compile(r"#+|[-+•]|\d{1,6}[.)]?|>")
+_MARK = re.compile(r"#+|[-+•]|\d{1,6}[.)]|>")
+_URL_STARTS = ("https://", "http://", "www.")
+
+
+class TokenCleaner:
+    """Strips markdown, links, URLs and emoji from a token stream, token by token, never splitting words.
+
+    turns.speakable() cleans whole sentences; a relay reply leaves token by token, so this is a
+    character state machine that gives the same result however the text is cut into tokens. It holds
+    back only what the next character decides: a possible list/heading marker at the start of a line
+    ("-", "1.", "#"), a possible URL at the start of a word ("ht", "www"), a "~" or "_" that may open
+    "~~"/"__", and a "]" that may open a link target. `*` and backticks are dropped wherever they are;
+    `[text](url)` keeps the text; bare URLs are dropped to the next space; whitespace runs become one
+    space (a newline too), with no space before the first word. Spaces inside tokens are kept.
+    """
+
+    def __init__(self) -> None:
+        self.held = ""  # characters the next one decides about
+        self.line_start = True  # nothing visible yet on this line
+        self.column0 = True  # not even whitespace yet on this line ("#" and ">" count only here)
+        self.word_start = True
+        self.space = False  # a space is due before the next visible character
+        self.started = False
+        self.skip = ""  # "url": drop to the next whitespace; "link": drop to ")"
+        self.pair = ""  # a "~" or "_" that may be the first of two
+        self.bracket = False  # "]" just seen
+
+    def feed(self, token: str) -> str:
+        """Clean a token; return what can be sent now."""
+        out: list[str] = []
+        for c in token:
+            self._char(c, out)
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The rest, at the end of the stream."""
+        out: list[str] = []
+        if self.pair:
+            self._visible(self.pair, out)
+            self.pair = ""
+        if self.held:
+            held, self.held = self.held, ""
+            if not (self.line_start and held[0] in "#>" and _MARK.fullmatch(held)):
+                self._emit(held, out)
+        return "".join(out)
+
+    def _char(self, c: str, out: list[str]) -> None:
+        if self.skip:
+            if self.skip == "link" and c == ")":
+                self.skip = ""
+                return
+            if not c.isspace():
+                return
+            self.skip = ""
+        if self.bracket:
+            self.bracket = False
+            if c == "(":
+                self.skip = "link"
+                return
+        if self.pair:
+            first, self.pair = self.pair, ""
+            if c == first:  # "~~" or "__": emphasis marks
+                self._begin_line(out)
+                return
+            self._visible(first, out)
+        if c.isspace():
+            self._settle(out)
+            self.space = self.space or self.started
+            self.word_start = True
+            if c == "\n":
+                self.line_start = self.column0 = True
+            else:
+                self.column0 = False
+            return
+        if c in "*`[\ufe0f\u200d" or "\U0001f3fb" <= c <= "\U0001f3ff" or unicodedata.category(c) in ("So", "Cs", "Co"):
+            self._begin_line(out)  # dropped, but the line has begun (as in speakable)
+            return
+        if c == "]":
+            self.bracket = True
+        elif c in "~_":
+            self.pair = c
+        else:
+            self._visible(c, out)
+
+    def _settle(self, out: list[str]) -> None:
+        """Whitespace decides what is held: a marker followed by a space is dropped, anything else kept."""
+        if not self.held:
+            return
+        held, self.held = self.held, ""
+        marker = self.line_start and _MARK.fullmatch(held) and (self.column0 or held[0] not in "#>")
+        self.line_start = False
+        if not marker:
+            self._emit(held, out)
+
+    def _visible(self, c: str, out: list[str]) -> None:
+        if self.line_start:
+            candidate = self.held + c
+            if _MARK_PREFIX.fullmatch(candidate) and (self.column0 or candidate[0] not in "#>"):
+                self.held = candidate
+                return
+            self._begin_line(out)
+        if self.word_start or self.held:
+            candidate = (self.held + c).lower()
+            if any(url.startswith(candidate) for url in _URL_STARTS):
+                self.word_start = False
+                if candidate in _URL_STARTS:
+                    self.held, self.skip = "", "url"
+                else:
+                    self.held += c
+                return
+            held, self.held = self.held, ""
+            self.word_start = False
+            if held:
+                self._emit(held, out)
+        self._emit(c, out)
+
+    def _begin_line(self, out: list[str]) -> None:
+        """Something other than a space follows what is held at the line's start."""
+        if self.line_start and self.held:
+            held, self.held = self.held, ""
+            if held[0] not in "#>":  # "-5", "1.5", "12 ..." are text; "#Title", ">quote" are marks
+                self._emit(held, out)
+                self.word_start = False
+        self.line_start = self.column0 = False
+
+    def _emit(self, text: str, out: list[str]) -> None:
+        if self.space:
+            out.append(" ")
+            self.space = False
+        out.append(text)
+        self.started = True
+
+
+# ----------------------------------------------------------------------------- the outbox
+
+
+class Outbox:
+    """Messages on their way to Twilio. Bounded: when the socket falls behind, text tokens coalesce."""
+
+    def __init__(self, limit: int = QUEUE) -> None:
+        self.items: deque[Text | End] = deque()
+        self.limit = limit
+        self.ready = asyncio.Event()
+        self.coalesced = 0
+
+    def text(self, token: str) -> None:
+        """Queue a token, or append it to the last queued one when the queue is full."""
+        tail = self.items[-1] if self.items else None
+        if len(self.items) >= self.limit and isinstance(tail, Text) and not tail.last:
+            tail.token += token
+            self.coalesced += 1
+        else:
+            self.items.append(Text(token))
+        self.ready.set()
+
+    def finish(self) -> None:
+        """Close the talk cycle: mark the last queued token, or send an empty last one."""
+        tail = self.items[-1] if self.items else None
+        if isinstance(tail, Text) and not tail.last:
+            tail.last = True
+        else:
+            self.items.append(Text("", last=True))
+        self.ready.set()
+
+    def end(self, handoff: dict[str, str] | None = None) -> None:
+        """Queue the end of the session."""
+        self.items.append(End(handoff_data=outbound.encode(handoff).decode() if handoff else ""))
+        self.ready.set()
+
+    def clear(self) -> None:
+        """Drop what has not left yet (the caller interrupted it)."""
+        self.items.clear()
+
+    async def next(self) -> Text | End:
+        """The next message to send."""
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+
+# ----------------------------------------------------------------------------- one socket
+
+
+class Conversation:
+    """One ConversationRelay socket: the call's turns, streamed replies, interruptions and digits."""
+
+    def __init__(self, relay: Relay, send: Send) -> None:
+        self.relay, self.engine, self.settings = relay, relay.engine, relay.settings
+        self.send = send
+        self.sid = ""
+        self.outbox = Outbox()
+        self.reply: asyncio.Task[None] | None = None
+        self.turn = ""  # the latest turn's id
+        self.closed_turn = ""  # the latest turn already moved into history
+        self.sent: list[str] = []  # what the latest turn has sent so far
+        self.gap = False  # the next text needs a space before it (after a filler)
+        self.partial = ""
+        self.digits = ""
+        self.dtmf_timer: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()  # one backend transition at a time per socket
+        self.ended = False
+        self.started = time.monotonic()
+        self.turns = 0
+
+    # -- the socket
+
+    async def run(self, receive: Receive) -> None:
+        """Read Twilio's messages until the socket closes."""
+        writer = asyncio.create_task(self._write())
+        code: Any = None
+        try:
+            try:
+                async with asyncio.timeout(SETUP_WAIT):
+                    while not self.sid:
+                        message = await receive()
+                        if message["type"] == "websocket.disconnect":
+                            return
+                        if (m := self._decode(message)) is not None:
+                            await self._setup(m)
+            except TimeoutError:
+                log.warning("relay setup never came", extra={"route": RELAY_PATH})
+                with contextlib.suppress(Exception):
+                    await self.send({"type": "websocket.close", "code": 1008})
+                return
+            except Exception:  # the backend is down: close, so Twilio calls the action URL (which retries)
+                log.exception("relay setup failed", extra={"call": self.sid, "route": RELAY_PATH})
+                with contextlib.suppress(Exception):
+                    await self.send({"type": "websocket.close", "code": 1011})
+                return
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    code = message.get("code")
+                    break
+                if (m := self._decode(message)) is not None:
+                    await self._handle(m)
+        finally:
+            await self._hang_up()
+            writer.cancel()
+            await asyncio.wait([writer])
+            if self.sid:
+                seconds = round(time.monotonic() - self.started, 1)
+                log.info("relay closed", extra={"call": self.sid, "code": code, "turns": self.turns, "seconds": seconds,
+                                                "coalesced": self.outbox.coalesced})
+
+    async def _write(self) -> None:
+        send = self.send
+        try:
+            while True:
+                await send({"type": "websocket.send", "text": outbound.encode(await self.outbox.next()).decode()})
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket is gone; the receive loop sees the disconnect
+            return
+
+    def _decode(self, message: dict[str, Any]) -> Inbound | None:
+        raw = message.get("text")
+        if raw is None:
+            raw = (message.get("bytes") or b"").decode("utf-8", "replace")
+        try:
+            return inbound.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("unreadable relay message", extra={"call": self.sid, "error": str(e)})
+            return None
+
+    async def _setup(self, m: Inbound) -> None:
+        if m.type != "setup":
+            log.warning("relay message before setup ignored", extra={"type": m.type})
+            return
+        if not _CALL_SID.fullmatch(m.call_sid):
+            log.warning("relay setup without a valid callSid", extra={"route": RELAY_PATH})
+            return
+        self.sid = m.call_sid
+        async with self.lock:
+            snap = await self.engine._begin(self.sid)
+            session = snap.session or Session(call_sid=self.sid, caller=m.caller, to=m.to, started=time.time())
+            stale = session.current is not None
+            self.engine._close_turn(session, [])  # a turn left open by a lost socket keeps its question
+            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=stale)
+        attempt = str(m.custom_parameters.get("attempt", "1"))
+        log.info("relay connected", extra={"call": self.sid, "attempt": attempt, "history": len(session.history)})
+
+    async def _handle(self, m: Inbound) -> None:
+        try:
+            if m.type == "prompt":
+                await self._prompt(m)
+            elif m.type == "interrupt":
+                await self._interrupt(m)
+            elif m.type == "dtmf":
+                await self._dtmf(m.digit)
+            elif m.type == "error":
+                log.warning("twilio relay error", extra={"call": self.sid, "error": m.description})
+            elif m.type == "info":
+                log.debug("relay info", extra={"call": self.sid, "name": m.name})
+            else:
+                log.debug("relay message ignored", extra={"call": self.sid, "type": m.type})
+        except Exception:  # the backend or a plugin failed: say so rather than go quiet
+            log.exception("relay message failed", extra={"call": self.sid, "type": m.type})
+            self.outbox.text(self.settings.apology)
+            self.outbox.finish()
+
+    # -- what Twilio tells us
+
+    async def _prompt(self, m: Inbound) -> None:
+        if not m.last:
+            self.partial = merge_prompt(self.partial, m.voice_prompt)
+            return
+        text = " ".join(merge_prompt(self.partial, m.voice_prompt).split())[: self.settings.max_speech_chars]
+        self.partial = ""
+        if text:
+            await self._answer(text)
+
+    async def _dtmf(self, digit: str) -> None:
+        if len(digit) != 1 or digit not in "0123456789*#":
+            return
+        if self.dtmf_timer is not None:
+            self.dtmf_timer.cancel()
+        if digit != "#":
+            self.digits += digit
+        if digit == "#" or len(self.digits) >= 32:
+            await self._keyed()
+        else:
+            self.dtmf_timer = asyncio.create_task(self._keyed_later())
+
+    async def _keyed_later(self) -> None:
+        await asyncio.sleep(self.relay.dtmf_wait)
+        self.dtmf_timer = None
+        await self._handle(Inbound(type="dtmf", digit="#"))  # the pause ends the number
+
+    async def _keyed(self) -> None:
+        digits, self.digits = self.digits, ""
+        if digits:
+            log.info("relay digits", extra={"call": self.sid, "count": len(digits)})
+            await self._answer(f"(The caller pressed {' '.join(digits)} on the keypad.)")
+
+    async def _interrupt(self, m: Inbound) -> None:
+        heard = " ".join(m.utterance_until_interrupt.split())
+        running = await self._cancel()
+        self.outbox.clear()
+        turn, self.turn = self.turn, ""  # the talk cycle is over: a second interrupt has nothing to trim
+        trimmed = await self._trim(turn, heard) if turn else False
+        log.info("relay interrupted", extra={"call": self.sid, "turn": self.turns, "generating": running,
+                                             "trimmed": trimmed, "heard_chars": len(heard),
+                                             "after_ms": milliseconds(m.duration_until_interrupt_ms)})
+
+    # -- turns
+
+    async def _answer(self, text: str) -> None:
+        """A new caller turn: stop any reply still running, open the turn, stream the model's answer."""
+        if self.ended:
+            return
+        if await self._cancel():
+            await self._record(self.turn, "".join(self.sent).strip(), complete=False)
+        turn = Turn(id=new_turn_id(), user=text, keys=[], started=time.time())
+        async with self.lock:
+            snap = await self.engine._begin(self.sid)
+            session = snap.session or Session(call_sid=self.sid, started=time.time())
+            self.engine._close_turn(session, [])
+            session.current, session.turns, session.misses = turn, session.turns + 1, 0
+            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=True)
+        self.turn, self.sent, self.gap, self.turns = turn.id, [], False, session.turns
+        messages = [*session.history, Message(role="user", content=text)]
+        self.reply = self.engine.background(self._generate(turn, messages, session.turns))
+
+    def _say(self, text: str) -> None:
+        if self.gap and text and not text[0].isspace():
+            text = " " + text
+        self.gap = False
+        self.sent.append(text)
+        self.outbox.text(text)
+
+    def _filler(self, turn: str) -> None:
+        if self.turn == turn and not self.sent:
+            self._say(self.settings.filler)
+            self.gap = True
+
+    async def _generate(self, turn: Turn, messages: list[Message], number: int) -> None:
+        """Stream the model's reply to the socket token by token; on failure, apologise (and hand off)."""
+        s, sid = self.settings, self.sid
+        served: list[str] = []
+        usage, cleaner, spoken, handoff = Usage(), TokenCleaner(), 0, False
+        t0, first = time.monotonic(), None
+        filler = asyncio.get_running_loop().call_later(s.first_audio_deadline, self._filler, turn.id)
+        try:
+            async with asyncio.timeout(s.llm_total_timeout):
+                async with contextlib.aclosing(self.engine.llm.stream(messages, call=sid, served=served)) as events:
+                    async for event in events:
+                        if isinstance(event, Usage):
+                            usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
+                                          output_tokens=usage.output_tokens + event.output_tokens)
+                        elif isinstance(event, str) and (text := cleaner.feed(event)):
+                            if spoken + len(text) > s.max_reply_chars:  # MAX_REPLY_CHARS: stop before, not after
+                                break
+                            if first is None:
+                                filler.cancel()
+                                first = time.monotonic()
+                            self._say(text)
+                            spoken += len(text)
+                    else:
+                        if (text := cleaner.flush()) and spoken + len(text) <= s.max_reply_chars:
+                            self._say(text)
+                            spoken += len(text)
+                if not spoken:
+                    raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
+        except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
+            filler.cancel()
+            what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
+            bug = not isinstance(e, (ProviderError, TimeoutError))
+            log.error(what, extra={"call": sid, "turn": number, "provider": served[-1] if served else "none",
+                                   "error": str(e) or repr(e)}, exc_info=bug)
+            self.gap = bool(self.sent)
+            self._say(s.apology)
+            handoff = bool(s.fallback_number)
+        finally:
+            filler.cancel()
+        self.outbox.finish()
+        if handoff:
+            self.ended = True
+            self.outbox.end({"reasonCode": HANDOFF, "reason": "the assistant could not answer"})
+        provider = served[-1] if served else ""
+        end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
+        try:
+            await asyncio.shield(self._record(turn.id, "".join(self.sent).strip(), complete=True, end=end))
+        except Exception as e:  # the caller heard the reply; only its place in history is lost
+            log.error("turn not stored", extra={"call": sid, "turn": number, "error": str(e) or repr(e)})
+        ms = round((time.monotonic() - t0) * 1000)
+        ttft = round((first - t0) * 1000) if first is not None else None
+        log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken,
+                                          "ms": ms, "first_token_ms": ttft, "handoff": handoff})
+
+    async def _cancel(self) -> bool:
+        """Stop the reply being generated (its model stream is closed); True if one was running."""
+        task, self.reply = self.reply, None
+        if task is None or task.done():
+            return False
+        task.cancel()
+        await asyncio.wait([task])
+        return True
+
+    async def _record(self, turn_id: str, said: str, *, complete: bool, end: Segment = END) -> None:
+        """Move the turn into history with what was sent (complete) or what was cut off."""
+        async with self.lock:
+            snap = await self.engine._begin(self.sid)
+            session = snap.session
+            if session is None or session.current is None or session.current.id != turn_id:
+                await self.engine.backend.unlock(self.sid, snap.token)
+                return
+            segments = [Segment(text=said)] if said else []
+            self.engine._close_turn(session, [*segments, end] if complete else segments)
+            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=True)
+            self.closed_turn = turn_id
+
+    async def _trim(self, turn_id: str, heard: str) -> bool:
+        """Keep only what the caller heard of the turn's reply, marked as interrupted."""
+        async with self.lock:
+            snap = await self.engine._begin(self.sid)
+            session = snap.session
+            if session is None:
+                await self.engine.backend.unlock(self.sid, snap.token)
+                return False
+            current = session.current is not None and session.current.id == turn_id
+            if current:
+                self.engine._close_turn(session, [Segment(text=heard)] if heard else [])
+                self.closed_turn = turn_id
+            elif self.closed_turn == turn_id and session.history and session.history[-1].role == "assistant":
+                if heard:
+                    session.history[-1] = Message(role="assistant", content=heard, interrupted=True)
+                else:
+                    session.history.pop()
+            else:
+                await self.engine.backend.unlock(self.sid, snap.token)
+                return False
+            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=current)
+            return True
+
+    async def _hang_up(self) -> None:
+        """The socket closed: stop everything; a reply cut off keeps what was sent, marked interrupted."""
+        if self.dtmf_timer is not None:
+            self.dtmf_timer.cancel()
+        if await self._cancel() and self.sid:
+            with contextlib.suppress(Exception):
+                await self._record(self.turn, "".join(self.sent).strip(), complete=False)
+
+
+# ----------------------------------------------------------------------------- the routes
+
+
+class Relay:
+    """ConversationRelay mode: the <Connect> document, the WebSocket and the <Connect action> callback."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings, self.engine = settings, engine
+        self.interruptible = settings.get("RELAY_INTERRUPTIBLE", "any").lower()
+        if self.interruptible not in INTERRUPTIBLE:
+            raise ConfigError(
+                f"RELAY_INTERRUPTIBLE={self.interruptible!r} is not valid: use one of {', '.join(INTERRUPTIBLE)}"
+            )
+        try:
+            self.dtmf_wait = float(settings.get("RELAY_DTMF_WAIT", "1.5"))
+        except ValueError:
+            raise ConfigError("RELAY_DTMF_WAIT must be a number of seconds") from None
+        self.reconnect_greeting = settings.get("RELAY_RECONNECT_GREETING", "Sorry, we were cut off. Please go on.")
+        self.attrs = ""  # the voice's attributes, rendered once the voice is open
+        self.gate: Gate | None = None
+
+    def routes(self, gate: Gate) -> list[Any]:
+        """`/relay-action` (a signed webhook) and `WS /relay` (a signed upgrade)."""
+        self.gate = gate
+
+        @asgi(RELAY_PATH, copy_scope=False, name=RELAY_PATH)
+        async def socket(scope: Scope, receive: Receive, send: Send) -> None:
+            await self.socket(scope, receive, send)
+
+        return [webhook(ACTION_PATH, gate, self.engine, self.action), socket]
+
+    def connect(self, base_url: str, *, attempt: int, retries: int = 0, greeting: str = "") -> bytes:
+        """<Connect action><ConversationRelay url=wss://…/relay …><Parameter/></ConversationRelay></Connect>."""
+        if not self.attrs:
+            s = self.settings
+            attrs = {"language": s.language, "interruptible": self.interruptible, "dtmfDetection": "true"}
+            attrs |= getattr(self.engine.tts, "relay_attrs", dict)() or {}
+            self.attrs = "".join(f' {k}="{esc(str(v))}"' for k, v in attrs.items())
+        scheme, _, host = base_url.partition("://")
+        url = f"{'wss' if scheme == 'https' else 'ws'}://{host}{RELAY_PATH}"  # no query string: see <Parameter>
+        action = ACTION_PATH + (f"?retries={retries}" if retries else "")
+        welcome = f' welcomeGreeting="{esc(greeting)}"' if greeting else ""
+        return document(
+            f'<Connect action="{esc(action)}"><ConversationRelay url="{esc(url)}"{welcome}{self.attrs}>'
+            f'<Parameter name="attempt" value="{attempt}"/></ConversationRelay></Connect>'
+        )
+
+    async def voice(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
+        """An incoming call: Gather mode's greeting, or (MODE=relay / ?mode=relay) a ConversationRelay."""
+        mode = query.get("mode") or self.settings.mode
+        if mode == "gather":
+            return await self.engine.voice(form, base_url)
+        if mode != "relay":
+            raise Reject(400, f"mode={mode!r} on the voice URL must be gather or relay")
+        snap = await self.engine._begin(form.call_sid)
+        session = snap.session or self.engine._new_session(form)
+        await self.engine.backend.commit(form.call_sid, snap.token, session)
+        for provider in self.engine.llm.providers[:1]:
+            self.engine.background(provider.warm())
+        return self.connect(base_url, attempt=1, greeting=self.settings.greeting)
+
+    async def action(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
+        """The <Connect action> callback: hand off, end the call's session, or reconnect the socket."""
+        sid, status = form.call_sid, form.session_status
+        try:
+            handoff = msgspec.json.decode(form.handoff_data) if form.handoff_data else {}
+        except msgspec.DecodeError:
+            handoff = {}
+        handoff = handoff if isinstance(handoff, dict) else {}
+        if handoff.get("reasonCode") == HANDOFF:
+            number = str(handoff.get("number") or self.settings.fallback_number)
+            await self.end(sid, "handoff")
+            if number:
+                return document(f"<Dial>{esc(number)}</Dial>")
+            return document(f"{verb(await self.engine.phrase(self.settings.apology, base_url))}<Hangup/>")
+        if form.call_status in TERMINAL_STATUSES or status == "completed":
+            await self.end(sid, form.call_status if form.call_status in TERMINAL_STATUSES else "completed")
+            return document("")
+        if status == "ended":  # we ended the session without asking for a person
+            await self.end(sid, "ended")
+            return document("<Hangup/>")
+        try:
+            quick = float(form.session_duration or 0) < QUICK_FAILURE
+        except ValueError:
+            quick = True
+        retries = int(query.get("retries", "0") or 0) + 1 if quick else 1
+        log.warning("relay session failed", extra={"call": sid, "status": status or "?", "error": form.error_code,
+                                                   "retries": retries})
+        if retries > MAX_RETRIES:
+            await self.end(sid, "failed")
+            apology = verb(await self.engine.phrase(self.settings.apology, base_url))
+            number = self.settings.fallback_number
+            return document(apology + (f"<Dial>{esc(number)}</Dial>" if number else "<Hangup/>"))
+        return self.connect(base_url, attempt=retries + 1, retries=retries, greeting=self.reconnect_greeting)
+
+    async def end(self, sid: str, outcome: str) -> None:
+        """End a call's session cleanly (any replica may still be streaming its last turn: it stops)."""
+        snap = await self.engine._begin(sid)
+        cancel = ""
+        if (session := snap.session) is not None:
+            cancel = session.current.id if session.current is not None else ""
+            self.engine._close_turn(session, [])
+            seconds = round(time.time() - session.started, 1)
+            log.info("call ended", extra={"call": sid, "outcome": outcome, "turns": session.turns, "seconds": seconds})
+        await self.engine.backend.commit(sid, snap.token, None, cancel=cancel)
+
+    async def socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """WS /relay: check the upgrade's signature, then run the conversation."""
+        if scope["type"] != "websocket":
+            await respond(send, 426, b"426 this route takes WebSocket upgrades only\n", b"text/plain")
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return
+        assert self.gate is not None
+        headers = dict(scope["headers"])
+        url = self.gate.signer.url(scope, headers)
+        signature = headers.get(b"x-twilio-signature", b"").decode("latin-1")
+        if not self.gate.unsigned and not (signature and self.gate.signer.check(url, [], signature)):
+            why = "signature mismatch" if signature else "missing X-Twilio-Signature"
+            log.warning(why, extra={"route": RELAY_PATH, "checked_url": url, "hint": MISMATCH_HINT})
+            await send({"type": "websocket.close", "code": 1008})  # before accept: the upgrade gets a 403
+            return
+        await send({"type": "websocket.accept"})
+        await Conversation(self, send).run(receive)
