@@ -26,6 +26,7 @@ from main import (
     _CALL_SID,
     END,
     TERMINAL_STATUSES,
+    CallInfo,
     ConfigError,
     Gate,
     Message,
@@ -302,6 +303,7 @@ class Conversation:
         self.relay, self.engine, self.settings = relay, relay.engine, relay.settings
         self.send = send
         self.sid = ""
+        self.call = CallInfo(call_sid="")
         self.outbox = Outbox()
         self.reply: asyncio.Task[None] | None = None
         self.turn = ""  # the latest turn's id
@@ -385,6 +387,7 @@ class Conversation:
             log.warning("relay setup without a valid callSid", extra={"route": RELAY_PATH})
             return
         self.sid = m.call_sid
+        self.call = CallInfo(call_sid=m.call_sid, caller=m.caller, to=m.to)
         async with self.lock:
             snap = await self.engine._begin(self.sid)
             session = snap.session or Session(call_sid=self.sid, caller=m.caller, to=m.to, started=time.time())
@@ -493,13 +496,16 @@ class Conversation:
         s, sid = self.settings, self.sid
         served: list[str] = []
         usage, cleaner, spoken, handoff = Usage(), TokenCleaner(), 0, False
+        action: Segment | None = None  # a tool's hang-up or transfer, after the reply
         t0, first = time.monotonic(), None
         filler = asyncio.get_running_loop().call_later(s.first_audio_deadline, self._filler, turn.id)
         try:
             async with asyncio.timeout(s.llm_total_timeout):
-                async with contextlib.aclosing(self.engine.llm.stream(messages, call=sid, served=served)) as events:
+                async with contextlib.aclosing(self.engine.reply(messages, call=self.call, served=served)) as events:
                     async for event in events:
-                        if isinstance(event, Usage):
+                        if isinstance(event, Segment):
+                            action = event
+                        elif isinstance(event, Usage):
                             usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
                                           output_tokens=usage.output_tokens + event.output_tokens)
                         elif isinstance(event, str) and (text := cleaner.feed(event)):
@@ -514,7 +520,9 @@ class Conversation:
                         if (text := cleaner.flush()) and spoken + len(text) <= s.max_reply_chars:
                             self._say(text)
                             spoken += len(text)
-                if not spoken:
+                if not spoken and action is not None:
+                    self._say(s.farewell if action.kind == "hangup" else s.transferring)
+                elif not spoken:
                     raise ProviderError("the model said nothing speakable", provider=(served or ["?"])[-1])
         except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
             filler.cancel()
@@ -531,6 +539,10 @@ class Conversation:
         if handoff:
             self.ended = True
             self.outbox.end({"reasonCode": HANDOFF, "reason": "the assistant could not answer"})
+        elif action is not None:  # end_call: a plain end, then <Hangup/>; transfer_call: a handoff, then <Dial>
+            self.ended = True
+            self.outbox.end({"reasonCode": HANDOFF, "reason": "the caller asked for a person",
+                             "number": action.number, "callerId": action.caller_id} if action.kind == "dial" else None)
         provider = served[-1] if served else ""
         end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
         try:
@@ -669,7 +681,7 @@ class Relay:
             number = str(handoff.get("number") or self.settings.fallback_number)
             await self.end(sid, "handoff")
             if number:
-                return document(f"<Dial>{esc(number)}</Dial>")
+                return document(verb(Segment(kind="dial", number=number, caller_id=str(handoff.get("callerId") or ""))))
             return document(f"{verb(await self.engine.phrase(self.settings.apology, base_url))}<Hangup/>")
         if form.call_status in TERMINAL_STATUSES or status == "completed":
             await self.end(sid, form.call_status if form.call_status in TERMINAL_STATUSES else "completed")

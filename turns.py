@@ -523,32 +523,20 @@ class Engine:
         try:
             try:
                 async with asyncio.timeout(s.llm_total_timeout):
-                    segmenter, history = Segmenter(), list(messages)
-                    for round_ in range(MAX_TOOL_ROUNDS + 1):  # the model may call tools, then carries on
-                        calls: list[ToolCall] = []
-                        text: list[str] = []
-                        offered = self.tool_specs if round_ < MAX_TOOL_ROUNDS else ()
-                        async for event in self.llm.stream(history, call=sid, served=served, tools=offered):
-                            if not run.taken and served:
-                                note(provider=served[-1])
-                            if isinstance(event, str):
-                                text.append(event)
-                                if sentences := segmenter.feed(event):
-                                    await say(sentences)
-                            elif isinstance(event, ToolCall):
-                                calls.append(event)
-                            elif isinstance(event, Usage):
-                                usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
-                                              output_tokens=usage.output_tokens + event.output_tokens)
-                            if full:  # MAX_REPLY_CHARS reached: stop the model
-                                break
-                        if not calls or full:
+                    segmenter = Segmenter()
+                    async for event in self.reply(messages, call=run.call, served=served):
+                        if not run.taken and served:
+                            note(provider=served[-1])
+                        if isinstance(event, str):
+                            if sentences := segmenter.feed(event):
+                                await say(sentences)
+                        elif isinstance(event, Usage):
+                            usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
+                                          output_tokens=usage.output_tokens + event.output_tokens)
+                        else:
+                            action = event
+                        if full:  # MAX_REPLY_CHARS reached: stop the model
                             break
-                        await say(segmenter.flush())  # what it said before calling a tool is spoken now
-                        results = await self._run_tools(calls, run)
-                        action = action or next((r.action for r in results if r.action is not None), None)
-                        history.append(Message(role="assistant", content="".join(text), tool_calls=tuple(calls)))
-                        history += [Message(role="tool", content=r.content, tool_call_id=c.id) for c, r in zip(calls, results)]
                     rest = segmenter.flush()
                     if not spoken and not any(speakable(r) for r in rest):
                         if action is None:
@@ -582,21 +570,47 @@ class Engine:
             ms = round((time.monotonic() - t0) * 1000)
             log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
 
-    async def _run_tools(self, calls: list[ToolCall], run: TurnRun) -> list[ToolResult]:
-        """Run the tools the model asked for; a failure becomes a result that tells the model so."""
-        results = []
-        for call in calls:
-            try:
-                if (tool := self.tools.get(call.name)) is None:
-                    raise LookupError(f"there is no tool named {call.name!r}")
-                async with asyncio.timeout(TOOL_TIMEOUT):
-                    result = await tool.run(call.arguments, run.call)
-                log.info("tool called", extra={"call": run.call_sid, "turn": run.turn.id, "tool": call.name})
-            except Exception as e:  # a tool's failure is the model's to explain, never the caller's traceback
-                log.warning("tool failed", extra={"call": run.call_sid, "tool": call.name, "error": f"{type(e).__name__}: {e}"})
-                result = ToolResult(content=f"The {call.name} tool failed ({e}). Tell the caller briefly and carry on.")
-            results.append(result)
-        return results
+    async def reply(
+        self, messages: Sequence[Message], *, call: CallInfo, served: list[str]
+    ) -> AsyncIterator[str | Usage | Segment]:
+        """The model's reply with its tool calls run: text tokens and usage, then a tool's action (hang up, dial).
+
+        Text the model writes before a tool call is kept: a newline after it completes its sentence."""
+        history, action = list(messages), None
+        for round_ in range(MAX_TOOL_ROUNDS + 1):  # the model may call tools, then carries on
+            calls: list[ToolCall] = []
+            text: list[str] = []
+            offered = self.tool_specs if round_ < MAX_TOOL_ROUNDS else ()
+            async for event in self.llm.stream(history, call=call.call_sid, served=served, tools=offered):
+                if isinstance(event, ToolCall):
+                    calls.append(event)
+                    continue
+                if isinstance(event, str):
+                    text.append(event)
+                yield event
+            if not calls:
+                break
+            if text:
+                yield "\n"
+            results = [await self._run_tool(c, call) for c in calls]
+            action = action or next((r.action for r in results if r.action is not None), None)
+            history.append(Message(role="assistant", content="".join(text), tool_calls=tuple(calls)))
+            history += [Message(role="tool", content=r.content, tool_call_id=c.id) for c, r in zip(calls, results)]
+        if action is not None:
+            yield action
+
+    async def _run_tool(self, request: ToolCall, call: CallInfo) -> ToolResult:
+        """Run a tool the model asked for; a failure becomes a result that tells the model so."""
+        try:
+            if (tool := self.tools.get(request.name)) is None:
+                raise LookupError(f"there is no tool named {request.name!r}")
+            async with asyncio.timeout(TOOL_TIMEOUT):
+                result = await tool.run(request.arguments, call)
+        except Exception as e:  # a tool's failure is the model's to explain, never the caller's traceback
+            log.warning("tool failed", extra={"call": call.call_sid, "tool": request.name, "error": f"{type(e).__name__}: {e}"})
+            return ToolResult(content=f"The {request.name} tool failed ({e}). Tell the caller briefly and carry on.")
+        log.info("tool called", extra={"call": call.call_sid, "tool": request.name})
+        return result
 
     async def _emit_in_order(self, run: TurnRun, pending: list[Any], more: asyncio.Event) -> None:
         """Emit voiced sentences in order, batching whatever is already done (the end included)."""

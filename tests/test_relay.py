@@ -1040,3 +1040,31 @@ async def test_a_session_backend_outage_is_apologised_for_and_setup_failure_clos
     assert len(model.calls) == 1
     assert any(line.startswith(f"error relay message failed call={twilio.call_sid}") for line in logs.lines)
     assert any(line.startswith(f"error relay setup failed call={twilio.call_sid}") for line in logs.lines)
+
+
+# ----------------------------------------------------------------------------- tools in relay mode
+
+
+async def test_end_call_in_relay_mode_says_goodbye_then_ends_and_the_callback_hangs_up() -> None:
+    app = main.create_app(env())
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("ok goodbye"))
+        got = await peer.reply()
+        callback = await twilio.post("/relay-action", SessionStatus="ended", SessionDuration="4")
+    assert text_of(got[:-1]) == "Goodbye!"
+    assert got[-1] == {"type": "end"}
+    assert tree(callback.content) == twiml(lambda r: r.hangup())
+    assert session_of(app, twilio.call_sid) is None
+
+
+async def test_transfer_call_in_relay_mode_hands_off_and_the_callback_dials_with_caller_id() -> None:
+    app = main.create_app(env(TRANSFER_NUMBER="+15005550009"))
+    async with relay_call(app) as (peer, twilio):
+        await peer.send(prompt("can I talk to a person"))
+        got = await peer.reply()
+        handoff = got[-1]["handoffData"]
+        callback = await twilio.post("/relay-action", SessionStatus="ended", SessionDuration="4", HandoffData=handoff)
+    assert text_of(got[:-1]) == "Transferring you now."
+    assert json.loads(handoff) == {"reasonCode": "live-agent-handoff", "reason": "the caller asked for a person",
+                                   "number": "+15005550009", "callerId": setup_message(twilio.call_sid)["from"]}
+    assert tree(callback.content) == twiml(lambda r: r.dial("+15005550009", caller_id=setup_message(twilio.call_sid)["from"]))
