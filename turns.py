@@ -609,7 +609,11 @@ class Engine:
             while pending and (isinstance(pending[0], Segment) or pending[0].done()):
                 nxt = pending.pop(0)
                 batch.append(nxt if isinstance(nxt, Segment) else nxt.result())
-            if not await run.emit(batch, self.backend):
+            try:
+                emitted = await run.emit(batch, self.backend)
+            except BackendError:  # the backend is down (and says so once); /continue apologises meanwhile
+                emitted = False
+            if not emitted:
                 if run.task is not None:
                     run.task.cancel()
                 return
