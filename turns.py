@@ -264,7 +264,10 @@ class TurnRun:
             self.ready.extend(segments)
             self.changed.set()
             return True
-        return await backend.push(self.call_sid, self.turn.id, segments)
+        try:
+            return await backend.push(self.call_sid, self.turn.id, segments)
+        except BackendError:  # the backend is down (it logs that once): stop here; /continue apologises meanwhile
+            return False
 
 
 class Engine:
@@ -609,11 +612,7 @@ class Engine:
             while pending and (isinstance(pending[0], Segment) or pending[0].done()):
                 nxt = pending.pop(0)
                 batch.append(nxt if isinstance(nxt, Segment) else nxt.result())
-            try:
-                emitted = await run.emit(batch, self.backend)
-            except BackendError:  # the backend is down (and says so once); /continue apologises meanwhile
-                emitted = False
-            if not emitted:
+            if not await run.emit(batch, self.backend):
                 if run.task is not None:
                     run.task.cancel()
                 return
