@@ -199,6 +199,10 @@ class ValkeyBackend(SessionBackend):
                 "or choose SESSION_BACKEND=memory."
             )
         import valkey.asyncio as valkey  # the SDK is loaded only when this backend is selected
+        from valkey.exceptions import ConnectionError, TimeoutError, ValkeyError
+
+        self.errors = (ValkeyError, OSError)  # what a round trip can raise: all of it becomes BackendError
+        self.unreachable = (ConnectionError, TimeoutError, OSError)
 
         self.prefix = settings.get("VALKEY_PREFIX", "sb")
         self.timeout = _number(settings, "VALKEY_TIMEOUT", "1.0", float)
@@ -206,7 +210,8 @@ class ValkeyBackend(SessionBackend):
         self.where = server_name(url)
         try:
             self.pool = valkey.BlockingConnectionPool.from_url(url, **pool_options(url, self.timeout, size))
-        except (ValueError, TypeError) as e:
+            self.pool.make_connection()  # checks the URL's options now (no network), not at the first call
+        except (ValueError, TypeError, ValkeyError) as e:
             raise ConfigError(f"VALKEY_URL (or REDIS_URL) is not a usable Valkey/Redis URL: {e}") from None
         self.client = valkey.Valkey(connection_pool=self.pool)
         self.ttl_ms = max(1, int(settings.session_ttl * 1000))
@@ -250,7 +255,8 @@ class ValkeyBackend(SessionBackend):
         kind = type(error).__name__
         if kind not in self.outage:
             self.outage[kind] = time.monotonic()
-            log.error("valkey unreachable", extra={"server": self.where, "error": f"{kind}: {error}"})
+            what = "valkey unreachable" if isinstance(error, self.unreachable) else "valkey failed"
+            log.error(what, extra={"server": self.where, "error": f"{kind}: {error}"})
         return BackendError(f"valkey {kind}: {error}", reported=True)
 
     def _recovered(self) -> None:
@@ -260,11 +266,9 @@ class ValkeyBackend(SessionBackend):
 
     async def _do(self, op: Awaitable[T]) -> T:
         """Await one round trip; connection failures, timeouts and server errors become BackendError."""
-        from valkey.exceptions import ValkeyError
-
         try:
             result = await op
-        except (ValkeyError, OSError) as e:
+        except self.errors as e:
             raise self._failed(e) from e
         if self.outage:
             self._recovered()
@@ -396,7 +400,7 @@ class ValkeyBackend(SessionBackend):
             event.set()
 
     def _dispatch(self, data: bytes) -> None:
-        kind, origin, what = data.decode().split(" ", 2)
+        kind, origin, what = (data.decode(errors="replace").split(" ", 2) + ["", ""])[:3]
         if origin == self.origin:
             return  # handled locally when it happened
         if kind == "c":
@@ -406,7 +410,7 @@ class ValkeyBackend(SessionBackend):
 
     async def _listen_forever(self, ping_every: float = 5.0) -> None:
         """Keep one subscription to the events channel alive; resubscribe after any failure."""
-        from valkey.exceptions import ConnectionError, ValkeyError
+        from valkey.exceptions import ConnectionError
 
         backoff = 0.05
         while True:
@@ -430,7 +434,7 @@ class ValkeyBackend(SessionBackend):
                         raise ConnectionError("the subscription stopped answering")
                     elif now - heard > ping_every:
                         await pubsub.ping()
-            except (ValkeyError, OSError) as e:
+            except self.errors as e:
                 self._failed(e)
             except Exception:
                 log.exception("valkey subscription failed")

@@ -135,6 +135,10 @@ def test_bad_urls_and_numbers_are_config_errors_that_never_show_the_password() -
     with pytest.raises(main.ConfigError, match="VALKEY_URL .* is not a usable Valkey/Redis URL") as e:
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="http://user:hunter2@cache:6379"))
     assert "hunter2" not in str(e.value)
+    with pytest.raises(main.ConfigError, match="not a usable Valkey/Redis URL: .*sockettimeout"):
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://cache:6379/0?sockettimeout=3"))
+    with pytest.raises(main.ConfigError, match="not a usable Valkey/Redis URL: .*Certificate Requirements"):
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="rediss://cache:6379/0?ssl_cert_reqs=maybe"))
     with pytest.raises(main.ConfigError, match="VALKEY_TIMEOUT='soon' is not a number"):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_TIMEOUT="soon"))
     with pytest.raises(main.ConfigError, match="VALKEY_MAX_CONNECTIONS='0' must be above 0"):
