@@ -4,7 +4,8 @@ talks to Valkey through a counting TCP proxy, and every request is attributed it
 
 The client is not patched: the proxy sees the wire. A round trip is a request flight on one
 connection: the client's bytes from the moment it writes after the server's last answer (a
-pipeline or one EVALSHA is one flight). The proxy also parses the RESP commands, so each flight is
+pipeline or one EVALSHA is one flight; the backend sends what it issues in one event-loop iteration
+as one pipeline). The proxy also parses the RESP commands, so each flight is
 named (EVALSHA is named after the script it runs) and attributed to the call in its keys. The
 pub/sub connection and connection setup (CLIENT SETNAME/SETINFO, SCRIPT LOAD) are counted apart.
 
@@ -285,9 +286,12 @@ def main() -> int:
     for f in flights:
         if f.kind == "setup":
             setup += 1
-        elif f.kind == "push":  # the generation queues sentences in the background, whatever request is open
-            pushes[f.call] += 1
-        elif f.window in by_request:
+            continue
+        # the generation queues sentences in the background, whatever request is open; the backend may
+        # send a push in the same flight as a request's command (it pipelines what is issued together)
+        pushes[f.call] += f.commands.count("push")
+        if f.kind != "push" and f.window in by_request:
+            f.commands = [c for c in f.commands if c != "push"]
             by_request[f.window].append(f)
     rows: dict[str, list[int]] = collections.defaultdict(list)
     shapes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)

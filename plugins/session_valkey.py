@@ -13,8 +13,14 @@ Every key of a call carries the call's hash tag, so a call lives in one cluster 
     {prefix}:events          the pub/sub channel: cancelled turns and "segments pushed" wake-ups
 
 Each method is one round trip: a Lua script (EVALSHA, loaded again on NOSCRIPT) where it must be
-atomic, a plain command or a pipeline elsewhere. Every write slides the call's TTL with PEXPIRE, so
-nothing needs sweeping. An ordinary turn costs three round trips: begin, commit, serve.
+atomic, a plain command elsewhere. Whatever the process issues in one event-loop iteration (many
+calls' commands, under load) leaves in one pipeline, which costs a third of the client CPU of one
+command at a time. Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. An
+ordinary turn costs three round trips: begin, commit, serve (bench/valkey_roundtrips.py counts them).
+
+wait() does not hold a connection: it looks at the queue once, then sleeps on a local event that the
+process's one pub/sub subscription sets when any replica pushes to that call (pushes publish in
+the same script); without a subscription it looks again every 0.25 s.
 
 Faults: a connection error or timeout (VALKEY_TIMEOUT, short) becomes main.BackendError, which the
 webhooks answer with a spoken apology; the first failure of each class and the recovery are logged
@@ -25,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -217,11 +224,10 @@ class ValkeyBackend(SessionBackend):
         self.ttl_ms = max(1, int(settings.session_ttl * 1000))
         self.channel = f"{self.prefix}:events"
         self.origin = secrets.token_hex(4)  # this process, so it can skip its own pub/sub messages
-        self._begin = self.client.register_script(BEGIN)
-        self._commit = self.client.register_script(COMMIT)
-        self._push = self.client.register_script(PUSH)
-        self._serve = self.client.register_script(SERVE)
-        self._unlock = self.client.register_script(UNLOCK)
+        self.scripts = {hashlib.sha1(src.encode()).hexdigest(): src for src in (BEGIN, COMMIT, PUSH, SERVE, UNLOCK)}
+        self.sha = {src: sha for sha, src in self.scripts.items()}
+        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.flushing: set[asyncio.Task[None]] = set()
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.waiters: dict[str, set[asyncio.Event]] = {}
         self.listening = False  # the subscription is up, so pushes from other replicas wake waiters
@@ -247,6 +253,8 @@ class ValkeyBackend(SessionBackend):
             self.listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.listener
+        if self.flushing:
+            await asyncio.wait(self.flushing, timeout=self.timeout * 2)
         await self.client.aclose()
         await self.pool.aclose()
 
@@ -264,15 +272,72 @@ class ValkeyBackend(SessionBackend):
         log.warning("valkey reachable again", extra={"server": self.where, "down_s": down})
         self.outage.clear()
 
-    async def _do(self, op: Awaitable[T]) -> T:
-        """Await one round trip; connection failures, timeouts and server errors become BackendError."""
+    # -- sending: every command this process issues in one loop iteration leaves in one pipeline
+
+    def _send(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue a command for the next flight; the future resolves with its reply."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((command, future))
+        if len(self.pending) == 1:
+            loop.call_soon(self._take_off)
+        return future
+
+    def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        return self._send("EVALSHA", self.sha[source], len(keys), *keys, *args)
+
+    def _take_off(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.ensure_future(self._fly(batch))
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
+
+    async def _fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script)."""
+        from valkey.exceptions import NoScriptError
+
+        pipe = self.client.pipeline(transaction=False)
+        for command, _ in batch:
+            pipe.execute_command(*command)
         try:
-            result = await op
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as e:  # the connection failed or timed out: every command in the flight did
+            error = e if isinstance(e, Exception) else BackendError("valkey: shutting down")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise
+            return
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # the server forgot our scripts (a restart): load them and run those again, one more flight
+            pipe = self.client.pipeline(transaction=False)
+            for sha in {batch[i][0][1] for i in missing}:
+                pipe.execute_command("SCRIPT LOAD", self.scripts[sha])
+            for i in missing:
+                pipe.execute_command(*batch[i][0])
+            try:
+                again = (await pipe.execute(raise_on_error=False))[-len(missing):]
+            except Exception as e:
+                again = [e] * len(missing)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    async def _do(self, *futures: asyncio.Future[Any]) -> Any:
+        """Await replies; connection failures, timeouts and server errors become BackendError."""
+        try:
+            replies = await futures[0] if len(futures) == 1 else await asyncio.gather(*futures)
         except self.errors as e:
             raise self._failed(e) from e
         if self.outage:
             self._recovered()
-        return result
+        return replies
 
     # -- keys
 
@@ -283,21 +348,21 @@ class ValkeyBackend(SessionBackend):
     # -- the protocol
 
     async def ping(self) -> None:
-        await self._do(self.client.ping())
+        await self._do(self._send("PING"))
 
     async def lock(self, call_sid: str, ttl: float) -> str | None:
         token = secrets.token_hex(8)
         (key,) = self._keys(call_sid, "lock")
-        taken = await self._do(self.client.set(key, token, nx=True, px=max(1, int(ttl * 1000))))
+        taken = await self._do(self._send("SET", key, token, "NX", "PX", max(1, int(ttl * 1000))))
         return token if taken else None
 
     async def unlock(self, call_sid: str, token: str) -> bool:
-        return bool(await self._do(self._unlock(self._keys(call_sid, "lock"), [token])))
+        return bool(await self._do(self._script(UNLOCK, self._keys(call_sid, "lock"), [token])))
 
     async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
         token = secrets.token_hex(8)
         args = [token, int(LOCK_SECONDS * 1000), max(1, int(ttl * 1000)), *keys]
-        got = await self._do(self._begin(self._keys(call_sid, "lock", "s", "c", "v", "r"), args))
+        got = await self._do(self._script(BEGIN, self._keys(call_sid, "lock", "s", "c", "v", "r"), args))
         if got is None:
             return None
         blob, served = got[0], got[1]
@@ -323,14 +388,14 @@ class ValkeyBackend(SessionBackend):
             self.channel,
             f"c {self.origin} {cancel}" if cancel else "",
         ]
-        done = await self._do(self._commit(self._keys(call_sid, "lock", "s", "c", "v", "q", "r"), args))
+        done = await self._do(self._script(COMMIT, self._keys(call_sid, "lock", "s", "c", "v", "q", "r"), args))
         if done and cancel:
             self._cancel(cancel)
         return bool(done)
 
     async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
         args = [turn, self.ttl_ms, self.channel, f"p {self.origin} {call_sid}", *map(encoder.encode, segments)]
-        done = await self._do(self._push(self._keys(call_sid, "c", "q"), args))
+        done = await self._do(self._script(PUSH, self._keys(call_sid, "c", "q"), args))
         if done:
             self._wake(call_sid)
         return bool(done)
@@ -342,7 +407,7 @@ class ValkeyBackend(SessionBackend):
         args = [turn, self.ttl_ms, len(keys), "1" if given else "", *keys]
         if segments is not None:
             args += map(encoder.encode, segments)
-        got = await self._do(self._serve(self._keys(call_sid, "c", "lock", "q", "v", "r"), args))
+        got = await self._do(self._script(SERVE, self._keys(call_sid, "c", "lock", "q", "v", "r"), args))
         if got == b"superseded":
             return SUPERSEDED
         if got == b"busy":
@@ -357,10 +422,7 @@ class ValkeyBackend(SessionBackend):
         waiting.add(event)  # before looking, so a push in between still wakes us
         try:
             current, queued = self._keys(call_sid, "c", "q")
-            pipe = self.client.pipeline(transaction=False)
-            pipe.get(current)
-            pipe.llen(queued)
-            now, length = await self._do(pipe.execute())
+            now, length = await self._do(self._send("GET", current), self._send("LLEN", queued))
             if now != turn.encode() or length:
                 return
             if not self.listening:  # no subscription: pushes from other replicas go unheard, so look again soon
@@ -374,17 +436,17 @@ class ValkeyBackend(SessionBackend):
 
     async def reply(self, call_sid: str, key: str) -> tuple[str, list[Segment]] | None:
         (replies,) = self._keys(call_sid, "r")
-        raw = await self._do(self.client.hget(replies, key))
+        raw = await self._do(self._send("HGET", replies, key))
         return reply_decoder.decode(raw) if raw is not None else None
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         self.cancel_callbacks.append(callback)
 
     async def put_blob(self, key: str, data: bytes, ttl: float) -> None:
-        await self._do(self.client.set(f"{self.prefix}:blob:{key}", data, px=max(1, int(ttl * 1000))))
+        await self._do(self._send("SET", f"{self.prefix}:blob:{key}", data, "PX", max(1, int(ttl * 1000))))
 
     async def get_blob(self, key: str) -> bytes | None:
-        return await self._do(self.client.get(f"{self.prefix}:blob:{key}"))
+        return await self._do(self._send("GET", f"{self.prefix}:blob:{key}"))
 
     # -- pub/sub: one subscription per process
 

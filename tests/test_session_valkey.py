@@ -194,7 +194,7 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
         await backend.put_blob("audio-1", b"\x00mp3", 30)
         raw = valkey.asyncio.Valkey.from_url(SHARED_URL)
         try:
-            keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix}:*")])
+            keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix}:*", count=1000)])
             assert keys == sorted([f"{prefix}:{{{call}}}:{name}" for name in ("s", "c", "v", "q", "r")]
                                   + [f"{prefix}:blob:audio-1"])
             assert len({key_slot(k.encode()) for k in keys if "blob" not in k}) == 1
@@ -218,6 +218,22 @@ async def test_a_long_reply_is_stored_and_served_whole(prefix: str) -> None:
             assert await backend.push("CAlong", "feed0001", segments[n:n + 7])
         assert await backend.serve("CAlong", "feed0001", ["k", "feed0001:1"]) == segments
         assert await backend.reply("CAlong", "feed0001:1") == ("feed0001", segments)
+
+
+async def test_scripts_are_loaded_again_when_the_server_forgets_them(tmp_path: Path) -> None:
+    with private_valkey(tmp_path) as server:
+        async with opened(VALKEY_URL=server.url) as backend:
+            snap = await backend.begin("CAscript", [], 60)
+            await backend.commit("CAscript", snap.token, main.Session(call_sid="CAscript", turns=1))
+            raw = valkey.asyncio.Valkey.from_url(server.url)
+            try:
+                await raw.script_flush()
+                assert await raw.script_exists(*backend.scripts) == [False] * 5
+            finally:
+                await raw.aclose()
+            many = await asyncio.gather(*(backend.begin(f"CA{n}", [], 60) for n in range(20)))  # one flight
+            assert all(snap is not None and snap.session is None for snap in many)
+            assert (await backend.begin("CAscript", [], 60)).session.turns == 1
 
 
 # ----------------------------------------------------------------------------- between processes
