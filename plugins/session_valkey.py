@@ -20,7 +20,9 @@ ordinary turn costs three round trips: begin, commit, serve (bench/valkey_roundt
 
 wait() does not hold a connection: it looks at the queue once, then sleeps on a local event that the
 process's one pub/sub subscription sets when any replica pushes to that call (pushes publish in
-the same script); without a subscription it looks again every 0.25 s.
+the same script); without a subscription it looks again every 0.25 s. (A blocking BLMOVE would hold a
+pooled connection per waiting /continue and need a socket timeout longer than the wait, which would
+also slow down noticing a dead server.)
 
 Faults: a connection error or timeout (VALKEY_TIMEOUT, short) becomes main.BackendError, which the
 webhooks answer with a spoken apology; the first failure of each class and the recovery are logged
