@@ -258,7 +258,8 @@ class ValkeyBackend(SessionBackend):
         if self.flushing:
             await asyncio.wait(self.flushing, timeout=self.timeout * 2)
         await self.client.aclose()
-        await self.pool.aclose()
+        with contextlib.suppress(RuntimeError):  # connections made on an event loop already closed (tests do that)
+            await self.pool.aclose()
 
     def _failed(self, error: BaseException) -> BackendError:
         """Log the first failure of each class (not every request), and say it as a BackendError."""

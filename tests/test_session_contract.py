@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-from conftest import Scripted, Twilio, env, plugin, running
+from conftest import VALKEY_PREFIX, VALKEY_URL, Scripted, Twilio, env, plugin, running
 
 import main
 
 BACKENDS = ["memory", "valkey"]
-VALKEY_URL = os.environ.get("TEST_VALKEY_URL", "redis://127.0.0.1:6379/0")  # the shared server: never flushed
-PREFIX = "sbtest-" + secrets.token_hex(4)  # this run's keys only
 
 
 def backend_env(name: str, **extra: str) -> dict[str, str]:
-    if name == "valkey":
-        extra = {"VALKEY_URL": VALKEY_URL, "VALKEY_PREFIX": PREFIX, **extra}
+    if name == "valkey":  # the shared server, under this run's prefix (conftest deletes its keys at the end)
+        extra = {"VALKEY_URL": VALKEY_URL, "VALKEY_PREFIX": VALKEY_PREFIX, **extra}
     return env(SESSION_BACKEND=name, **extra)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _clean_up_this_runs_keys() -> Iterator[None]:
-    yield
-    import valkey
-
-    client = valkey.Valkey.from_url(VALKEY_URL)
-    with client:
-        for key in client.scan_iter(match=f"{PREFIX}:*", count=1000):
-            client.delete(key)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import shutil
 import socket
@@ -19,7 +18,20 @@ import msgspec
 import pytest
 import valkey
 import valkey.asyncio
-from conftest import GATHER, Scripted, Twilio, concurrent, env, plugin, redirect_of, says, tree, twiml
+from conftest import (
+    GATHER,
+    VALKEY_PREFIX,
+    VALKEY_URL,
+    Scripted,
+    Twilio,
+    concurrent,
+    env,
+    plugin,
+    redirect_of,
+    says,
+    tree,
+    twiml,
+)
 from valkey.asyncio.connection import SSLConnection
 from valkey.crc import key_slot
 
@@ -27,7 +39,7 @@ import main
 import phone
 from plugins.session_valkey import ValkeyBackend, pool_options, server_name
 
-SHARED_URL = os.environ.get("TEST_VALKEY_URL", "redis://127.0.0.1:6379/0")  # shared: never flushed
+SHARED_URL = VALKEY_URL  # shared with other runs: never flushed; every prefix here starts with VALKEY_PREFIX
 SERVER = shutil.which("valkey-server") or shutil.which("redis-server") or "redis-server"
 
 
@@ -80,7 +92,7 @@ def private_valkey(directory: Path, **kwargs: object) -> Iterator[PrivateValkey]
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A key prefix of this test's own on the shared server; its keys are deleted afterwards."""
-    name = "sbtest-" + secrets.token_hex(4)
+    name = f"{VALKEY_PREFIX}-{secrets.token_hex(4)}"
     yield name
     with valkey.Valkey.from_url(SHARED_URL) as client:
         for key in client.scan_iter(match=f"{name}:*", count=1000):

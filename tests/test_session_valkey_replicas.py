@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import valkey
-from conftest import BASE, GATHER, Twilio, new_call_sid, redirect_of, says, server, tree, twiml
+from conftest import BASE, GATHER, VALKEY_PREFIX, Twilio, new_call_sid, redirect_of, says, server, tree, twiml
 from test_session_valkey import SHARED_URL, private_valkey
 
 RECORDER = '''
@@ -131,7 +131,7 @@ def start_replicas(directory: Path, valkey_url: str, prefix: str, **extra: str) 
 
 @pytest.fixture(scope="module")
 def shared_prefix() -> Iterator[str]:
-    name = "sbtest-" + secrets.token_hex(4)
+    name = f"{VALKEY_PREFIX}-{secrets.token_hex(4)}"
     yield name
     with valkey.Valkey.from_url(SHARED_URL) as client:
         for key in client.scan_iter(match=f"{name}:*", count=1000):
