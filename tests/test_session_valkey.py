@@ -278,6 +278,19 @@ async def test_cancels_and_pushes_reach_the_other_processes_once(prefix: str) ->
         assert (heard_a, heard_b) == (["aa000001"], ["aa000001"])
 
 
+async def test_deployments_with_different_prefixes_share_a_server_without_seeing_each_other(prefix: str) -> None:
+    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-a") as a, \
+            opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-b") as b:
+        heard: list[str] = []
+        b.on_cancel(heard.append)
+        snap = await a.begin("CAsame", [], 60)
+        await a.commit("CAsame", snap.token, main.Session(call_sid="CAsame", turns=7), cancel="ab000001")
+        other = await b.begin("CAsame", [], 60)
+        assert other is not None and other.session is None
+        await asyncio.sleep(0.2)
+        assert heard == [] and (await a.begin("CAsame", [], 60)).session.turns == 7
+
+
 # ----------------------------------------------------------------------------- faults
 
 

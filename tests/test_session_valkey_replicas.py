@@ -221,6 +221,21 @@ async def test_two_hundred_concurrent_calls_keep_their_histories_apart(pair: Any
     assert took < 60
 
 
+async def test_worker_processes_of_one_server_share_the_calls_too(tmp_path: Path, shared_prefix: str) -> None:
+    token = secrets.token_hex(4)
+    with start_replicas(tmp_path, SHARED_URL, shared_prefix, WEB_CONCURRENCY="2") as replicas:
+        async with replicas.connected():
+            calls = [replicas.phones()[0] for _ in range(8)]
+            await asyncio.gather(*(phone.call() for phone in calls))
+            for n in range(4):
+                said = await asyncio.gather(*(p.turn(f"wc{token} {i} turn {n}") for i, p in enumerate(calls)))
+                assert said == [[reply(f"wc{token} {i} turn {n}")] for i in range(8)]
+    for i in range(8):
+        turns = [f"wc{token} {i} turn {n}" for n in range(4)]
+        assert [r["messages"] for r in records(replicas.recorded, f"wc{token} {i} ")] == [
+            history(*turns[: n + 1]) for n in range(4)]
+
+
 async def test_a_replica_killed_mid_call_loses_no_turn(tmp_path: Path, shared_prefix: str) -> None:
     token = secrets.token_hex(4)
     with start_replicas(tmp_path, SHARED_URL, shared_prefix) as replicas:
