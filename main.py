@@ -316,7 +316,13 @@ class ProviderError(Exception):
 
 
 class BackendError(Exception):
-    """The session backend cannot be reached or answered nonsense."""
+    """The session backend cannot be reached or answered nonsense.
+
+    reported: the backend has logged this failure already (an outage is logged once, not per request)."""
+
+    def __init__(self, message: str, *, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 SUPERSEDED, BUSY = "superseded", "busy"
@@ -822,7 +828,9 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
             log.error("response budget exceeded", extra={"route": path, "call": fields["call"]})
         except BackendError as e:
             engine.obs.backend_errors.inc()
-            log.error("session backend unavailable", extra={"route": path, "call": fields["call"], "error": str(e)})
+            fields["error"] = "session backend unavailable"  # the request's line says so; the cause is logged once
+            if not e.reported:
+                log.error("session backend unavailable", extra={"route": path, "call": fields["call"], "error": str(e)})
         except Exception:
             log.exception("request failed", extra={"route": path, "call": fields["call"]})
         finally:
@@ -850,8 +858,9 @@ def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay
         try:
             await engine.backend.ping()
             status, state = (503, "draining") if engine.draining else (200, "ok")
-        except Exception as e:  # any failure to reach the backend is "unavailable"; the error is logged
-            log.warning("health check failed", extra={"error": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # any failure to reach the backend is "unavailable"; the error is logged (once)
+            if not getattr(e, "reported", False):
+                log.warning("health check failed", extra={"error": f"{type(e).__name__}: {e}"})
             status, state = 503, "unavailable"
         body = msgspec.json.encode({"status": state, "version": VERSION, "mode": settings.mode, "plugins": plugins})
         await respond(send, status, body, b"application/json")

@@ -264,7 +264,10 @@ class TurnRun:
             self.ready.extend(segments)
             self.changed.set()
             return True
-        return await backend.push(self.call_sid, self.turn.id, segments)
+        try:
+            return await backend.push(self.call_sid, self.turn.id, segments)
+        except BackendError:  # the backend is down (it logs that once): stop here; /continue apologises meanwhile
+            return False
 
 
 class Engine:

@@ -264,4 +264,21 @@ def server(extra_env: dict[str, str] | None = None, port: int | None = None) -> 
                 proc.wait()
 
 
+# -- the shared Valkey/Redis server (never flushed: other runs use it at the same time)
+
+VALKEY_URL = os.environ.get("TEST_VALKEY_URL", "redis://127.0.0.1:6379/0")
+VALKEY_PREFIX = "sbtest-" + secrets.token_hex(4)  # every key this run writes starts with it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_this_runs_valkey_keys() -> Iterator[None]:
+    """When the run ends, delete its keys (and only its keys) from the shared server."""
+    yield
+    import valkey
+
+    with contextlib.suppress(valkey.ConnectionError), valkey.Valkey.from_url(VALKEY_URL) as client:
+        for key in client.scan_iter(match=f"{VALKEY_PREFIX}*", count=1000):
+            client.unlink(key)
+
+
 __all__ = ["ProviderError", "Scripted"]

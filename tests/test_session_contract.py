@@ -8,14 +8,16 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import env
+from conftest import VALKEY_PREFIX, VALKEY_URL, Scripted, Twilio, env, plugin, running
 
 import main
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "valkey"]
 
 
 def backend_env(name: str, **extra: str) -> dict[str, str]:
+    if name == "valkey":  # the shared server, under this run's prefix (conftest deletes its keys at the end)
+        extra = {"VALKEY_URL": VALKEY_URL, "VALKEY_PREFIX": VALKEY_PREFIX, **extra}
     return env(SESSION_BACKEND=name, **extra)
 
 
@@ -194,3 +196,34 @@ async def test_blobs_are_shared_and_expire(make) -> None:  # type: ignore[no-unt
     assert await backend.get_blob(key) == b"\xff\xfbaudio-bytes"
     await asyncio.sleep(1.1)
     assert await backend.get_blob(key) is None
+
+
+async def test_replies_of_the_previous_turn_survive_a_turn_change_older_ones_do_not(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t1"), turn_changed=True)
+    await backend.serve(call, "t1", ["k1", "t1:0"], SAY)
+    snap = await backend.begin(call, ["k1"], 60)
+    assert snap.replies == {"k1": ("t1", SAY)}
+    await backend.commit(call, snap.token, session(call, "t2"), turn_changed=True)
+    await backend.serve(call, "t2", ["k2"], SAY[:1])
+    assert await backend.reply(call, "k1") == ("t1", SAY)  # a late retry of the previous turn is still answered
+    snap = await backend.begin(call, [], 60)
+    await backend.commit(call, snap.token, session(call, "t3"), turn_changed=True)
+    assert await backend.reply(call, "k1") is None and await backend.reply(call, "t1:0") is None
+    assert await backend.reply(call, "k2") == ("t2", SAY[:1])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+async def test_a_call_through_the_app_keeps_a_bounded_history(name: str) -> None:
+    model = Scripted(name="scripted", replies=[f"Answer {n}." for n in range(1, 6)])
+    app = main.create_app(backend_env(name, LLM_PROVIDER="scripted", MAX_TURNS="2"), plugins=[plugin(llm=[model])])
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        for n in range(1, 6):
+            assert await twilio.turn(f"question {n}") == [f"Answer {n}."]
+        await twilio.post("/status", CallStatus="completed")
+    sent = [(m.role, m.content) for m in model.calls[-1]]
+    assert sent == [("user", "question 3"), ("assistant", "Answer 3."), ("user", "question 4"),
+                    ("assistant", "Answer 4."), ("user", "question 5")]

@@ -1,0 +1,520 @@
+"""Sessions in Valkey (or Redis): any replica serves any request of any call.
+
+Every key of a call carries the call's hash tag, so a call lives in one cluster slot:
+
+    {prefix}:{CallSid}:s     the Session (msgpack)
+    {prefix}:{CallSid}:c     the current turn id
+    {prefix}:{CallSid}:lock  the lock owner's token (PX expiry: a crashed replica never blocks a call)
+    {prefix}:{CallSid}:v     segments of the current turn handed to Twilio (list of msgpack Segments)
+    {prefix}:{CallSid}:q     segments queued for /continue (list; only ever the current turn's)
+    {prefix}:{CallSid}:r     stored replies: hash speech-or-continuation key -> msgpack [turn, [segments]];
+                             only the previous and the current turn's survive a turn change, as in memory
+    {prefix}:blob:<key>      bytes from put_blob (synthesised audio), with their own TTL
+    {prefix}:events          the pub/sub channel: cancelled turns and "segments pushed" wake-ups
+
+Each method is one round trip: a Lua script (EVALSHA, loaded again on NOSCRIPT) where it must be
+atomic, a plain command elsewhere. Whatever the process issues in one event-loop iteration (many
+calls' commands, under load) leaves in one pipeline, which costs a third of the client CPU of one
+command at a time. Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. An
+ordinary turn costs three round trips: begin, commit, serve (bench/valkey_roundtrips.py counts them).
+
+wait() does not hold a connection: it looks at the queue once, then sleeps on a local event that the
+process's one pub/sub subscription sets when any replica pushes to that call (pushes publish in
+the same script); without a subscription it looks again every 0.25 s. (A blocking BLMOVE would hold a
+pooled connection per waiting /continue and need a socket timeout longer than the wait, which would
+also slow down noticing a dead server.)
+
+Faults: a connection error or timeout (VALKEY_TIMEOUT, short) becomes main.BackendError, which the
+webhooks answer with a spoken apology; the first failure of each class and the recovery are logged
+once. The pool reconnects by itself and the one pub/sub subscription per process resubscribes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+from main import (
+    BUSY,
+    SUPERSEDED,
+    BackendError,
+    ConfigError,
+    Segment,
+    Session,
+    SessionBackend,
+    Settings,
+    Snapshot,
+    hookimpl,
+    log,
+    segment_decoder,
+    session_decoder,
+)
+
+T = TypeVar("T")
+LOCK_SECONDS = 5.0  # begin()'s lock: a transition holds it for one round trip; a dead holder frees it in 5 s
+
+encoder = msgspec.msgpack.Encoder()
+reply_decoder = msgspec.msgpack.Decoder(tuple[str, list[Segment]])
+
+# msgpack headers written by Lua (the replies are built server-side from already encoded segments)
+_MSGPACK = """
+local function mpstr(s)
+  local n = #s
+  if n < 32 then return string.char(160 + n) .. s end
+  if n < 256 then return string.char(217, n) .. s end
+  return string.char(218, math.floor(n / 256), n % 256) .. s
+end
+local function mparr(n)
+  if n < 16 then return string.char(144 + n) end
+  return string.char(220, math.floor(n / 256), n % 256)
+end
+"""
+
+# KEYS lock s c v r | ARGV token lock_ms ttl_ms reply-key...   -> nil when locked, else {session, served, replies}
+BEGIN = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+local out = {redis.call('GET', KEYS[2]) or '', redis.call('LRANGE', KEYS[4], 0, -1)}
+if #ARGV > 3 then out[3] = redis.call('HMGET', KEYS[5], unpack(ARGV, 4)) end
+return out
+"""
+
+# KEYS lock s c v q r | ARGV token session('' deletes) changed current ttl_ms channel cancel-message
+COMMIT = _MSGPACK + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local ttl = ARGV[5]
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+else
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+  if ARGV[3] == '1' then
+    -- keep the replies of the turn just finished (late retries), drop older ones
+    local keep = '\\146' .. mpstr(redis.call('GET', KEYS[3]) or '')
+    local replies = redis.call('HGETALL', KEYS[6])
+    for i = 1, #replies, 2 do
+      if string.sub(replies[i + 1], 1, #keep) ~= keep then redis.call('HDEL', KEYS[6], replies[i]) end
+    end
+    if ARGV[4] == '' then redis.call('DEL', KEYS[3]) else redis.call('SET', KEYS[3], ARGV[4]) end
+    redis.call('DEL', KEYS[4], KEYS[5])
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('PEXPIRE', KEYS[3], ttl)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  redis.call('PEXPIRE', KEYS[6], ttl)
+end
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return 1
+"""
+
+# KEYS c q | ARGV turn ttl_ms channel message segment...
+PUSH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if #ARGV > 4 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 5)) end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS c lock q v r | ARGV turn ttl_ms nkeys given key... segment...
+SERVE = _MSGPACK + """
+local turn = ARGV[1]
+if redis.call('GET', KEYS[1]) ~= turn then return 'superseded' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
+local nkeys, given = tonumber(ARGV[3]), ARGV[4] == '1'
+local items
+if given then
+  items = {}
+  for i = 5 + nkeys, #ARGV do items[#items + 1] = ARGV[i] end
+else
+  items = redis.call('LRANGE', KEYS[3], 0, -1)
+  redis.call('DEL', KEYS[3])
+end
+if #items == 0 then return {} end
+for i = 1, #items, 1000 do redis.call('RPUSH', KEYS[4], unpack(items, i, math.min(i + 999, #items))) end
+if nkeys > 0 then
+  local value = '\\146' .. mpstr(turn) .. mparr(#items) .. table.concat(items)
+  local fields = {}
+  for i = 5, 4 + nkeys do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = value end
+  redis.call('HSET', KEYS[5], unpack(fields))
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+redis.call('PEXPIRE', KEYS[5], ARGV[2])
+if given then return 1 end
+return items
+"""
+
+# KEYS lock | ARGV token
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _number(settings: Settings, name: str, default: str, kind: Callable[[str], T]) -> T:
+    raw = settings.get(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:  # type: ignore[operator]
+        raise ConfigError(f"{name}={raw!r} must be above 0")
+    return value
+
+
+def server_name(url: str) -> str:
+    """Where the URL points, fit for a log line: scheme, host, port and database, never credentials."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path if parts.path != '/' else ''}"
+
+
+def pool_options(url: str, timeout: float, max_connections: int) -> dict[str, Any]:
+    """Connection pool options for a Valkey/Redis URL; the URL's own query options win (valkey-py's rule)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "socket_keepalive": True,
+        "max_connections": max_connections,
+        "timeout": timeout,  # waiting for a free pooled connection
+        "client_name": "switchboard",
+    }
+    scheme = urlsplit(url).scheme.lower()
+    query = parse_qs(urlsplit(url).query)
+    if scheme in ("rediss", "valkeys") and query.get("ssl_cert_reqs", ["required"])[0] == "required":
+        options["ssl_check_hostname"] = True  # a verified certificate must also name the server we asked for
+    return options
+
+
+class ValkeyBackend(SessionBackend):
+    """Calls in Valkey: every replica sees every call; one connection pool and one subscription per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        url = settings.valkey_url
+        if not url:
+            raise ConfigError(
+                "VALKEY_URL is not set (nor REDIS_URL); SESSION_BACKEND=valkey needs it. Set VALKEY_URL to your "
+                "server, e.g. redis://localhost:6379/0 (on Railway: REDIS_URL=${{Redis.REDIS_URL}}), "
+                "or choose SESSION_BACKEND=memory."
+            )
+        import valkey.asyncio as valkey  # the SDK is loaded only when this backend is selected
+        from valkey.exceptions import ConnectionError, TimeoutError, ValkeyError
+
+        self.errors = (ValkeyError, OSError)  # what a round trip can raise: all of it becomes BackendError
+        self.unreachable = (ConnectionError, TimeoutError, OSError)
+
+        self.prefix = settings.get("VALKEY_PREFIX", "sb")
+        self.timeout = _number(settings, "VALKEY_TIMEOUT", "1.0", float)
+        size = _number(settings, "VALKEY_MAX_CONNECTIONS", "64", int)
+        self.where = server_name(url)
+        try:
+            self.pool = valkey.BlockingConnectionPool.from_url(url, **pool_options(url, self.timeout, size))
+            self.pool.make_connection()  # checks the URL's options now (no network), not at the first call
+        except (ValueError, TypeError, ValkeyError) as e:
+            raise ConfigError(f"VALKEY_URL (or REDIS_URL) is not a usable Valkey/Redis URL: {e}") from None
+        self.client = valkey.Valkey(connection_pool=self.pool)
+        self.ttl_ms = max(1, int(settings.session_ttl * 1000))
+        self.channel = f"{self.prefix}:events"
+        self.origin = secrets.token_hex(4)  # this process, so it can skip its own pub/sub messages
+        self.scripts = {hashlib.sha1(src.encode()).hexdigest(): src for src in (BEGIN, COMMIT, PUSH, SERVE, UNLOCK)}
+        self.sha = {src: sha for sha, src in self.scripts.items()}
+        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.flushing: set[asyncio.Task[None]] = set()
+        self.cancel_callbacks: list[Callable[[str], None]] = []
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+        self.listening = False  # the subscription is up, so pushes from other replicas wake waiters
+        self.subscribed = asyncio.Event()
+        self.listener: asyncio.Task[None] | None = None
+        self.outage: dict[str, float] = {}  # failure class -> when first seen, while failing
+
+    # -- lifecycle and faults
+
+    async def aopen(self) -> None:
+        """Start the subscription; an unreachable server is logged, not fatal (/health answers 503 meanwhile)."""
+        self.listener = asyncio.create_task(self._listen_forever(), name="valkey-subscription")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.subscribed.wait(), self.timeout * 2)
+        if not self.subscribed.is_set():
+            with contextlib.suppress(BackendError):
+                await self.ping()
+            log.warning("starting without valkey: /health answers 503 and callers hear an apology until it answers",
+                        extra={"server": self.where})
+
+    async def aclose(self) -> None:
+        if self.listener is not None:
+            self.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.listener
+        if self.flushing:
+            await asyncio.wait(self.flushing, timeout=self.timeout * 2)
+        await self.client.aclose()
+        with contextlib.suppress(RuntimeError):  # connections made on an event loop already closed (tests do that)
+            await self.pool.aclose()
+
+    def _failed(self, error: BaseException) -> BackendError:
+        """Log the first failure of each class (not every request), and say it as a BackendError."""
+        kind = type(error).__name__
+        if kind not in self.outage:
+            self.outage[kind] = time.monotonic()
+            what = "valkey unreachable" if isinstance(error, self.unreachable) else "valkey failed"
+            log.error(what, extra={"server": self.where, "error": f"{kind}: {error}"})
+        return BackendError(f"valkey {kind}: {error}", reported=True)
+
+    def _recovered(self) -> None:
+        down = round(time.monotonic() - min(self.outage.values()), 1)
+        log.warning("valkey reachable again", extra={"server": self.where, "down_s": down})
+        self.outage.clear()
+
+    # -- sending: every command this process issues in one loop iteration leaves in one pipeline
+
+    def _send(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue a command for the next flight; the future resolves with its reply."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((command, future))
+        if len(self.pending) == 1:
+            loop.call_soon(self._take_off)
+        return future
+
+    def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        return self._send("EVALSHA", self.sha[source], len(keys), *keys, *args)
+
+    def _take_off(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.ensure_future(self._fly(batch))
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
+
+    async def _fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script)."""
+        from valkey.exceptions import NoScriptError
+
+        pipe = self.client.pipeline(transaction=False)
+        for command, _ in batch:
+            pipe.execute_command(*command)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as e:  # the connection failed or timed out: every command in the flight did
+            error = e if isinstance(e, Exception) else BackendError("valkey: shutting down")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise
+            return
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # the server forgot our scripts (a restart): load them and run those again, one more flight
+            pipe = self.client.pipeline(transaction=False)
+            for sha in {batch[i][0][1] for i in missing}:
+                pipe.execute_command("SCRIPT LOAD", self.scripts[sha])
+            for i in missing:
+                pipe.execute_command(*batch[i][0])
+            try:
+                again = (await pipe.execute(raise_on_error=False))[-len(missing):]
+            except Exception as e:
+                again = [e] * len(missing)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    async def _do(self, *futures: asyncio.Future[Any]) -> Any:
+        """Await replies; connection failures, timeouts and server errors become BackendError."""
+        try:
+            replies = await futures[0] if len(futures) == 1 else await asyncio.gather(*futures)
+        except self.errors as e:
+            raise self._failed(e) from e
+        if self.outage:
+            self._recovered()
+        return replies
+
+    # -- keys
+
+    def _keys(self, call_sid: str, *names: str) -> list[str]:
+        base = f"{self.prefix}:{{{call_sid}}}:"
+        return [base + name for name in names]
+
+    # -- the protocol
+
+    async def ping(self) -> None:
+        await self._do(self._send("PING"))
+
+    async def lock(self, call_sid: str, ttl: float) -> str | None:
+        token = secrets.token_hex(8)
+        (key,) = self._keys(call_sid, "lock")
+        taken = await self._do(self._send("SET", key, token, "NX", "PX", max(1, int(ttl * 1000))))
+        return token if taken else None
+
+    async def unlock(self, call_sid: str, token: str) -> bool:
+        return bool(await self._do(self._script(UNLOCK, self._keys(call_sid, "lock"), [token])))
+
+    async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
+        token = secrets.token_hex(8)
+        args = [token, int(LOCK_SECONDS * 1000), max(1, int(ttl * 1000)), *keys]
+        got = await self._do(self._script(BEGIN, self._keys(call_sid, "lock", "s", "c", "v", "r"), args))
+        if got is None:
+            return None
+        blob, served = got[0], got[1]
+        found = got[2] if len(got) > 2 else []
+        replies = {key: reply_decoder.decode(raw) for key, raw in zip(keys, found, strict=False) if raw is not None}
+        return Snapshot(
+            token=token,
+            session=session_decoder.decode(blob) if blob else None,
+            served=[segment_decoder.decode(raw) for raw in served],
+            replies=replies,
+        )
+
+    async def commit(
+        self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
+    ) -> bool:
+        current = session.current.id if session is not None and session.current is not None else ""
+        args = [
+            token,
+            encoder.encode(session) if session is not None else b"",
+            "1" if turn_changed else "",
+            current,
+            self.ttl_ms,
+            self.channel,
+            f"c {self.origin} {cancel}" if cancel else "",
+        ]
+        done = await self._do(self._script(COMMIT, self._keys(call_sid, "lock", "s", "c", "v", "q", "r"), args))
+        if done and cancel:
+            self._cancel(cancel)
+        return bool(done)
+
+    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
+        args = [turn, self.ttl_ms, self.channel, f"p {self.origin} {call_sid}", *map(encoder.encode, segments)]
+        done = await self._do(self._script(PUSH, self._keys(call_sid, "c", "q"), args))
+        if done:
+            self._wake(call_sid)
+        return bool(done)
+
+    async def serve(
+        self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
+    ) -> list[Segment] | str:
+        given = segments is not None
+        args = [turn, self.ttl_ms, len(keys), "1" if given else "", *keys]
+        if segments is not None:
+            args += map(encoder.encode, segments)
+        got = await self._do(self._script(SERVE, self._keys(call_sid, "c", "lock", "q", "v", "r"), args))
+        if got == b"superseded":
+            return SUPERSEDED
+        if got == b"busy":
+            return BUSY
+        if segments is not None:
+            return list(segments) if got == 1 else []
+        return [segment_decoder.decode(raw) for raw in got]
+
+    async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
+        event = asyncio.Event()
+        waiting = self.waiters.setdefault(call_sid, set())
+        waiting.add(event)  # before looking, so a push in between still wakes us
+        try:
+            current, queued = self._keys(call_sid, "c", "q")
+            now, length = await self._do(self._send("GET", current), self._send("LLEN", queued))
+            if now != turn.encode() or length:
+                return
+            if not self.listening:  # no subscription: pushes from other replicas go unheard, so look again soon
+                timeout = min(timeout, 0.25)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            waiting.discard(event)
+            if not waiting and self.waiters.get(call_sid) is waiting:
+                del self.waiters[call_sid]
+
+    async def reply(self, call_sid: str, key: str) -> tuple[str, list[Segment]] | None:
+        (replies,) = self._keys(call_sid, "r")
+        raw = await self._do(self._send("HGET", replies, key))
+        return reply_decoder.decode(raw) if raw is not None else None
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        self.cancel_callbacks.append(callback)
+
+    async def put_blob(self, key: str, data: bytes, ttl: float) -> None:
+        await self._do(self._send("SET", f"{self.prefix}:blob:{key}", data, "PX", max(1, int(ttl * 1000))))
+
+    async def get_blob(self, key: str) -> bytes | None:
+        return await self._do(self._send("GET", f"{self.prefix}:blob:{key}"))
+
+    # -- pub/sub: one subscription per process
+
+    def _cancel(self, turn: str) -> None:
+        for callback in self.cancel_callbacks:
+            try:
+                callback(turn)
+            except Exception:
+                log.exception("cancel callback failed", extra={"turn": turn})
+
+    def _wake(self, call_sid: str) -> None:
+        for event in self.waiters.get(call_sid, ()):
+            event.set()
+
+    def _dispatch(self, data: bytes) -> None:
+        kind, origin, what = (data.decode(errors="replace").split(" ", 2) + ["", ""])[:3]
+        if origin == self.origin:
+            return  # handled locally when it happened
+        if kind == "c":
+            self._cancel(what)
+        elif kind == "p":
+            self._wake(what)
+
+    async def _listen_forever(self, ping_every: float = 5.0) -> None:
+        """Keep one subscription to the events channel alive; resubscribe after any failure."""
+        from valkey.exceptions import ConnectionError
+
+        backoff = 0.05
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                heard = time.monotonic()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    now = time.monotonic()
+                    if message is not None:
+                        heard = now
+                        if message["type"] == "message":
+                            self._dispatch(message["data"])
+                        elif message["type"] == "subscribe":
+                            self.listening, backoff = True, 0.05
+                            self.subscribed.set()
+                            if self.outage:
+                                self._recovered()
+                    elif now - heard > 3 * ping_every:  # pings went unanswered: the connection is dead
+                        raise ConnectionError("the subscription stopped answering")
+                    elif now - heard > ping_every:
+                        await pubsub.ping()
+            except self.errors as e:
+                self._failed(e)
+            except Exception:
+                log.exception("valkey subscription failed")
+            finally:
+                self.listening = False
+                self.subscribed.clear()
+                for waiting in self.waiters.values():  # they look again instead of sleeping through a push
+                    for event in waiting:
+                        event.set()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+
+@hookimpl
+def register_session_backends(register):  # type: ignore[no-untyped-def]
+    register("valkey", ValkeyBackend)

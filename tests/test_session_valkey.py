@@ -1,0 +1,395 @@
+"""The Valkey backend beyond the contract: settings, URLs and TLS, key layout, pub/sub between processes,
+and faults (a silent server, an outage mid-call, a start without Valkey) on private servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import valkey
+import valkey.asyncio
+from conftest import (
+    GATHER,
+    VALKEY_PREFIX,
+    VALKEY_URL,
+    Scripted,
+    Twilio,
+    concurrent,
+    env,
+    plugin,
+    redirect_of,
+    says,
+    tree,
+    twiml,
+)
+from valkey.asyncio.connection import SSLConnection
+from valkey.crc import key_slot
+
+import main
+import phone
+from plugins.session_valkey import ValkeyBackend, pool_options, server_name
+
+SHARED_URL = VALKEY_URL  # shared with other runs: never flushed; every prefix here starts with VALKEY_PREFIX
+SERVER = shutil.which("valkey-server") or shutil.which("redis-server") or "redis-server"
+
+
+class PrivateValkey:
+    """Our own redis-server/valkey-server on a free port, to stop and start at will (never the shared one)."""
+
+    def __init__(self, directory: Path, *, tls: tuple[Path, Path] | None = None) -> None:
+        self.dir, self.tls = directory, tls
+        self.port = phone.free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--dir", str(self.dir), "--logfile", str(self.dir / "server.log")]
+        if self.tls:
+            cert, key = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{SERVER} did not start: {(self.dir / 'server.log').read_text()}")
+
+    def stop(self) -> None:
+        """Stop gracefully (the append-only file keeps the data for the next start)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def private_valkey(directory: Path, **kwargs: object) -> Iterator[PrivateValkey]:
+    server = PrivateValkey(directory, **kwargs)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared server; its keys are deleted afterwards."""
+    name = f"{VALKEY_PREFIX}-{secrets.token_hex(4)}"
+    yield name
+    with valkey.Valkey.from_url(SHARED_URL) as client:
+        for key in client.scan_iter(match=f"{name}:*", count=1000):
+            client.delete(key)
+
+
+@contextlib.asynccontextmanager
+async def opened(**extra: str) -> AsyncIterator[ValkeyBackend]:
+    backend = ValkeyBackend(main.load_settings(env(SESSION_BACKEND="valkey", **extra)))
+    await backend.aopen()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+def valkey_app(model: Scripted, url: str, prefix: str, **extra: str) -> main.Litestar:
+    return main.create_app(
+        env(SESSION_BACKEND="valkey", VALKEY_URL=url, VALKEY_PREFIX=prefix, LLM_PROVIDER=model.name, **extra),
+        plugins=[plugin(llm=[model])],
+    )
+
+
+def apology() -> tuple[object, ...]:
+    """What the webhooks answer when the backend fails: the apology inside a listening <Gather>."""
+    return twiml(lambda r: r.gather(**GATHER).say("Sorry, I'm having trouble answering right now."))
+
+
+def answer(text: str) -> tuple[object, ...]:
+    return twiml(lambda r: r.gather(**GATHER).say(text, voice="Polly.Joanna-Neural", language="en-US"))
+
+
+# ----------------------------------------------------------------------------- settings and URLs
+
+
+def test_a_missing_url_is_a_fix_it_config_error() -> None:
+    with pytest.raises(main.ConfigError) as e:
+        main.create_app(env(SESSION_BACKEND="valkey"))
+    assert str(e.value).startswith("VALKEY_URL is not set (nor REDIS_URL); SESSION_BACKEND=valkey needs it.")
+    assert "REDIS_URL=${{Redis.REDIS_URL}}" in str(e.value)
+
+
+def test_redis_url_is_the_fallback_and_valkey_url_wins() -> None:
+    from_redis = main.create_app(env(SESSION_BACKEND="valkey", REDIS_URL="redis://:pw@cache.internal:6380/2"))
+    assert from_redis.state.engine.backend.where == "redis://cache.internal:6380/2"
+    both = main.create_app(env(SESSION_BACKEND="valkey", REDIS_URL="redis://a:1/0", VALKEY_URL="redis://b:2/3"))
+    assert both.state.engine.backend.where == "redis://b:2/3"
+    assert both.state.engine.backend.prefix == "sb"
+
+
+def test_bad_urls_and_numbers_are_config_errors_that_never_show_the_password() -> None:
+    with pytest.raises(main.ConfigError, match="VALKEY_URL .* is not a usable Valkey/Redis URL") as e:
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="http://user:hunter2@cache:6379"))
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(main.ConfigError, match="not a usable Valkey/Redis URL: .*sockettimeout"):
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://cache:6379/0?sockettimeout=3"))
+    with pytest.raises(main.ConfigError, match="not a usable Valkey/Redis URL: .*Certificate Requirements"):
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="rediss://cache:6379/0?ssl_cert_reqs=maybe"))
+    with pytest.raises(main.ConfigError, match="VALKEY_TIMEOUT='soon' is not a number"):
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_TIMEOUT="soon"))
+    with pytest.raises(main.ConfigError, match="VALKEY_MAX_CONNECTIONS='0' must be above 0"):
+        main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_MAX_CONNECTIONS="0"))
+    assert server_name("rediss://default:hunter2@red.example:6380") == "rediss://red.example:6380"
+
+
+def test_tls_urls_build_tls_connections_that_check_the_certificate_and_the_host() -> None:
+    settings = main.load_settings(env(VALKEY_URL="rediss://default:s3cret@red.example.com:6380/1"))
+    pool = ValkeyBackend(settings).pool
+    conn = pool.make_connection()
+    assert isinstance(conn, SSLConnection)
+    assert (conn.host, conn.port, conn.db, conn.username, conn.password) == (
+        "red.example.com", 6380, 1, "default", "s3cret")
+    assert (conn.cert_reqs, conn.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert (conn.socket_timeout, conn.socket_connect_timeout) == (1.0, 1.0)
+    # a self-signed server: the URL relaxes the check explicitly; the URL's own options always win
+    relaxed = ValkeyBackend(main.load_settings(env(VALKEY_URL="rediss://red:6380?ssl_cert_reqs=none&socket_timeout=3")))
+    conn = relaxed.pool.make_connection()
+    assert (conn.cert_reqs, conn.check_hostname, conn.socket_timeout) == (ssl.CERT_NONE, False, 3.0)
+    assert "ssl_check_hostname" not in pool_options("redis://plain:6379", 1.0, 8)
+
+
+async def test_a_tls_server_is_reached_through_a_rediss_url(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    with private_valkey(tmp_path, tls=(cert, key)) as server:
+        good = f"rediss://localhost:{server.port}/0?ssl_ca_certs={cert}"
+        async with opened(VALKEY_URL=good) as backend:
+            await backend.ping()
+            snap = await backend.begin("CAtls", [], 60)
+            assert await backend.commit("CAtls", snap.token, main.Session(call_sid="CAtls", turns=3))
+            assert (await backend.begin("CAtls", [], 60)).session.turns == 3
+        wrong_host = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}"  # the certificate names localhost
+        async with opened(VALKEY_URL=wrong_host, VALKEY_TIMEOUT="0.5") as backend:
+            with pytest.raises(main.BackendError, match="certificate"):
+                await backend.ping()
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires(prefix: str) -> None:
+    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix, SESSION_TTL="120") as backend:
+        call = "CA" + secrets.token_hex(16)
+        snap = await backend.begin(call, [], 120)
+        session = main.Session(call_sid=call, turns=1, current=main.Turn(id="ab12cd34", user="hi", keys=["k"], started=1.0))
+        await backend.commit(call, snap.token, session, turn_changed=True)
+        await backend.serve(call, "ab12cd34", ["k"], [main.Segment(text="Hello.")])
+        await backend.push(call, "ab12cd34", [main.Segment(text="More.")])
+        await backend.put_blob("audio-1", b"\x00mp3", 30)
+        raw = valkey.asyncio.Valkey.from_url(SHARED_URL)
+        try:
+            keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix}:*", count=1000)])
+            assert keys == sorted([f"{prefix}:{{{call}}}:{name}" for name in ("s", "c", "v", "q", "r")]
+                                  + [f"{prefix}:blob:audio-1"])
+            assert len({key_slot(k.encode()) for k in keys if "blob" not in k}) == 1
+            for k in keys:
+                assert 0 < await raw.pttl(k) <= (30_000 if "blob" in k else 120_000), k
+            assert msgspec.msgpack.decode(await raw.get(f"{prefix}:{{{call}}}:s"), type=main.Session) == session
+            assert await raw.get(f"{prefix}:{{{call}}}:c") == b"ab12cd34"
+            reply = msgspec.msgpack.decode(await raw.hget(f"{prefix}:{{{call}}}:r", "k"))
+            assert reply == ["ab12cd34", [{"text": "Hello."}]]
+        finally:
+            await raw.aclose()
+
+
+async def test_a_long_reply_is_stored_and_served_whole(prefix: str) -> None:
+    segments = [main.Segment(text=f"Sentence {n}.") for n in range(70_000 // 1000 * 20)] + [main.END]
+    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as backend:
+        snap = await backend.begin("CAlong", [], 60)
+        await backend.commit("CAlong", snap.token, main.Session(call_sid="CAlong", current=main.Turn(
+            id="feed0001", user="x", keys=["k"], started=1.0)), turn_changed=True)
+        for n in range(0, len(segments), 7):
+            assert await backend.push("CAlong", "feed0001", segments[n:n + 7])
+        assert await backend.serve("CAlong", "feed0001", ["k", "feed0001:1"]) == segments
+        assert await backend.reply("CAlong", "feed0001:1") == ("feed0001", segments)
+
+
+async def test_scripts_are_loaded_again_when_the_server_forgets_them(tmp_path: Path) -> None:
+    with private_valkey(tmp_path) as server:
+        async with opened(VALKEY_URL=server.url) as backend:
+            snap = await backend.begin("CAscript", [], 60)
+            await backend.commit("CAscript", snap.token, main.Session(call_sid="CAscript", turns=1))
+            raw = valkey.asyncio.Valkey.from_url(server.url)
+            try:
+                await raw.script_flush()
+                assert await raw.script_exists(*backend.scripts) == [False] * 5
+            finally:
+                await raw.aclose()
+            many = await asyncio.gather(*(backend.begin(f"CA{n}", [], 60) for n in range(20)))  # one flight
+            assert all(snap is not None and snap.session is None for snap in many)
+            assert (await backend.begin("CAscript", [], 60)).session.turns == 1
+
+
+# ----------------------------------------------------------------------------- between processes
+
+
+async def test_cancels_and_pushes_reach_the_other_processes_once(prefix: str) -> None:
+    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as a, \
+            opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as b:
+        heard_a: list[str] = []
+        heard_b: list[str] = []
+        a.on_cancel(heard_a.append)
+        b.on_cancel(heard_b.append)
+        call = "CA" + secrets.token_hex(16)
+        snap = await a.begin(call, [], 60)
+        current = main.Turn(id="aa000001", user="hi", keys=["k"], started=1.0)
+        await a.commit(call, snap.token, main.Session(call_sid=call, current=current), turn_changed=True)
+        t0 = time.monotonic()
+        waiting = asyncio.create_task(b.wait(call, "aa000001", 5.0))
+        await asyncio.sleep(0.1)
+        assert await a.push(call, "aa000001", [main.Segment(text="Hi.")])
+        await waiting
+        assert time.monotonic() - t0 < 1.0  # woken by the push, not by the timeout
+        snap = await b.begin(call, [], 60)
+        await b.commit(call, snap.token, main.Session(call_sid=call), turn_changed=True, cancel="aa000001")
+        for _ in range(100):
+            if heard_a:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert (heard_a, heard_b) == (["aa000001"], ["aa000001"])
+
+
+async def test_deployments_with_different_prefixes_share_a_server_without_seeing_each_other(prefix: str) -> None:
+    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-a") as a, \
+            opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-b") as b:
+        heard: list[str] = []
+        b.on_cancel(heard.append)
+        snap = await a.begin("CAsame", [], 60)
+        await a.commit("CAsame", snap.token, main.Session(call_sid="CAsame", turns=7), cancel="ab000001")
+        other = await b.begin("CAsame", [], 60)
+        assert other is not None and other.session is None
+        await asyncio.sleep(0.2)
+        assert heard == [] and (await a.begin("CAsame", [], 60)).session.turns == 7
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+async def test_a_silent_server_is_a_backend_error_within_the_timeout() -> None:
+    hung: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    silent = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        async with opened(VALKEY_URL=f"redis://127.0.0.1:{port}/0", VALKEY_TIMEOUT="0.3") as backend:
+            started = time.monotonic() - t0
+            t0 = time.monotonic()
+            with pytest.raises(main.BackendError, match="Timeout"):
+                await backend.begin("CAsilent", ["k"], 60)
+            assert time.monotonic() - t0 < 1.0
+        assert started < 2.0  # the start does not hang on it either
+    finally:
+        for writer in hung:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+async def test_an_outage_mid_call_is_spoken_logged_once_and_recovers_by_itself(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    model = Scripted(replies=["First answer.", "Second answer.", "Third answer."])
+    with private_valkey(tmp_path) as server:
+        app = valkey_app(model, server.url, "sb", VALKEY_TIMEOUT="0.5")
+        async with concurrent(app) as client:
+            backend: ValkeyBackend = app.state.engine.backend
+            twilio = Twilio(client)
+            await twilio.call()
+            assert await twilio.turn("one") == ["First answer."]
+            server.stop()
+            down = [await twilio.say(f"while down {n}") for n in range(3)]
+            health = [await client.get("/health") for _ in range(3)]
+            assert [(r.status_code, tree(r.content)) for r in down] == [(200, apology())] * 3
+            assert [r.status_code for r in health] == [503] * 3
+            assert health[0].json()["status"] == "unavailable"
+            await asyncio.sleep(0.6)  # the subscription retries meanwhile, without a log line each time
+            server.start()  # same port, same data
+            for _ in range(200):
+                if (await client.get("/health")).status_code == 200 and backend.listening:
+                    break
+                await asyncio.sleep(0.05)
+            assert backend.listening  # the subscription came back by itself
+            third = await twilio.say("two")
+            assert tree(third.content) == answer("Second answer.")
+    assert [(m.role, m.content) for m in model.calls[-1]] == [
+        ("user", "one"), ("assistant", "First answer."), ("user", "two")]
+    failures = [line for line in logs.lines if "valkey unreachable" in line]
+    assert len(failures) == 1, logs.lines  # one line for the outage, not one per request or health check
+    assert "ConnectionError" in failures[0]
+    assert [line.split(" down_s=")[0] for line in logs.lines if "valkey reachable again" in line] == [
+        f"warning valkey reachable again server={server.url}"]
+    assert not [line for line in logs.lines if line.startswith(("error session backend", "warning health check"))]
+    assert len([line for line in logs.lines if "error=session backend unavailable" in line]) == 3  # request lines
+
+
+async def test_starting_without_valkey_serves_apologies_until_it_answers(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    model = Scripted(replies=["Hello there."])
+    server = PrivateValkey(tmp_path)  # not started yet
+    app = valkey_app(model, server.url, "sb", VALKEY_TIMEOUT="0.3")
+    try:
+        async with concurrent(app) as client:
+            backend: ValkeyBackend = app.state.engine.backend
+            assert (await client.get("/health")).status_code == 503
+            twilio = Twilio(client)
+            assert tree((await twilio.call()).content) == apology()
+            server.start()
+            for _ in range(200):
+                if backend.listening:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get("/health")).status_code == 200
+            await twilio.call()
+            assert await twilio.turn("hi") == ["Hello there."]
+    finally:
+        server.stop()
+    assert any(line.startswith("warning starting without valkey") for line in logs.lines)
+    assert len([line for line in logs.lines if "valkey unreachable" in line]) == 1
+
+
+async def test_valkey_lost_mid_reply_stops_the_generation_and_the_continuation_apologises(tmp_path: Path) -> None:
+    model = Scripted(replies=["One is here. Two is here. Three is here. Four is here."], gap=0.05)
+    with private_valkey(tmp_path) as server:
+        app = valkey_app(model, server.url, "sb", VALKEY_TIMEOUT="0.5")
+        async with concurrent(app) as client:
+            twilio = Twilio(client)
+            await twilio.call()
+            first = await twilio.say("hello")
+            generation = next(iter(app.state.engine.runs.values())).task
+            server.stop()
+            await asyncio.wait([generation], timeout=3)
+            later = await twilio.post(redirect_of(first.content))
+    assert says(first.content) == ["One is here."]
+    assert generation.cancelled()  # stopped quietly when its next sentence could not be queued
+    assert model.closed == 1  # and the model's stream was closed
+    assert tree(later.content) == apology()
