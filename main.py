@@ -144,7 +144,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
 # ----------------------------------------------------------------------------- structs
 
 
-class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+class ToolCall(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     """The model asks to run a tool."""
 
     id: str
@@ -152,7 +152,7 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
     arguments: dict[str, Any]
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Message(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaults=True):
     """One turn of the conversation as the model sees it; a tool's result is a "tool" message."""
 
     role: Literal["user", "assistant", "tool"]
@@ -170,7 +170,7 @@ class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
     parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
+class Usage(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     """Tokens a model used for one reply."""
 
     input_tokens: int = 0
@@ -180,7 +180,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 Event = str | ToolCall | Usage  # what LLMProvider.stream yields: text tokens, tool calls, usage
 
 
-class Segment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Segment(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaults=True):
     """One piece of a reply document: spoken text (<Say> or <Play>), a pause, an action, or the end."""
 
     kind: Literal["speech", "filler", "pause", "hangup", "dial", "end"] = "speech"
@@ -195,7 +195,7 @@ class Segment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     output_tokens: int = 0
 
 
-class CallInfo(msgspec.Struct, frozen=True, kw_only=True):
+class CallInfo(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     """The call a tool acts on."""
 
     call_sid: str
@@ -210,7 +210,7 @@ class ToolResult(msgspec.Struct, frozen=True, kw_only=True):
     action: Segment | None = None
 
 
-class Turn(msgspec.Struct, kw_only=True):
+class Turn(msgspec.Struct, gc=False, kw_only=True):
     """The caller turn being answered: its text, the speech keys it answers, when it began."""
 
     id: str
@@ -219,7 +219,7 @@ class Turn(msgspec.Struct, kw_only=True):
     started: float
 
 
-class Session(msgspec.Struct, kw_only=True):
+class Session(msgspec.Struct, gc=False, kw_only=True):
     """Everything switchboard keeps about one call."""
 
     call_sid: str
@@ -272,7 +272,7 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     cost: float = 0.0  # US dollars: llm_cost + phone_cost
 
 
-class Snapshot(msgspec.Struct, kw_only=True):
+class Snapshot(msgspec.Struct, gc=False, kw_only=True):
     """What begin() read under the call's lock."""
 
     token: str
@@ -281,7 +281,7 @@ class Snapshot(msgspec.Struct, kw_only=True):
     replies: dict[str, tuple[str, list[Segment]]]  # stored (turn, segments) for the keys asked about
 
 
-class TwilioForm(msgspec.Struct, kw_only=True, rename="pascal"):
+class TwilioForm(msgspec.Struct, gc=False, kw_only=True, rename="pascal"):
     """The Twilio request fields switchboard reads, mapped once from PascalCase."""
 
     call_sid: str = ""
@@ -652,15 +652,20 @@ class Signer:
         trusted = settings.trusted_proxies
         self.trust_all = "*" in trusted
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in trusted if p != "*"]
+        self.known: dict[str, bool] = {}
 
     def _trusted(self, client: tuple[str, int] | None) -> bool:
-        if self.trust_all:
-            return True
-        try:
-            addr = ipaddress.ip_address(client[0]) if client else None
-        except ValueError:
-            return False
-        return addr is not None and any(addr in net for net in self.proxies)
+        if self.trust_all or client is None:
+            return self.trust_all
+        if (known := self.known.get(client[0])) is None:
+            try:
+                addr = ipaddress.ip_address(client[0])
+                known = any(addr in net for net in self.proxies)
+            except ValueError:
+                known = False
+            if len(self.known) < 4096:  # the peers are a few proxies; a flood of addresses is not remembered
+                self.known[client[0]] = known
+        return known
 
     def url(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str:
         """The URL Twilio signed: PUBLIC_URL or the trusted proxy's scheme and host, plus the raw target."""

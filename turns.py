@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import re
 import secrets
 import time
@@ -157,7 +158,7 @@ def speech_key(text: str) -> str:
 
 def new_turn_id() -> str:
     """A turn id that carries its start time (ms, hex), so any replica can tell a turn's age."""
-    return f"{int(time.time() * 1000):x}{secrets.token_hex(4)}"
+    return f"{int(time.time() * 1000):x}{random.getrandbits(32):08x}"  # unique, not secret: requests are signed
 
 
 def turn_age(turn_id: str) -> float:
@@ -249,11 +250,18 @@ class TurnRun:
 
     async def first(self, timeout: float, *, whole: bool = False) -> list[Segment]:
         """Wait until the first sentence (or, with `whole`, the end) exists, at most `timeout`; take what is ready."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not (has_end(self.ready) if whole else self.ready) and not self.superseded:
-                    self.changed.clear()
-                    await self.changed.wait()
+
+        def ready() -> bool:
+            return bool(has_end(self.ready) if whole else self.ready) or self.superseded
+
+        if not ready():
+            await asyncio.sleep(0)  # let the generation start: a model that answers at once needs no timer
+        if not ready():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while not ready():
+                        self.changed.clear()
+                        await self.changed.wait()
         self.taken = True
         segments, self.ready = self.ready, []
         return segments
@@ -501,7 +509,7 @@ class Engine:
         served: list[str] = []
         usage = Usage()
         action: Segment | None = None  # a tool's hangup or dial, after the reply
-        spoken, full, t0 = 0, False, time.monotonic()
+        spoken, full, named, t0 = 0, False, False, time.monotonic()
 
         async def say(sentences: list[str], tail: Sequence[Segment] = ()) -> None:
             nonlocal spoken
@@ -528,7 +536,8 @@ class Engine:
                 async with asyncio.timeout(s.llm_total_timeout):
                     segmenter = Segmenter()
                     async for event in self.reply(messages, call=run.call, served=served):
-                        if not run.taken and served:
+                        if not named and served:  # the first document's log line names the provider
+                            named = True
                             note(provider=served[-1])
                         if isinstance(event, str):
                             if sentences := segmenter.feed(event):

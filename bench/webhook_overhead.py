@@ -4,7 +4,8 @@
         ROOT: a checkout to load main.py from (default: this one); NAME=VALUE: env vars for create_app
         (e.g. SENTRY_DSN=http://key@127.0.0.1:9/1 to price Sentry's middleware; nothing is sent)
 
-Each ROOT runs in its own process: N signed /voice requests (new calls), N /status `ringing` (the
+Each ROOT runs in its own process: N signed /voice requests (new calls), N /process-speech (a turn on
+each of those calls, echo model), N /status `ringing` (the
 cheapest webhook) and N /status `completed` (ends the call: records, cost, log lines), driven straight
 through the ASGI app; prints the best of 5 rounds in µs per request. Log lines go to /dev/null.
 """
@@ -59,6 +60,8 @@ async def bench(root: str) -> dict[str, float]:
             base = {"AccountSid": "AC" + "0" * 32, "From": "+15005550006", "To": "+15005550001"}
             batches = {
                 "/voice": [request("/voice", base | {"CallSid": s, "CallStatus": "ringing"}) for s in sids],
+                "/process-speech": [request("/process-speech", base | {"CallSid": s, "SpeechResult": f"question {r} {i}",
+                                                                      "Confidence": "0.9"}) for i, s in enumerate(sids)],
                 "/status ringing": [request("/status", base | {"CallSid": s, "CallStatus": "ringing"}) for s in sids],
                 "/status completed": [request("/status", base | {"CallSid": s, "CallStatus": "completed"}) for s in sids],
             }

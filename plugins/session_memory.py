@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -17,20 +17,21 @@ session_encoder = msgspec.msgpack.Encoder()
 session_decoder = msgspec.msgpack.Decoder(Session)
 
 
-class Call:
-    """One call's state, with the same parts the Valkey backend keeps under its keys."""
+class Call(msgspec.Struct, gc=False):
+    """One call's state, with the same parts the Valkey backend keeps under its keys.
 
-    __slots__ = ("session", "current", "lock", "lock_until", "served", "queues", "replies", "expires", "pushed")
+    Not tracked by the cyclic GC, and its containers exist only once used: a server holding many
+    idle calls keeps its collections short."""
 
-    def __init__(self) -> None:
-        self.session: bytes | None = None
-        self.current = ""
-        self.lock, self.lock_until = "", 0.0
-        self.served: list[Segment] = []
-        self.queues: dict[str, list[Segment]] = {}
-        self.replies: dict[str, tuple[str, list[Segment]]] = {}
-        self.expires = 0.0
-        self.pushed: asyncio.Event | None = None  # made when someone waits
+    session: bytes | None = None
+    current: str = ""
+    lock: str = ""
+    lock_until: float = 0.0
+    served: tuple[Segment, ...] = ()
+    queues: dict[str, list[Segment]] | None = None
+    replies: dict[str, tuple[str, tuple[Segment, ...]]] | None = None
+    expires: float = 0.0
+    pushed: asyncio.Event | None = None  # made when someone waits
 
 
 class MemoryBackend(SessionBackend):
@@ -40,6 +41,7 @@ class MemoryBackend(SessionBackend):
         self.ttl = settings.session_ttl
         self.clock = clock
         self.calls: dict[str, Call] = {}
+        self.tokens = itertools.count(1)
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.sweeper: asyncio.Task[None] | None = None
         self.blobs: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
@@ -82,7 +84,7 @@ class MemoryBackend(SessionBackend):
         call, now = self._call(call_sid), self.clock()
         if call.lock and call.lock_until > now:
             return None
-        call.lock, call.lock_until = secrets.token_hex(8), now + ttl
+        call.lock, call.lock_until = f"{next(self.tokens):x}", now + ttl  # owners in one process: a counter
         return call.lock
 
     async def unlock(self, call_sid: str, token: str) -> bool:
@@ -98,7 +100,8 @@ class MemoryBackend(SessionBackend):
             return None
         call = self._call(call_sid, ttl)
         session = session_decoder.decode(call.session) if call.session is not None else None
-        replies = {k: call.replies[k] for k in keys if k in call.replies}
+        stored = call.replies or {}
+        replies = {k: (stored[k][0], list(stored[k][1])) for k in keys if k in stored}
         return Snapshot(token=token, session=session, served=list(call.served), replies=replies)
 
     async def commit(
@@ -112,10 +115,9 @@ class MemoryBackend(SessionBackend):
         else:
             call.session = session_encoder.encode(session)
             if turn_changed:  # keep the replies of the turn just finished, for late retries
-                call.replies = {k: v for k, v in call.replies.items() if v[0] == call.current}
+                call.replies = {k: v for k, v in call.replies.items() if v[0] == call.current} if call.replies else None
                 call.current = session.current.id if session.current else ""
-                call.served = []
-                call.queues.clear()
+                call.served, call.queues = (), None
             call.lock = ""
         if cancel:
             for callback in self.cancel_callbacks:
@@ -126,6 +128,8 @@ class MemoryBackend(SessionBackend):
         call = self.calls.get(call_sid)
         if call is None or call.current != turn:
             return False
+        if call.queues is None:
+            call.queues = {}
         call.queues.setdefault(turn, []).extend(segments)
         if call.pushed is not None:
             call.pushed.set()
@@ -140,16 +144,19 @@ class MemoryBackend(SessionBackend):
             return SUPERSEDED
         if call.lock and call.lock_until > self.clock():
             return BUSY
-        taken = list(segments) if segments is not None else call.queues.pop(turn, [])
+        taken = list(segments) if segments is not None else (call.queues or {}).pop(turn, [])
         if taken:
-            call.served.extend(taken)
+            kept = tuple(taken)
+            call.served += kept
+            if call.replies is None:
+                call.replies = {}
             for key in keys:
-                call.replies[key] = (turn, taken)
+                call.replies[key] = (turn, kept)
         return taken
 
     async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
         call = self.calls.get(call_sid)
-        if call is None or call.queues.get(turn):
+        if call is None or (call.queues or {}).get(turn):
             return
         if call.pushed is None:
             call.pushed = asyncio.Event()
@@ -158,7 +165,8 @@ class MemoryBackend(SessionBackend):
 
     async def reply(self, call_sid: str, key: str) -> tuple[str, list[Segment]] | None:
         call = self.calls.get(call_sid)
-        return call.replies.get(key) if call is not None else None
+        stored = (call.replies or {}).get(key) if call is not None else None
+        return (stored[0], list(stored[1])) if stored is not None else None
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         self.cancel_callbacks.append(callback)
