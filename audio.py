@@ -30,7 +30,6 @@ from main import (
     SessionBackend,
     Settings,
     TTSVoice,
-    current_call,
     log,
     say_voice,
 )
@@ -107,7 +106,7 @@ class Hosted(TTSVoice):
             counts["fallback"] += 1
             error = f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__
             log.warning("voice failed, speaking with FALLBACK_SAY_VOICE",
-                        extra={"call": current_call.get(), "voice": self.name, "error": error})
+                        extra={"voice": self.name, "error": error})
             return Segment(text=text, voice=self.fallback, language=self.language)
         return Segment(text=text, url=f"{base_url}/audio/{key}.{EXTENSIONS[content_type(blob)]}")
 

@@ -2,7 +2,7 @@
 
 main.py and turns.py tell the Observer about a few moments (a request answered, a model's first token, a
 reply generated, a turn closed, a call started or ended); everything about watching calls lives here.
-Which call and turn a moment belongs to comes from main.request_fields, the context variable that carries
+Which call and turn a moment belongs to comes from webhooks.request_fields, the context variable that carries
 the request's log fields (its CallSid, and its turn once the turn begins) into the tasks the request starts.
 """
 
@@ -42,9 +42,8 @@ from main import (
     Usage,
     log,
     mask,
-    request_fields,
-    respond,
 )
+from webhooks import request_fields, respond
 
 prometheus_client.disable_created_metrics()  # no `_created` twin for every series: half the scrape, nothing lost
 
@@ -517,3 +516,41 @@ def start_sentry(settings: Settings) -> bool:
     )
     log.info("sentry enabled", extra={"sentry_host": urlsplit(dsn).hostname or "?"})
     return True
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class LogFormatter(logging.Formatter):
+    """One line per event: `level message key=value ...` or one JSON object."""
+
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__()
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if self.json_lines:
+            line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+            return msgspec.json.encode(line | fields, enc_hook=str).decode()
+        extra = " ".join(f"{k}={v}" for k, v in fields.items() if k != "exception")
+        text = f"{record.levelname.lower()} {record.getMessage()} {extra}".rstrip()
+        return text + ("\n" + fields["exception"] if "exception" in fields else "")
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log to stderr in the configured format."""
+    # The logging docs' own optimisations: no caller frame, thread or process lookups per record.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter(settings.log_format == "json"))
+    handler.set_name("switchboard")
+    log.handlers[:] = [h for h in log.handlers if h.get_name() != "switchboard"] + [handler]
+    log.setLevel(settings.log_level.upper())
+    log.propagate = False

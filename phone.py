@@ -38,7 +38,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from main import twilio_signature
+from webhooks import twilio_signature
 
 HERE = Path(__file__).resolve().parent
 

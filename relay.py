@@ -23,15 +23,12 @@ from litestar import asgi
 from litestar.types import Receive, Scope, Send
 
 from main import (
-    _CALL_SID,
     END,
     TERMINAL_STATUSES,
     CallInfo,
     ConfigError,
-    Gate,
     Message,
     ProviderError,
-    Reject,
     Segment,
     Session,
     Settings,
@@ -41,11 +38,10 @@ from main import (
     document,
     esc,
     log,
-    respond,
     verb,
-    webhook,
 )
 from turns import Engine, new_turn_id
+from webhooks import _CALL_SID, Gate, Reject, respond, webhook
 
 RELAY_PATH, ACTION_PATH = "/relay", "/relay-action"
 QUEUE = 32  # messages waiting for a slow socket before tokens coalesce

@@ -47,9 +47,9 @@ from main import (
     document,
     gather_tag,
     log,
-    note,
     render,
 )
+from webhooks import note
 
 if TYPE_CHECKING:
     from observe import Observer

@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 import websockets  # noqa: E402
 
 import phone  # noqa: E402
-from main import twilio_signature  # noqa: E402
+from webhooks import twilio_signature  # noqa: E402
 
 TOKEN = "bench-token-" + secrets.token_hex(8)
 

@@ -27,6 +27,7 @@ from fake_tts import KEY, fake_tts  # noqa: E402
 
 import audio  # noqa: E402
 import main  # noqa: E402
+import webhooks  # noqa: E402
 
 TOKEN = "made-up-bench-token"
 N, ROUNDS = 2000, 5
@@ -115,7 +116,7 @@ async def first_document_ms(environ: dict[str, str], turns: int = 60) -> float:
             for path, extra in (("/voice", {}), ("/process-speech", {"SpeechResult": f"hello number {n}",
                                                                      "Confidence": "0.9"})):
                 params = {"CallSid": sid, "From": "+15005550006", "To": "+15005550001", **extra}
-                sig = main.twilio_signature(TOKEN, "http://bench.local" + path, list(params.items()))
+                sig = webhooks.twilio_signature(TOKEN, "http://bench.local" + path, list(params.items()))
                 t0 = time.perf_counter()
                 r = await c.post(path, content=urlencode(params), headers={
                     "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sig})

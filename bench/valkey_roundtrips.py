@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import phone  # noqa: E402
-from main import twilio_signature  # noqa: E402
 from plugins import session_valkey  # noqa: E402
+from webhooks import twilio_signature  # noqa: E402
 
 TOKEN = "bench-token-" + secrets.token_hex(8)
 SCRIPTS = {hashlib.sha1(getattr(session_valkey, name).encode()).hexdigest(): name.lower()

@@ -28,8 +28,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from main import twilio_signature  # noqa: E402
 from phone import free_port  # noqa: E402
+from webhooks import twilio_signature  # noqa: E402
 
 TOKEN = "bench-token-" + secrets.token_hex(8)
 CALLS = 4096

@@ -27,6 +27,7 @@ TOKEN = "made-up-bench-token"
 async def bench(root: str) -> dict[str, float]:
     sys.path.insert(0, root)
     import main
+    import webhooks
 
     extra = dict(a.split("=", 1) for a in os.environ.get("BENCH_ENV", "").split("\n") if a)
     app = main.create_app({"TWILIO_AUTH_TOKEN": TOKEN, **extra})
@@ -34,7 +35,7 @@ async def bench(root: str) -> dict[str, float]:
 
     def request(path: str, params: dict[str, str]) -> tuple[dict, bytes]:
         body = urlencode(params).encode()
-        signature = main.twilio_signature(TOKEN, "http://bench.local" + path, list(params.items()))
+        signature = webhooks.twilio_signature(TOKEN, "http://bench.local" + path, list(params.items()))
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "client": ("127.0.0.1", 5000), "server": ("bench.local", 80),

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 from fake_llm import fake_llm  # noqa: E402,F401  (the fake OpenAI/Anthropic server fixture, for every test module)
 
 import main  # noqa: E402
+import observe
 import phone  # noqa: E402
+import webhooks
 from main import LLMProvider, Message, ProviderError, hookimpl  # noqa: E402
 
 TOKEN = "made-up-test-token-0123456789abcdef"
@@ -118,7 +120,7 @@ class Twilio:
 
     async def post(self, path: str, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
         data = self.params | params
-        signature = main.twilio_signature(self.token, BASE + path, list(data.items()))
+        signature = webhooks.twilio_signature(self.token, BASE + path, list(data.items()))
         return await self.client.post(
             path, content=urlencode(data),
             headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature,
@@ -224,7 +226,7 @@ class Captured(logging.Handler):
 
     def __init__(self, json_lines: bool = False) -> None:
         super().__init__()
-        self.setFormatter(main.LogFormatter(json_lines))
+        self.setFormatter(observe.LogFormatter(json_lines))
         self.lines: list[str] = []
         self.records: list[logging.LogRecord] = []
 

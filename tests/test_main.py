@@ -40,6 +40,7 @@ from twilio.request_validator import RequestValidator
 import main
 import phone
 import turns
+import webhooks
 
 # ----------------------------------------------------------------------------- signatures (vectors from the wire reference)
 
@@ -48,8 +49,8 @@ P = [("CallSid", "CA1234567890ABCDE"), ("Caller", "+14158675309"), ("Digits", "1
      ("To", "+18005551212")]
 
 
-def signer(public_url: str = "") -> main.Signer:
-    return main.Signer(main.load_settings({"TWILIO_AUTH_TOKEN": "12345", "PUBLIC_URL": public_url}))
+def signer(public_url: str = "") -> webhooks.Signer:
+    return webhooks.Signer(main.load_settings({"TWILIO_AUTH_TOKEN": "12345", "PUBLIC_URL": public_url}))
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def signer(public_url: str = "") -> main.Signer:
     ],
 )
 def test_signature_matches_published_vectors(url: str, params: list[tuple[str, str]], expected: str) -> None:
-    assert main.twilio_signature("12345", url, params) == expected
+    assert webhooks.twilio_signature("12345", url, params) == expected
 
 
 @pytest.mark.parametrize(
@@ -135,8 +136,8 @@ def test_signature_agrees_with_twilio_request_validator(
     url = f"{scheme}://{host}{port}{path}" + (("?" + urlencode(query)) if query else "")
     validator = RequestValidator("made-up-token")
     expected = validator.compute_signature(url, MultiDict(params))
-    assert main.twilio_signature("made-up-token", url, params) == expected
-    ours = main.Signer(main.load_settings({"TWILIO_AUTH_TOKEN": "made-up-token"}))
+    assert webhooks.twilio_signature("made-up-token", url, params) == expected
+    ours = webhooks.Signer(main.load_settings({"TWILIO_AUTH_TOKEN": "made-up-token"}))
     assert ours.check(url, params, expected) == validator.validate(url, MultiDict(params), expected) is True
 
 
@@ -156,11 +157,11 @@ def test_signed_url_prefers_public_url_and_keeps_the_raw_query() -> None:
 def test_forwarded_headers_are_trusted_only_from_configured_proxies() -> None:
     headers = {b"host": b"internal:8080", b"x-forwarded-proto": b"https, http", b"x-forwarded-host": b"agent.example.com"}
     settings = main.load_settings({"TWILIO_AUTH_TOKEN": "t", "TRUSTED_PROXIES": "10.0.0.0/8"})
-    trusted = main.Signer(settings)
+    trusted = webhooks.Signer(settings)
     assert trusted.url(_scope(), headers) == "https://agent.example.com/voice"
     assert trusted.url(_scope(kind="websocket", scheme="ws"), headers) == "wss://agent.example.com/voice"
     assert trusted.url(_scope(client="203.0.113.9"), headers) == "http://internal:8080/voice"
-    everyone = main.Signer(main.load_settings({"TWILIO_AUTH_TOKEN": "t", "TRUSTED_PROXIES": "*"}))
+    everyone = webhooks.Signer(main.load_settings({"TWILIO_AUTH_TOKEN": "t", "TRUSTED_PROXIES": "*"}))
     assert everyone.url(_scope(client="203.0.113.9"), headers) == "https://agent.example.com/voice"
 
 
@@ -187,7 +188,7 @@ async def test_signature_through_a_trusted_proxy_uses_the_forwarded_url() -> Non
     app = main.create_app(env(TRUSTED_PROXIES="*"))
     async with running(app) as client:
         data = {"CallSid": new_call_sid(), "From": "+15005550006"}
-        signature = main.twilio_signature(TOKEN, "https://agent.example.com/voice", list(data.items()))
+        signature = webhooks.twilio_signature(TOKEN, "https://agent.example.com/voice", list(data.items()))
         headers = {"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature,
                    "x-forwarded-proto": "https", "x-forwarded-host": "agent.example.com"}
         ok = await client.post("/voice", content=urlencode(data), headers=headers)
@@ -517,7 +518,7 @@ async def test_bad_input_gets_a_clear_4xx_and_a_log_line(content_type: str, body
     app = main.create_app(env())
     async with running(app) as client:
         params = [(k, v) for k, v in __import__("urllib.parse").parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
-        signature = main.twilio_signature(TOKEN, BASE + "/process-speech", params)
+        signature = webhooks.twilio_signature(TOKEN, BASE + "/process-speech", params)
         response = await client.post("/process-speech", content=body,
                                      headers={"content-type": content_type, "x-twilio-signature": signature})
     assert response.status_code == status

@@ -26,6 +26,7 @@ import audio
 import main
 import observe
 import phone
+import webhooks
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action")
@@ -430,7 +431,7 @@ async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> 
         await twilio.say("hello")
         await client.get("/health")
         await client.post("/voice", content="CallSid=CA1", headers={"content-type": "application/x-www-form-urlencoded"})
-    assert main.request_fields.get(None) is None
+    assert webhooks.request_fields.get(None) is None
     refused = next(r for r in logs.records if r.getMessage() == "request" and r.status == 403)
     assert refused.call == "" and not hasattr(refused, "turn")
 
@@ -551,11 +552,11 @@ def test_the_scrubber_keeps_the_request_line_and_drops_bodies_users_and_numbers(
         "breadcrumbs": {"values": [{"message": "caller +1 (500) 555-0006 said hi"}]},
         "exception": {"values": [{"type": "RuntimeError", "value": f"bad {CALLER}"}]},
     }
-    token = main.request_fields.set({"route": "/process-speech", "call": "CA123", "turn": 2})
+    token = webhooks.request_fields.set({"route": "/process-speech", "call": "CA123", "turn": 2})
     try:
         scrubbed = observe.before_send(event, {})
     finally:
-        main.request_fields.reset(token)
+        webhooks.request_fields.reset(token)
     assert scrubbed == {
         "request": {"method": "POST", "url": "https://agent.example/process-speech",
                     "headers": {"Content-Type": "application/x-www-form-urlencoded"}},

@@ -45,6 +45,7 @@ import main
 import phone
 import relay
 import turns
+import webhooks
 
 ROOT = Path(__file__).resolve().parent.parent
 WS_URL = BASE.replace("http://", "ws://") + "/relay"
@@ -177,7 +178,7 @@ class WsPeer(Peer):
 
 
 def signed(url: str, token: str = TOKEN) -> dict[str, str]:
-    return {"x-twilio-signature": main.twilio_signature(token, url, [])}
+    return {"x-twilio-signature": webhooks.twilio_signature(token, url, [])}
 
 
 @contextlib.asynccontextmanager
@@ -281,7 +282,7 @@ async def test_the_socket_url_is_the_public_wss_url_and_the_voice_supplies_its_a
         app = main.create_app(env(MODE="relay", TTS_VOICE="eleven", **extra), plugins=[plugin(tts={"eleven": RelayVoice()})])
         async with concurrent(app) as client:
             data = {"CallSid": new_call_sid(), "From": "+15005550006"}
-            signature = main.twilio_signature(TOKEN, "https://agent.example.com/voice?x=1", list(data.items()))
+            signature = webhooks.twilio_signature(TOKEN, "https://agent.example.com/voice?x=1", list(data.items()))
             answer = await client.post("/voice?x=1", content=urlencode(data), headers={
                 "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature, **headers})
         expected = connect_doc("wss://agent.example.com/relay", tts_provider="ElevenLabs", voice="UgBBYS2sOqTuMpoF3BR0")
@@ -874,7 +875,7 @@ async def webhook_post(client: httpx.AsyncClient, url: str, call_sid: str, **par
     """A signed form POST to a real server, as Twilio sends it."""
     data = {"AccountSid": "AC" + "0" * 32, "CallSid": call_sid, "From": "+15005550006", "To": "+15005550001",
             "CallStatus": "in-progress", **params}
-    signature = main.twilio_signature(TOKEN, url, list(data.items()))
+    signature = webhooks.twilio_signature(TOKEN, url, list(data.items()))
     return await client.post(url, data=data, headers={"x-twilio-signature": signature})
 
 

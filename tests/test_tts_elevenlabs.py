@@ -97,8 +97,8 @@ async def test_a_failing_vendor_falls_back_to_say(
         lambda r: r.gather(**GATHER).say("Hi.", voice="Google.en-US-Neural2-F", language="en-US"))
     assert len(fake.calls) == asked
     assert [line for line in logs.lines if line.startswith("warning voice failed")] == [
-        f"warning voice failed, speaking with FALLBACK_SAY_VOICE call={twilio.call_sid} voice=elevenlabs "
-        f"error=ProviderError: ElevenLabs answered {status}: {message}"]
+        f"warning voice failed, speaking with FALLBACK_SAY_VOICE voice=elevenlabs "
+        f"error=ProviderError: ElevenLabs answered {status}: {message} call={twilio.call_sid}"]
     assert audio.counts["fallback"] == before + 1
     assert key not in "\n".join(logs.lines)
 

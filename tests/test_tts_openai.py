@@ -33,6 +33,8 @@ from test_session_contract import BACKENDS, backend_env
 
 import audio
 import main
+import observe
+import webhooks
 from plugins.tts_openai import OpenAIVoice
 
 URL = re.compile(re.escape(BASE) + r"/audio/[0-9a-f]{32}\.(mp3|wav)")
@@ -158,7 +160,8 @@ async def test_a_vendor_500_falls_back_to_say_logged_with_the_call_and_counted(f
     assert tree(again.content) == played(*plays(again.content), gather=gather)  # the greeting is not stuck on <Say>
     failures = [line for line in logs.lines if line.startswith("warning voice failed")]
     assert len(failures) == 2 == audio.counts["fallback"] - before
-    assert all(f"call={twilio.call_sid} voice=openai error=ProviderError: OpenAI speech failed" in f for f in failures)
+    assert all("voice=openai error=ProviderError: OpenAI speech failed" in f and f" call={twilio.call_sid}" in f
+               for f in failures)
     assert fake.texts() == ["Hi.", "Hi.", "You said: hello there.", "You said: hello there.", "Hi."]  # one SDK retry
 
 
@@ -320,7 +323,7 @@ def test_the_sdk_is_imported_only_when_the_voice_opens() -> None:
 
 
 def test_relay_mode_gets_a_documented_amazon_voice(logs: Captured) -> None:
-    main.setup_logging(main.load_settings(env()))  # as create_app does: info lines are logged
+    observe.setup_logging(main.load_settings(env()))  # as create_app does: info lines are logged
     voice = OpenAIVoice(main.load_settings(env(OPENAI_API_KEY=KEY)))
     assert voice.relay_attrs() == voice.relay_attrs() == {"ttsProvider": "Amazon", "voice": "Joanna-Neural"}
     assert [line for line in logs.lines if "ConversationRelay" in line] == [
@@ -333,7 +336,7 @@ def test_a_real_process_plays_and_serves_the_audio(fake: FakeTTS) -> None:
              "PUBLIC_URL": ""}
     with server(extra) as (base, _proc, _log):
         params = {"CallSid": "CA" + "1" * 32, "From": "+15005550006", "To": "+15005550001"}
-        signature = main.twilio_signature(TOKEN, base + "/voice", list(params.items()))
+        signature = webhooks.twilio_signature(TOKEN, base + "/voice", list(params.items()))
         answer = httpx.post(base + "/voice", data=params, headers={"x-twilio-signature": signature})
         url = ET.fromstring(answer.content).find("Gather/Play").text or ""  # type: ignore[union-attr]
         got = httpx.get(url)

@@ -6,6 +6,7 @@ import pytest
 from conftest import GATHER, Captured, Twilio, env, running, tree, twiml
 
 import main
+import observe
 from plugins.tts_say import SayVoice
 
 
@@ -81,7 +82,7 @@ def test_relay_mode_gets_the_same_voice(name: str, attrs: dict[str, str], logs: 
 
 
 def test_legacy_voices_get_an_amazon_voice_in_relay_mode_with_a_note(logs: Captured) -> None:
-    main.setup_logging(main.load_settings(env()))  # as create_app does: info lines are logged
+    observe.setup_logging(main.load_settings(env()))  # as create_app does: info lines are logged
     man, alice = (SayVoice(main.load_settings(env(SAY_VOICE=v))) for v in ("man", "alice"))
     assert man.relay_attrs() == man.relay_attrs() == {"ttsProvider": "Amazon", "voice": "Matthew-Neural"}
     assert alice.relay_attrs() == {"ttsProvider": "Amazon", "voice": "Joanna-Neural"}

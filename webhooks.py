@@ -1,0 +1,290 @@
+"""Twilio's requests in: the signature check, the request gate, the webhook routes and the health check.
+
+Every webhook is a raw ASGI route handler (parse, verify, answer), so the hot path stays lean
+(DESIGN.md, "Performance notes"): one log line, metrics bound once, TwiML from small templates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import hashlib
+import hmac
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import msgspec
+from litestar import asgi
+from litestar.types import Receive, Scope, Send
+
+from main import VERSION, BackendError, Settings, TwilioForm, document, esc, log
+
+if TYPE_CHECKING:
+    from relay import Relay
+    from turns import Engine
+
+
+# ----------------------------------------------------------------------------- signatures
+
+
+def twilio_signature(token: str, url: str, params: Sequence[tuple[str, str]]) -> str:
+    """Twilio's X-Twilio-Signature: base64 HMAC-SHA1 of the URL plus the params sorted by name, then value.
+
+    Repeated names contribute each distinct value once, which is what sorting the distinct pairs gives."""
+    data = url + "".join(key + value for key, value in sorted(set(params)))
+    return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+_PORT = re.compile(r":\d+$")
+DEFAULT_PORTS = {"https": "443", "wss": "443", "http": "80", "ws": "80"}
+
+
+def url_variants(url: str) -> list[str]:
+    """The URL as given, without its port, and with the scheme's default port (Twilio signs either)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    head = f"{scheme}{sep}{userinfo}{at}"
+    if _PORT.search(hostport):
+        variants = [url, head + _PORT.sub("", hostport) + slash + tail]
+    else:
+        variants = [url, f"{head}{hostport}:{DEFAULT_PORTS.get(scheme, '80')}{slash}{tail}"]
+    if "'" in url or "%27" in url:  # Twilio has signed both spellings of an apostrophe
+        variants += [v.replace("'", "%27") if "'" in v else v.replace("%27", "'") for v in variants]
+    return variants
+
+
+class Signer:
+    """Checks X-Twilio-Signature against the URL Twilio requested (not the URL we were reached at)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.token = settings.twilio_auth_token
+        self.public = settings.public_url.rstrip("/")
+        trusted = settings.trusted_proxies
+        self.trust_all = "*" in trusted
+        self.proxies = [ipaddress.ip_network(p, strict=False) for p in trusted if p != "*"]
+        self.known: dict[str, bool] = {}
+
+    def _trusted(self, client: tuple[str, int] | None) -> bool:
+        if self.trust_all or client is None:
+            return self.trust_all
+        if (known := self.known.get(client[0])) is None:
+            try:
+                addr = ipaddress.ip_address(client[0])
+                known = any(addr in net for net in self.proxies)
+            except ValueError:
+                known = False
+            if len(self.known) < 4096:  # the peers are a few proxies; a flood of addresses is not remembered
+                self.known[client[0]] = known
+        return known
+
+    def url(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str:
+        """The URL Twilio signed: PUBLIC_URL or the trusted proxy's scheme and host, plus the raw target."""
+        raw = scope.get("raw_path") or scope["path"].encode()
+        target = raw.partition(b"?")[0].decode("latin-1")
+        if query := scope.get("query_string"):
+            target += "?" + query.decode("latin-1")
+        ws = scope["type"] == "websocket"
+        if self.public:
+            base = self.public
+            if ws:
+                base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+            return base + target
+        scheme, host = scope["scheme"], headers.get(b"host", b"").decode("latin-1")
+        if self._trusted(scope.get("client")):
+            if proto := headers.get(b"x-forwarded-proto"):
+                scheme = proto.decode("latin-1").split(",")[0].strip()
+                scheme = {"https": "wss", "http": "ws"}.get(scheme, scheme) if ws else scheme
+            if fwd_host := headers.get(b"x-forwarded-host"):
+                host = fwd_host.decode("latin-1").split(",")[0].strip()
+        return f"{scheme}://{host}{target}"
+
+    def check(self, url: str, params: Sequence[tuple[str, str]], signature: str) -> bool:
+        """Compare in constant time against each URL variant Twilio may have signed."""
+        return any(
+            hmac.compare_digest(twilio_signature(self.token, variant, params), signature) for variant in url_variants(url)
+        )
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+request_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_fields")
+
+
+def note(**fields: Any) -> None:
+    """Add fields to the current request's one log line (tasks started by the request share it)."""
+    if (current := request_fields.get(None)) is not None:
+        current.update(fields)
+
+
+class Reject(Exception):
+    """A request we refuse with a 4xx and one log line."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+_CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
+_TURN = re.compile(r"[0-9a-f]{8,32}")
+
+
+def parse_form(data: bytes) -> list[tuple[str, str]]:
+    """An application/x-www-form-urlencoded body as (name, value) pairs, empty values kept.
+
+    The same result as urllib's parse_qsl with keep_blank_values and strict UTF-8, in a third of the time."""
+    if not data:
+        return []
+    pairs = []
+    for part in data.decode().split("&"):
+        if part:
+            if "+" in part:
+                part = part.replace("+", " ")
+            name, _, value = part.partition("=")
+            if "%" in part:
+                name, value = unquote(name, errors="strict"), unquote(value, errors="strict")
+            pairs.append((name, value))
+    return pairs
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Reject(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"text/xml") -> None:
+    """Send a complete response."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """Reads a Twilio request: size, content type, signature, then the form fields."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.signer = Signer(settings)
+        self.unsigned = not settings.twilio_auth_token and settings.allow_unsigned
+
+    async def open(self, scope: Scope, receive: Receive) -> tuple[TwilioForm, str, dict[str, str]]:
+        """Return the form, the public base URL and the query; raise Reject for anything wrong."""
+        headers = dict(scope["headers"])
+        method = scope["method"]
+        if method not in ("GET", "POST"):
+            raise Reject(405, f"method {method} not allowed")
+        if method == "POST" and not headers.get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
+            raise Reject(415, "expected application/x-www-form-urlencoded")
+        body = await read_body(receive, self.settings.max_body_bytes)
+        url = self.signer.url(scope, headers)
+        signature = headers.get(b"x-twilio-signature", b"").decode("latin-1")
+        if not signature and not self.unsigned:
+            raise Reject(403, "missing X-Twilio-Signature")
+        try:
+            params = parse_form(body) if method == "POST" else []
+            query = dict(parse_form(scope["query_string"]))
+        except UnicodeDecodeError:
+            raise Reject(400, "body is not UTF-8") from None
+        if not self.unsigned and not self.signer.check(url, params, signature):
+            log.warning(
+                "signature mismatch",
+                extra={"route": scope["path"], "checked_url": url,
+                       "hint": "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"},
+            )
+            raise Reject(403, "signature mismatch")
+        fields = dict(params) if method == "POST" else dict(query)
+        if fields.get("Confidence") == "":
+            del fields["Confidence"]
+        try:
+            form = msgspec.convert(fields, TwilioForm, strict=False)
+        except msgspec.ValidationError as e:
+            raise Reject(400, f"bad field: {e}") from None
+        if not _CALL_SID.fullmatch(form.call_sid):
+            raise Reject(400, "missing or malformed CallSid")
+        return form, url[: len(url) - len(scope["path"]) - len(scope["query_string"]) - bool(scope["query_string"])], query
+
+
+def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -> Any:
+    """A Twilio webhook route in raw ASGI: the hot path stays lean (see DESIGN.md)."""
+    budget = 9.5  # seconds: well inside Twilio's 15 s, whatever the model or the backend does
+    fallback = document(f"{engine.gather}<Say>{esc(engine.settings.apology)}</Say></Gather>")
+    answered = engine.obs.route(path)  # this route's metrics, bound once
+
+    @asgi(path, copy_scope=False, name=path)
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        status, body, ctype = 200, fallback, b"text/xml"
+        fields: dict[str, Any] = {"route": path, "status": 200, "call": ""}
+        context = request_fields.set(fields)
+        try:
+            form, base_url, query = await gate.open(scope, receive)
+            fields["call"] = form.call_sid
+            async with asyncio.timeout(budget):
+                body = await handle(form, base_url, query)
+        except Reject as r:
+            status, body, ctype = r.status, f"{r.status} {r}\n".encode(), b"text/plain"
+        except TimeoutError:
+            log.error("response budget exceeded", extra={"route": path, "call": fields["call"]})
+        except BackendError as e:
+            engine.obs.backend_errors.inc()
+            fields["error"] = "session backend unavailable"  # the request's line says so; the cause is logged once
+            if not e.reported:
+                log.error("session backend unavailable", extra={"route": path, "call": fields["call"], "error": str(e)})
+        except Exception:
+            log.exception("request failed", extra={"route": path, "call": fields["call"]})
+        finally:
+            request_fields.reset(context)
+        await respond(send, status, body, ctype)
+        fields["status"], fields["ms"] = status, round((time.perf_counter() - t0) * 1000, 2)
+        log.info("request", extra=fields)
+        answered(fields)
+
+    return endpoint
+
+
+def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay: Relay) -> list[Any]:
+    """The HTTP routes: Twilio's webhooks, ConversationRelay's socket and callback, the health check."""
+    gate = Gate(settings)
+
+    async def continuation(form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
+        turn, n = query.get("turn", ""), query.get("n", "")
+        if not _TURN.fullmatch(turn) or not n.isdigit() or not 0 < int(n) < 1000:
+            raise Reject(400, "bad continuation turn or n")
+        return await engine.continuation(form, turn, int(n), base_url)
+
+    @asgi("/health", copy_scope=False, name="health")
+    async def health(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await engine.backend.ping()
+            status, state = (503, "draining") if engine.draining else (200, "ok")
+        except Exception as e:  # any failure to reach the backend is "unavailable"; the error is logged (once)
+            if not getattr(e, "reported", False):
+                log.warning("health check failed", extra={"error": f"{type(e).__name__}: {e}"})
+            status, state = 503, "unavailable"
+        body = msgspec.json.encode({"status": state, "version": VERSION, "mode": settings.mode, "plugins": plugins})
+        await respond(send, status, body, b"application/json")
+
+    return [
+        webhook("/voice", gate, engine, relay.voice),
+        webhook("/process-speech", gate, engine, lambda f, b, q: engine.speech(f, b)),
+        webhook("/continue", gate, engine, continuation),
+        webhook("/status", gate, engine, lambda f, b, q: engine.status(f)),
+        webhook("/handle-error", gate, engine, lambda f, b, q: engine.handle_error(f, b)),
+        *relay.routes(gate),
+        health,
+    ]
