@@ -102,8 +102,8 @@ class Segmenter:
             k = j
             while k < n and buf[k] in " \t":
                 k += 1
-            if k == n:  # nothing after it yet: decide when more text arrives
-                self.pos = i
+            if k == n:  # nothing after it yet: the next token decides ("Dr." or an end), and a reply
+                self.pos = i  # that ends here stays whole, in one document with its end
                 break
             if k == j:  # no space after it ("3.5", "e.g")
                 continue
@@ -516,6 +516,8 @@ class Engine:
             texts = []
             nonlocal full
             for sentence in sentences:  # spoken counts the reply's characters, sentences joined by spaces
+                if not any(c.isalnum() for c in sentence):  # a stray closing quote or dash: nothing to say
+                    continue
                 whole = speakable(sentence)
                 text = "" if full else clip(whole, s.max_reply_chars - spoken - bool(spoken))
                 full = full or text != whole

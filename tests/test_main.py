@@ -574,12 +574,22 @@ def test_documents_stay_under_64kb() -> None:
         (["e.g. this", " one. Yes"], ["e.g. this one.", "Yes"]),
         (['He said "stop." Then', " left"], ['He said "stop."', "Then left"]),
         (["Line one\nLine two"], ["Line one", "Line two"]),
+        (["Call Dr.", " Smith."], ["Call Dr. Smith."]),
+        (["It is 3.", "5 miles."], ["It is 3.5 miles."]),
+        (["Really?", " Yes."], ["Really?", "Yes."]),
     ],
 )
 def test_segmenter_cuts_at_sentence_ends_only(tokens: list[str], expected: list[str]) -> None:
     seg = turns.Segmenter()
     out = [s for t in tokens for s in seg.feed(t)] + seg.flush()
     assert out == expected
+
+
+def test_a_sentence_is_known_complete_when_the_next_token_arrives() -> None:
+    seg = turns.Segmenter()
+    assert seg.feed("We open at nine.") == []  # maybe the reply's end: it waits, so a short reply stays whole
+    assert seg.feed(" Mr.") == ["We open at nine."]
+    assert seg.feed(" Smith is in.") == [] and seg.flush() == ["Mr. Smith is in."]
 
 
 def test_segmenter_cuts_long_unpunctuated_speech_at_a_pause() -> None:
