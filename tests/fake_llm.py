@@ -102,6 +102,7 @@ class FakeRequest:
     completed: bool = False  # the whole response was sent
     closed_early: bool = False  # the client closed the connection before the response was complete
     started: float = field(default_factory=time.monotonic, repr=False)
+    sent_at: list[float] = field(default_factory=list, repr=False)  # perf_counter() as each token left
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -493,6 +494,7 @@ class FakeLLM:
                 if (i and not await wait(reply.gap)) or not await send(per_token[i]):
                     request.closed_early = True
                     return False
+                request.sent_at.append(time.perf_counter())
             if not await send(b"".join(closing)):
                 request.closed_early = True
                 return False

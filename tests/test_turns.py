@@ -11,6 +11,7 @@ from conftest import (
     Twilio,
     concurrent,
     continuing,
+    env,
     listening,
     redirect_of,
     running,
@@ -18,6 +19,7 @@ from conftest import (
     scripted_app,
     tree,
 )
+from fake_llm import FakeLLM, Reply
 
 import main
 import turns
@@ -169,3 +171,51 @@ async def test_without_streaming_the_whole_reply_comes_in_one_document() -> None
         twilio = Twilio(client)
         answer = await twilio.say("count to five")
     assert tree(answer.content) == listening(*SENTENCES)
+
+
+# ----------------------------------------------------------------------------- through a real SDK against the fake vendor
+
+
+async def test_barge_in_closes_the_vendor_stream_and_trims_history(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(LONG, gap=0.15), Reply("Okay, stopping."))
+    app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="none", **fake_llm.env("openai")))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        first = await twilio.say("count to five")
+        interrupted = await twilio.say("stop")
+        await fake_llm.until(lambda: fake_llm.posts[0].closed_early)  # the fake saw the stream closed
+    assert says(first.content) == ["One is first."]
+    assert tree(interrupted.content) == listening("Okay, stopping.")
+    assert fake_llm.posts[1].body["messages"][1:] == [
+        {"role": "user", "content": "count to five"},
+        {"role": "assistant", "content": "One is first."},
+        {"role": "user", "content": "stop"},
+    ]
+    assert not fake_llm.posts[0].completed
+
+
+async def test_a_slow_vendor_gets_a_filler_then_the_answer(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply("Here you go.", ttft=1.0))
+    app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="none", FIRST_AUDIO_DEADLINE="0.3", LLM_FIRST_TOKEN_TIMEOUT="3",
+                              **fake_llm.env("openai")))
+    async with running(app) as client:
+        twilio = Twilio(client)
+        t0 = time.perf_counter()
+        first = await twilio.say("hello")
+        elapsed = time.perf_counter() - t0
+        rest = await twilio.follow(first)
+    assert says(first.content) == ["One moment."] and elapsed < 0.8
+    assert tree(rest[-1].content) == listening("Here you go.")
+
+
+async def test_a_vendor_stalling_mid_reply_ends_in_an_apology_in_time(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply("The first part arrives. Then nothing more", stall_after=5))
+    app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="none", LLM_TOTAL_TIMEOUT="1.5", **fake_llm.env("openai")))
+    async with running(app) as client:
+        twilio = Twilio(client)
+        t0 = time.perf_counter()
+        docs = await twilio.follow(await twilio.say("hello"))
+        elapsed = time.perf_counter() - t0
+        await fake_llm.until(lambda: fake_llm.posts[0].closed_early)
+    assert [t for d in docs for t in says(d.content)] == ["The first part arrives.", app.state.settings.apology]
+    assert tree(docs[-1].content)[3][-1][0] == "Gather" and elapsed < 4
