@@ -620,12 +620,20 @@ def watch_for_sigterm(engine: Engine) -> None:
         return
 
     server = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
+    loop = asyncio.get_running_loop()
+
+    async def drain_then_stop() -> None:
+        try:  # e.g. relay sockets are asked to reconnect elsewhere before the server closes them
+            await asyncio.wait_for(asyncio.gather(*(d() for d in engine.drainers)), engine.settings.drain_seconds)
+        except Exception:
+            log.exception("draining failed")
+        server.should_exit = True  # a graceful stop that ends in exit code 0, not a re-raised SIGTERM
 
     def on_sigterm(signum: int, frame: Any) -> None:
         engine.draining = True
         log.info("SIGTERM: draining")
-        if hasattr(server, "should_exit"):  # a graceful stop that ends in exit code 0, not a re-raised SIGTERM
-            server.should_exit = True
+        if hasattr(server, "should_exit"):
+            loop.call_soon_threadsafe(lambda: engine.background(drain_then_stop()))
         else:
             previous(signum, frame)
 

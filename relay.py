@@ -49,6 +49,7 @@ SETUP_WAIT = 10.0  # seconds Twilio has to send `setup` after the upgrade
 MAX_RETRIES = 3  # reconnects in a row of sessions that failed within QUICK_FAILURE seconds
 QUICK_FAILURE = 30.0
 HANDOFF = "live-agent-handoff"
+RECONNECT = "reconnect"  # handoff reason when this replica is going away: the callback opens a new socket
 INTERRUPTIBLE = ("any", "speech", "dtmf", "none", "true", "false")
 MISMATCH_HINT = "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"
 
@@ -355,6 +356,16 @@ class Conversation:
                 log.info("relay closed", extra={"call": self.sid, "code": code, "turns": self.turns, "seconds": seconds,
                                                 "coalesced": self.outbox.coalesced})
 
+    async def hand_over(self) -> None:
+        """Finish the reply being spoken (within DRAIN_SECONDS), then end the session with a reconnect."""
+        if self.reply is not None and not self.reply.done():
+            await asyncio.wait([self.reply], timeout=self.settings.drain_seconds)
+        if not self.ended and self.sid:
+            self.ended = True
+            self.outbox.end({"reasonCode": RECONNECT, "reason": "this server is restarting"})
+            while self.outbox.items:  # until the writer has sent it
+                await asyncio.sleep(0.01)
+
     async def _write(self) -> None:
         send = self.send
         try:
@@ -624,6 +635,14 @@ class Relay:
         self.reconnect_greeting = settings.get("RELAY_RECONNECT_GREETING", "Sorry, we were cut off. Please go on.")
         self.attrs = ""  # the voice's attributes, rendered once the voice is open
         self.gate: Gate | None = None
+        self.open: set[Conversation] = set()
+        engine.drainers.append(self.drain)
+
+    async def drain(self) -> None:
+        """This replica is going away: let each socket finish its reply, then ask Twilio to reconnect."""
+        if self.open:
+            log.info("relay draining", extra={"sockets": len(self.open)})
+            await asyncio.gather(*(c.hand_over() for c in list(self.open)), return_exceptions=True)
 
     def routes(self, gate: Gate) -> list[Any]:
         """`/relay-action` (a signed webhook) and `WS /relay` (a signed upgrade)."""
@@ -673,6 +692,9 @@ class Relay:
         except msgspec.DecodeError:
             handoff = {}
         handoff = handoff if isinstance(handoff, dict) else {}
+        if handoff.get("reasonCode") == RECONNECT:  # the replica that ended the session is restarting
+            log.info("relay reconnecting", extra={"call": sid, "reason": "server restart"})
+            return self.connect(base_url, attempt=1)
         if handoff.get("reasonCode") == HANDOFF:
             number = str(handoff.get("number") or self.settings.fallback_number)
             await self.end(sid, "handoff")
@@ -727,4 +749,9 @@ class Relay:
             await send({"type": "websocket.close", "code": 1008})  # before accept: the upgrade gets a 403
             return
         await send({"type": "websocket.accept"})
-        await Conversation(self, send).run(receive)
+        conversation = Conversation(self, send)
+        self.open.add(conversation)
+        try:
+            await conversation.run(receive)
+        finally:
+            self.open.discard(conversation)

@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -292,6 +292,7 @@ class Engine:
         self.runs: dict[str, TurnRun] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
+        self.drainers: list[Callable[[], Awaitable[None]]] = []  # run on SIGTERM before the server stops
         self.phrases: dict[tuple[str, str], Segment] = {}  # (text, base URL): fixed phrases, voiced once
         self.docs: dict[tuple[str, str], bytes] = {}
         self.warm = [p for p in llm.providers[:1] if getattr(type(p), "warm", LLMProvider.warm) is not LLMProvider.warm]

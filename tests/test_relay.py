@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from conftest import (
     env,
     new_call_sid,
     plugin,
+    running,
     scripted_app,
     server,
     tree,
@@ -921,12 +923,6 @@ async def test_the_procfile_server_takes_signed_relay_upgrades_and_streams() -> 
     assert TOKEN not in text and "5005550006" not in text
 
 
-def valkey_plugin() -> Path:
-    return ROOT / "plugins" / "session_valkey.py"
-
-
-@pytest.mark.skipif(not valkey_plugin().exists(),
-                    reason="needs a shared session backend: plugins/session_valkey.py is not on this branch yet")
 async def test_a_call_reconnects_on_another_process_with_its_history(recall: dict[str, str]) -> None:
     prefix = "sb-relay-test-" + secrets.token_hex(6)
     shared = recall | {"SESSION_BACKEND": "valkey", "VALKEY_URL": "redis://127.0.0.1:6379/0", "VALKEY_PREFIX": prefix,
@@ -1069,3 +1065,28 @@ async def test_transfer_call_in_relay_mode_hands_off_and_the_callback_dials_with
     assert json.loads(handoff) == {"reasonCode": "live-agent-handoff", "reason": "the caller asked for a person",
                                    "number": "+15005550009", "callerId": setup_message(twilio.call_sid)["from"]}
     assert tree(callback.content) == twiml(lambda r: r.dial("+15005550009", caller_id=setup_message(twilio.call_sid)["from"]))
+
+
+async def test_sigterm_lets_relay_replies_finish_then_asks_twilio_to_reconnect_elsewhere() -> None:
+    with server({"MODE": "relay", "ECHO_TOKEN_MS": "60", "DRAIN_SECONDS": "5"}) as (base, proc, log_path):
+        call_sid = new_call_sid()
+        async with httpx.AsyncClient() as client:
+            answer = await webhook_post(client, base + "/voice", call_sid, CallStatus="ringing")
+            url, _ = relay_target(answer.content, base)
+            async with ws_peer(url, call_sid) as peer:
+                await peer.send(prompt("tell me about your opening hours please"))
+                got = [await peer.recv()]
+                proc.send_signal(signal.SIGTERM)  # mid-reply
+                while got[-1]["type"] != "end":
+                    got.append(await peer.recv())
+        code = await asyncio.to_thread(proc.wait, 10)
+    assert text_of(got[:-1]) == "You said: tell me about your opening hours please."  # the reply finished
+    assert got[-2]["last"] is True
+    assert json.loads(got[-1]["handoffData"]) == {"reasonCode": "reconnect", "reason": "this server is restarting"}
+    assert code == 0 and "relay draining sockets=1" in log_path.read_text()
+    other = main.create_app(env())  # Twilio calls the <Connect action> URL: another replica answers it
+    async with running(other) as client:
+        callback = await Twilio(client, call_sid=call_sid).post(
+            "/relay-action", SessionStatus="ended", SessionDuration="3", HandoffData=got[-1]["handoffData"])
+    url_again, action_again = relay_target(callback.content, "")
+    assert url_again == "ws://testserver.local/relay" and action_again == "/relay-action"
