@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import importlib.util
 import logging
 import re
 import signal
@@ -328,6 +329,58 @@ class Plugin(Protocol):
 
     async def aclose(self) -> None:
         """Close clients and pools."""
+
+
+class VendorSDK:
+    """For plugins on a vendor SDK: it is imported in a thread when the app opens (startup never waits
+    for its import), and every use awaits the client it builds (`connect`)."""
+
+    package = ""  # the SDK's import name
+    name = ""  # the plugin's name, for errors
+
+    def __init__(self, needed_for: str) -> None:
+        if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
+            raise ConfigError(f"{needed_for} needs the {self.package} package: pip install -r requirements.txt")
+        self.sdk: Any = None
+        self.client: Any = None
+        self.loading: asyncio.Task[None] | None = None
+        self.errors: tuple[type[BaseException], ...] = ()  # the HTTP client's transport errors, once loaded
+
+    async def connect(self, sdk: Any) -> Any:
+        """The vendor client, built from the imported SDK module."""
+        raise NotImplementedError
+
+    def http_client(self, timeout: float) -> Any:
+        """The SDKs' HTTP client (httpx2), kept alive long enough that a warmed connection outlives the greeting."""
+        httpx2 = importlib.import_module("httpx2")
+        self.errors = (httpx2.TransportError, httpx2.TimeoutException)
+        limits = httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=60.0)
+        return httpx2.AsyncClient(timeout=httpx2.Timeout(timeout, connect=5.0), follow_redirects=True, limits=limits)
+
+    async def aopen(self) -> None:
+        if self.loading is None:
+            self.loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        self.sdk = await asyncio.to_thread(importlib.import_module, self.package)
+        self.client = await self.connect(self.sdk)
+
+    async def ready(self) -> Any:
+        """The client, once loaded; ProviderError if the SDK could not start."""
+        await self.aopen()
+        assert self.loading is not None
+        try:
+            await asyncio.shield(self.loading)  # a caller's timeout must not cancel the shared start-up
+        except Exception as e:
+            raise ProviderError(f"the {self.package} SDK could not start: {e}", provider=self.name) from e
+        return self.client
+
+    async def aclose(self) -> None:
+        if self.loading is not None:
+            self.loading.cancel()
+            await asyncio.gather(self.loading, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
 
 
 class LLMProvider(Plugin, Protocol):

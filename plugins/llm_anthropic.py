@@ -8,9 +8,6 @@ because retries, timeouts and fallback belong to the core's LLM chain.
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import importlib.util
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -25,6 +22,7 @@ from main import (
     ToolCall,
     ToolSpec,
     Usage,
+    VendorSDK,
     hookimpl,
     log,
 )
@@ -65,12 +63,11 @@ def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             for role, blocks in turns]
 
 
-class AnthropicProvider(LLMProvider):
+class AnthropicProvider(VendorSDK, LLMProvider):
     """Streams replies from /v1/messages: text tokens, tool calls as their blocks end, then usage."""
 
     name = "anthropic"
     package = "anthropic"
-    errors: tuple[type[BaseException], ...] = ()  # httpx2's transport errors, once the SDK is loaded
 
     def __init__(self, settings: Settings) -> None:
         self.key = settings.require("ANTHROPIC_API_KEY", "LLM_PROVIDER=anthropic")
@@ -84,49 +81,18 @@ class AnthropicProvider(LLMProvider):
                 f"ANTHROPIC_THINKING={self.thinking!r} is not valid: use disabled or adaptive, or leave it unset"
             )
         self.timeout = settings.llm_total_timeout
-        if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
-            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: "
-                              "pip install -r requirements.txt")
-        self.sdk: Any = None
-        self.client: Any = None
-        self.ready: asyncio.Task[None] | None = None
+        super().__init__(f"LLM_PROVIDER={self.name}")
 
-    # -- lifecycle: the SDK import (~1 s) and the client are made in the background
+    # -- lifecycle: the SDK's import (~1 s) happens in the background (main.VendorSDK)
 
-    async def aopen(self) -> None:
-        if self.ready is None:
-            self.ready = asyncio.create_task(self._connect())
-
-    async def _connect(self) -> None:
-        self.sdk = await asyncio.to_thread(importlib.import_module, self.package)
-        httpx2 = importlib.import_module("httpx2")  # the SDK's HTTP client, imported with it
-        self.errors = (httpx2.TransportError, httpx2.TimeoutException)
-        http = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(self.timeout, connect=5.0), follow_redirects=True,
-            limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=60.0),
-        )
-        self.client = self.sdk.AsyncAnthropic(api_key=self.key, base_url=self.base_url, max_retries=0, http_client=http)
-
-    async def _ready(self) -> Any:
-        await self.aopen()
-        assert self.ready is not None
-        try:
-            await asyncio.shield(self.ready)  # a caller's timeout must not cancel the shared start-up
-        except Exception as e:
-            raise ProviderError(f"the {self.package} SDK could not start: {e}", provider=self.name) from e
-        return self.client
-
-    async def aclose(self) -> None:
-        if self.ready is not None:
-            self.ready.cancel()
-            await asyncio.gather(self.ready, return_exceptions=True)
-        if self.client is not None:
-            await self.client.close()
+    async def connect(self, sdk: Any) -> Any:
+        http = self.http_client(self.timeout)
+        return sdk.AsyncAnthropic(api_key=self.key, base_url=self.base_url, max_retries=0, http_client=http)
 
     async def warm(self) -> None:
         """Open the HTTPS connection (DNS, TCP, TLS) with a cheap authenticated request, ahead of the first turn."""
         try:
-            client = await self._ready()
+            client = await self.ready()
             await client.models.list(limit=1)
         except Exception as e:  # warming is best effort; the first turn reports real failures
             if getattr(e, "status_code", None) in (404, 405):  # a compatible server without /models: still warm
@@ -139,7 +105,7 @@ class AnthropicProvider(LLMProvider):
     async def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
     ) -> AsyncIterator[Event]:
-        client = await self._ready()
+        client = await self.ready()
         params: dict[str, Any] = {
             "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages),
             "stream": True,

@@ -7,9 +7,6 @@ own retries are off because retries, timeouts and fallback belong to the core's 
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import importlib.util
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -24,6 +21,7 @@ from main import (
     ToolCall,
     ToolSpec,
     Usage,
+    VendorSDK,
     hookimpl,
     log,
 )
@@ -55,12 +53,11 @@ def openai_messages(messages: Sequence[Message], system: str) -> list[dict[str, 
     return out
 
 
-class OpenAIProvider(LLMProvider):
+class OpenAIProvider(VendorSDK, LLMProvider):
     """Streams replies from /chat/completions: text tokens, then tool calls, then usage."""
 
     name = "openai"
     package = "openai"
-    errors: tuple[type[BaseException], ...] = ()  # httpx2's transport errors, once the SDK is loaded
 
     def __init__(self, settings: Settings) -> None:
         self.key = settings.require("OPENAI_API_KEY", "LLM_PROVIDER=openai")
@@ -72,52 +69,21 @@ class OpenAIProvider(LLMProvider):
         self.organization = settings.get("OPENAI_ORG_ID") or None
         self.project = settings.get("OPENAI_PROJECT_ID") or None
         self.timeout = settings.llm_total_timeout
-        if importlib.util.find_spec(self.package) is None:  # finds the package without importing it
-            raise ConfigError(f"LLM_PROVIDER={self.name} needs the {self.package} package: "
-                              "pip install -r requirements.txt")
-        self.sdk: Any = None
-        self.client: Any = None
-        self.ready: asyncio.Task[None] | None = None
+        super().__init__(f"LLM_PROVIDER={self.name}")
 
-    # -- lifecycle: the SDK import (~0.4 s) and the client are made in the background
+    # -- lifecycle: the SDK's import (~0.4 s) happens in the background (main.VendorSDK)
 
-    async def aopen(self) -> None:
-        if self.ready is None:
-            self.ready = asyncio.create_task(self._connect())
-
-    async def _connect(self) -> None:
-        self.sdk = await asyncio.to_thread(importlib.import_module, self.package)
-        httpx2 = importlib.import_module("httpx2")  # the SDK's HTTP client, imported with it
-        self.errors = (httpx2.TransportError, httpx2.TimeoutException)
-        http = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(self.timeout, connect=5.0), follow_redirects=True,
-            limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=60.0),
-        )
-        self.client = self.sdk.AsyncOpenAI(
+    async def connect(self, sdk: Any) -> Any:
+        http = self.http_client(self.timeout)
+        return sdk.AsyncOpenAI(
             api_key=self.key, base_url=self.base_url, organization=self.organization, project=self.project,
             max_retries=0, http_client=http,
         )
 
-    async def _ready(self) -> Any:
-        await self.aopen()
-        assert self.ready is not None
-        try:
-            await asyncio.shield(self.ready)  # a caller's timeout must not cancel the shared start-up
-        except Exception as e:
-            raise ProviderError(f"the {self.package} SDK could not start: {e}", provider=self.name) from e
-        return self.client
-
-    async def aclose(self) -> None:
-        if self.ready is not None:
-            self.ready.cancel()
-            await asyncio.gather(self.ready, return_exceptions=True)
-        if self.client is not None:
-            await self.client.close()
-
     async def warm(self) -> None:
         """Open the HTTPS connection (DNS, TCP, TLS) with a cheap authenticated request, ahead of the first turn."""
         try:
-            client = await self._ready()
+            client = await self.ready()
             await client.models.list()
         except Exception as e:  # warming is best effort; the first turn reports real failures
             if getattr(e, "status_code", None) in (404, 405):  # a compatible server without /models: still warm
@@ -130,7 +96,7 @@ class OpenAIProvider(LLMProvider):
     async def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
     ) -> AsyncIterator[Event]:
-        client = await self._ready()
+        client = await self.ready()
         # OpenAI's own models want max_completion_tokens; compatible servers know max_tokens
         limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"
         params: dict[str, Any] = {
