@@ -123,7 +123,7 @@ def delete_keys(prefix: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--only", default="", help="comma list of case names to run (default: all)")
+    parser.add_argument("--only", default="", help="run only the cases whose names contain one of these |-separated words")
     args = parser.parse_args(argv)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs each (median [min-max])\n")
     for module in ("openai", "anthropic", "valkey.asyncio", "psycopg_pool", "sentry_sdk"):
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         cases["(anthropic imported eagerly)"] = {**cases["llm=anthropic"], "PYTHONPATH": str(eager)}
         if args.only:
-            cases = {name: env for name, env in cases.items() if name in args.only.split(",")}
+            cases = {name: env for name, env in cases.items() if any(part in name for part in args.only.split("|"))}
         results: dict[str, list[tuple[float, float | None]]] = {name: [] for name in cases}
         try:
             for _ in range(args.runs):  # interleaved, so a noisy moment on the machine hits every case alike
