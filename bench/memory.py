@@ -106,7 +106,7 @@ def main() -> int:
     print(f"{'idle (after one warm-up call)':44}{idle:9.1f}{'':11}{'':11}  target <= {IDLE_TARGET} MiB")
     print(f"{f'{n} idle calls (POST /voice each)':44}{calls:9.1f}{calls - idle:11.1f}"
           f"{(calls - idle) * 1024 * 1024 / n:9.0f} B  target <= {CALLS_TARGET} MiB added")
-    print(f"{f'... and one turn on each (POST /process-speech)':44}{turned:9.1f}{turned - idle:11.1f}"
+    print(f"{'... then one turn on each (/process-speech)':44}{turned:9.1f}{turned - idle:11.1f}"
           f"{(turned - idle) * 1024 * 1024 / n:9.0f} B")
     scale = 10_000 / n  # the target is stated for 10,000 calls
     rows = [
