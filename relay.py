@@ -738,6 +738,7 @@ class Relay:
         """WS /relay: check the upgrade's signature, then run the conversation."""
         if scope["type"] != "websocket":
             await respond(send, 426, b"426 this route takes WebSocket upgrades only\n", b"text/plain")
+            log.info("request", extra={"route": RELAY_PATH, "status": 426})
             return
         if (await receive())["type"] != "websocket.connect":
             return

@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import hmac
 import ipaddress
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import msgspec
-from litestar import asgi
+from litestar import Request, Response, asgi
 from litestar.types import Receive, Scope, Send
 
 from main import VERSION, BackendError, Settings, TwilioForm, document, esc, log
@@ -214,12 +215,8 @@ class Gate:
             params = parse_form(body) if method == "POST" else []
         except UnicodeDecodeError:
             raise Reject(400, "body is not UTF-8") from None
-        if not self.unsigned and not self.signer.check(url, params, signature):
-            log.warning(
-                "signature mismatch",
-                extra={"route": scope["path"], "checked_url": url,
-                       "hint": "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"},
-            )
+        if not self.unsigned and not self.signer.check(url, params, signature):  # said on the request's one line
+            note(checked_url=url, hint="set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)")
             raise Reject(403, "signature mismatch")
         try:
             query = dict(parse_form(scope["query_string"]))
@@ -272,10 +269,22 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
             request_fields.reset(context)
         await respond(send, status, body, ctype)
         fields["status"], fields["ms"] = status, round((time.perf_counter() - t0) * 1000, 2)
-        log.info("request", extra=fields)
+        log.log(logging.WARNING if "hint" in fields else logging.INFO, "request", extra=fields)
         answered(fields)
 
     return endpoint
+
+
+def unrouted() -> dict[int, Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:
+    """What the router refuses before any route (an unknown path, a malformed Host): a short 4xx and one log line."""
+
+    def refused(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        status, why = getattr(exc, "status_code", 400), str(getattr(exc, "detail", "") or "bad request").lower()
+        path = request.scope.get("raw_path", b"")[:200].decode("latin-1").encode("unicode_escape").decode()
+        log.info("request", extra={"route": "", "status": status, "error": why, "path": path})  # escaped: one line
+        return Response(f"{status} {why}\n".encode(), status_code=status, media_type="text/plain")
+
+    return {400: refused, 404: refused, 405: refused}
 
 
 def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay: Relay) -> list[Any]:
