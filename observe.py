@@ -43,7 +43,7 @@ from main import (
     log,
     mask,
 )
-from webhooks import request_fields, respond, upgrade_refused
+from webhooks import refuse_upgrade, request_fields, respond
 
 prometheus_client.disable_created_metrics()  # no `_created` twin for every series: half the scrape, nothing lost
 
@@ -339,8 +339,8 @@ class Observer:
 
         @asgi("/metrics", copy_scope=False, name="metrics")
         async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
-            if await upgrade_refused(scope, send, "/metrics"):
-                return
+            if scope["type"] != "http":
+                return await refuse_upgrade(send, "/metrics")
             headers = dict(scope["headers"])
             if scope["method"] not in ("GET", "HEAD"):
                 await respond(send, 405, b"405 method not allowed\n", b"text/plain")

@@ -711,9 +711,9 @@ class Relay:
             quick = float(form.session_duration or 0) < QUICK_FAILURE
         except ValueError:
             quick = True
-        previous = query.get("retries", "")  # our own number, from the action URL we wrote
-        retries = (int(previous) if previous.isascii() and previous.isdigit() and len(previous) < 4 else 0) + 1 \
-            if quick else 1
+        previous = query.get("retries", "")  # our own count, from the action URL we wrote: ASCII digits
+        count = int(previous) if previous.isascii() and previous.isdigit() and len(previous) < 4 else 0
+        retries = count + 1 if quick else 1
         log.warning("relay session failed", extra={"call": sid, "status": status or "?", "error": form.error_code,
                                                    "retries": retries})
         if retries > MAX_RETRIES:

@@ -178,13 +178,10 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
-async def upgrade_refused(scope: Scope, send: Send, route: str) -> bool:
+async def refuse_upgrade(send: Send, route: str) -> None:
     """A WebSocket upgrade on a plain HTTP route: refuse it (the server answers 403) with one log line."""
-    if scope["type"] == "http":
-        return False
     await send({"type": "websocket.close", "code": 1008})
     log.info("request", extra={"route": route, "status": 403, "error": "websocket upgrade on an HTTP route"})
-    return True
 
 
 class Gate:
@@ -242,8 +239,8 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
 
     @asgi(path, copy_scope=False, name=path)
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-        if await upgrade_refused(scope, send, path):
-            return
+        if scope["type"] != "http":
+            return await refuse_upgrade(send, path)
         t0 = time.perf_counter()
         status, body, ctype = 200, fallback, b"text/xml"
         fields: dict[str, Any] = {"route": path, "status": 200, "call": ""}
@@ -299,8 +296,8 @@ def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay
 
     @asgi("/health", copy_scope=False, name="health")
     async def health(scope: Scope, receive: Receive, send: Send) -> None:
-        if await upgrade_refused(scope, send, "/health"):
-            return
+        if scope["type"] != "http":
+            return await refuse_upgrade(send, "/health")
         try:
             await engine.backend.ping()
             status, state = (503, "draining") if engine.draining else (200, "ok")
