@@ -13,4 +13,4 @@ RUN pip install -r requirements.txt && useradd --create-home --uid 10001 switchb
 COPY --chown=switchboard . ./
 USER switchboard
 EXPOSE 8000
-CMD ["/bin/sh", "-c", "exec uvicorn --factory main:create_app --host 0.0.0.0 --port $PORT --no-proxy-headers --timeout-graceful-shutdown 20 --ws websockets-sansio --ws-per-message-deflate false"]
+CMD ["/bin/sh", "-c", "exec uvicorn --factory main:create_app --host 0.0.0.0 --port $PORT --no-proxy-headers --no-access-log --timeout-graceful-shutdown 20 --ws websockets-sansio --ws-per-message-deflate false"]

@@ -33,6 +33,7 @@ from main import (
     log,
     say_voice,
 )
+from webhooks import refuse_upgrade
 
 EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav"}  # what <Play> gets from us, by content type
 _NAME = re.compile(r"([0-9a-f]{32})\.(mp3|wav)")
@@ -151,6 +152,8 @@ def route(voice: TTSVoice, backend: SessionBackend) -> Any:
 
     @asgi("/audio", is_mount=True, copy_scope=False, name="audio")
     async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await refuse_upgrade(send, "/audio")
         t0 = time.perf_counter()
         status, body, ctype = 200, b"", "text/plain"
         match = _NAME.fullmatch(scope["path"].strip("/"))  # the mount leaves "/{key}.{ext}/"

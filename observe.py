@@ -43,7 +43,7 @@ from main import (
     log,
     mask,
 )
-from webhooks import request_fields, respond
+from webhooks import refuse_upgrade, request_fields, respond
 
 prometheus_client.disable_created_metrics()  # no `_created` twin for every series: half the scrape, nothing lost
 
@@ -339,15 +339,19 @@ class Observer:
 
         @asgi("/metrics", copy_scope=False, name="metrics")
         async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return await refuse_upgrade(send, "/metrics")
             headers = dict(scope["headers"])
             if scope["method"] not in ("GET", "HEAD"):
                 await respond(send, 405, b"405 method not allowed\n", b"text/plain")
+                log.info("request", extra={"route": "/metrics", "status": 405})
             elif protected and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
                 body = b"401 set Authorization: Bearer <METRICS_TOKEN>\n"
                 await send({"type": "http.response.start", "status": 401, "headers": [
                     (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
                     (b"www-authenticate", b'Bearer realm="metrics"')]})
                 await send({"type": "http.response.body", "body": body})
+                log.info("request", extra={"route": "/metrics", "status": 401})
             else:
                 encode, content_type = choose_encoder(headers.get(b"accept", b"").decode("latin-1"))
                 await respond(send, 200, encode(registry), content_type.encode())

@@ -711,7 +711,9 @@ class Relay:
             quick = float(form.session_duration or 0) < QUICK_FAILURE
         except ValueError:
             quick = True
-        retries = int(query.get("retries", "0") or 0) + 1 if quick else 1
+        previous = query.get("retries", "")  # our own count, from the action URL we wrote: ASCII digits
+        count = int(previous) if previous.isascii() and previous.isdigit() and len(previous) < 4 else 0
+        retries = count + 1 if quick else 1
         log.warning("relay session failed", extra={"call": sid, "status": status or "?", "error": form.error_code,
                                                    "retries": retries})
         if retries > MAX_RETRIES:
@@ -736,6 +738,7 @@ class Relay:
         """WS /relay: check the upgrade's signature, then run the conversation."""
         if scope["type"] != "websocket":
             await respond(send, 426, b"426 this route takes WebSocket upgrades only\n", b"text/plain")
+            log.info("request", extra={"route": RELAY_PATH, "status": 426})
             return
         if (await receive())["type"] != "websocket.connect":
             return

@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import hmac
 import ipaddress
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import msgspec
-from litestar import asgi
+from litestar import Request, Response, asgi
 from litestar.types import Receive, Scope, Send
 
 from main import VERSION, BackendError, Settings, TwilioForm, document, esc, log
@@ -106,8 +107,10 @@ class Signer:
 
     def check(self, url: str, params: Sequence[tuple[str, str]], signature: str) -> bool:
         """Compare in constant time against each URL variant Twilio may have signed."""
+        given = signature.encode()  # bytes: a header with non-ASCII characters is just a wrong signature
         return any(
-            hmac.compare_digest(twilio_signature(self.token, variant, params), signature) for variant in url_variants(url)
+            hmac.compare_digest(twilio_signature(self.token, variant, params).encode(), given)
+            for variant in url_variants(url)
         )
 
 
@@ -133,6 +136,7 @@ class Reject(Exception):
 
 _CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
 _TURN = re.compile(r"[0-9a-f]{8,32}")
+_N = re.compile(r"[0-9]{1,3}")  # ASCII digits only ("²".isdigit() is true, and int() refuses it)
 
 
 def parse_form(data: bytes) -> list[tuple[str, str]]:
@@ -174,6 +178,12 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
+async def refuse_upgrade(send: Send, route: str) -> None:
+    """A WebSocket upgrade on a plain HTTP route: refuse it (the server answers 403) with one log line."""
+    await send({"type": "websocket.close", "code": 1008})
+    log.info("request", extra={"route": route, "status": 403, "error": "websocket upgrade on an HTTP route"})
+
+
 class Gate:
     """Reads a Twilio request: size, content type, signature, then the form fields."""
 
@@ -183,30 +193,32 @@ class Gate:
         self.unsigned = not settings.twilio_auth_token and settings.allow_unsigned
 
     async def open(self, scope: Scope, receive: Receive) -> tuple[TwilioForm, str, dict[str, str]]:
-        """Return the form, the public base URL and the query; raise Reject for anything wrong."""
+        """Return the form, the public base URL and the query; raise Reject for anything wrong.
+
+        An unsigned request is refused before its body is read; a signed one is parsed only as far as
+        the signature needs (the body's fields) until the signature matches."""
         headers = dict(scope["headers"])
         method = scope["method"]
         if method not in ("GET", "POST"):
             raise Reject(405, f"method {method} not allowed")
         if method == "POST" and not headers.get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
             raise Reject(415, "expected application/x-www-form-urlencoded")
-        body = await read_body(receive, self.settings.max_body_bytes)
-        url = self.signer.url(scope, headers)
         signature = headers.get(b"x-twilio-signature", b"").decode("latin-1")
         if not signature and not self.unsigned:
             raise Reject(403, "missing X-Twilio-Signature")
+        body = await read_body(receive, self.settings.max_body_bytes)
+        url = self.signer.url(scope, headers)
         try:
             params = parse_form(body) if method == "POST" else []
-            query = dict(parse_form(scope["query_string"]))
         except UnicodeDecodeError:
             raise Reject(400, "body is not UTF-8") from None
-        if not self.unsigned and not self.signer.check(url, params, signature):
-            log.warning(
-                "signature mismatch",
-                extra={"route": scope["path"], "checked_url": url,
-                       "hint": "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"},
-            )
+        if not self.unsigned and not self.signer.check(url, params, signature):  # said on the request's one line
+            note(checked_url=url, hint="set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)")
             raise Reject(403, "signature mismatch")
+        try:
+            query = dict(parse_form(scope["query_string"]))
+        except UnicodeDecodeError:
+            raise Reject(400, "query string is not UTF-8") from None
         fields = dict(params) if method == "POST" else dict(query)
         if fields.get("Confidence") == "":
             del fields["Confidence"]
@@ -227,6 +239,8 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
 
     @asgi(path, copy_scope=False, name=path)
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await refuse_upgrade(send, path)
         t0 = time.perf_counter()
         status, body, ctype = 200, fallback, b"text/xml"
         fields: dict[str, Any] = {"route": path, "status": 200, "call": ""}
@@ -238,6 +252,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
                 body = await handle(form, base_url, query)
         except Reject as r:
             status, body, ctype = r.status, f"{r.status} {r}\n".encode(), b"text/plain"
+            fields["error"] = str(r)  # the request's one line says why it was refused
         except TimeoutError:
             log.error("response budget exceeded", extra={"route": path, "call": fields["call"]})
         except BackendError as e:
@@ -251,10 +266,22 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
             request_fields.reset(context)
         await respond(send, status, body, ctype)
         fields["status"], fields["ms"] = status, round((time.perf_counter() - t0) * 1000, 2)
-        log.info("request", extra=fields)
+        log.log(logging.WARNING if "hint" in fields else logging.INFO, "request", extra=fields)
         answered(fields)
 
     return endpoint
+
+
+def unrouted() -> dict[int, Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:
+    """What the router refuses before any route (an unknown path, a malformed Host): a short 4xx and one log line."""
+
+    def refused(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        status, why = getattr(exc, "status_code", 400), str(getattr(exc, "detail", "") or "bad request").lower()
+        path = request.scope.get("raw_path", b"")[:200].decode("latin-1").encode("unicode_escape").decode()
+        log.info("request", extra={"route": "", "status": status, "error": why, "path": path})  # escaped: one line
+        return Response(f"{status} {why}\n".encode(), status_code=status, media_type="text/plain")
+
+    return {400: refused, 404: refused, 405: refused}
 
 
 def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay: Relay) -> list[Any]:
@@ -263,12 +290,14 @@ def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay
 
     async def continuation(form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
         turn, n = query.get("turn", ""), query.get("n", "")
-        if not _TURN.fullmatch(turn) or not n.isdigit() or not 0 < int(n) < 1000:
+        if not _TURN.fullmatch(turn) or not _N.fullmatch(n) or not 0 < int(n) < 1000:
             raise Reject(400, "bad continuation turn or n")
         return await engine.continuation(form, turn, int(n), base_url)
 
     @asgi("/health", copy_scope=False, name="health")
     async def health(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await refuse_upgrade(send, "/health")
         try:
             await engine.backend.ping()
             status, state = (503, "draining") if engine.draining else (200, "ok")

@@ -237,6 +237,7 @@ async def run(args: argparse.Namespace) -> None:
     port = phone.free_port()
     server = phone.start_local(port, TOKEN, env, log)
     url = f"ws://127.0.0.1:{port}/relay"
+    rows: list[dict[str, object]] = []  # for bench/run; the target is issue 7's: token delay <= 5 ms at p99
     try:
         print(f"model: {args.tokens} tokens per reply, {args.gap * 1000:.0f} ms apart; "
               f"{args.rounds} replies per stream")
@@ -246,6 +247,8 @@ async def run(args: argparse.Namespace) -> None:
             delays = await in_process(streams, args.tokens, args.gap, args.rounds)
             print(f"{streams:>12} {len(delays):>8} {pct(delays, .5):7.3f} {pct(delays, .9):7.3f} "
                   f"{pct(delays, .99):7.3f} {max(delays) / 1e6:7.3f}")
+            rows.append({"bench": "relay", "case": f"in process, {streams} streams", "metric": "token delay p99",
+                         "value": round(pct(delays, .99), 3), "unit": "ms", "target": None})
         print(f"\nreal sockets: the Procfile command (pid {server.pid}); model emits a token -> client reads it (ms)")
         print(f"{'streams':>12} {'tokens':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  server CPU/token")
         runs = [(n, False) for n in args.streams] + [(max(args.streams), True)]
@@ -256,6 +259,8 @@ async def run(args: argparse.Namespace) -> None:
             label = f"{streams}{' lockstep' if lockstep else ''}"
             print(f"{label:>12} {len(delays):>8} {pct(delays, .5):7.3f} {pct(delays, .9):7.3f} "
                   f"{pct(delays, .99):7.3f} {max(delays) / 1e6:7.3f}  {per_token:.0f} µs")
+            rows.append({"bench": "relay", "case": f"real sockets, {label} streams", "metric": "token delay p99",
+                         "value": round(pct(delays, .99), 3), "unit": "ms", "target": None if lockstep else "<= 5"})
         server.terminate()
         server.wait(15)
         port = phone.free_port()
@@ -267,6 +272,9 @@ async def run(args: argparse.Namespace) -> None:
         print(f"  RSS before {before / 1024:.1f} MiB, with sessions {during / 1024:.1f} MiB, "
               f"after they closed {after / 1024:.1f} MiB")
         print(f"  per open session: {per:.1f} KiB")
+        rows.append({"bench": "relay", "case": f"{args.sessions} open relay sessions", "metric": "RSS per open session",
+                     "value": round(per, 1), "unit": "KiB", "target": None})
+        print("BENCH " + json.dumps(rows))
     finally:
         server.terminate()
         server.wait(15)

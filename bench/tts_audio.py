@@ -12,6 +12,7 @@ rounds; log lines go to /dev/null.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import statistics
@@ -129,13 +130,20 @@ async def run() -> None:
     new, stored = await render_costs()
     print(f"Hosted.render, new text (key + miss + synthesis + put): {new:7.1f} µs")
     print(f"Hosted.render, stored text (key + hit):                 {stored:7.1f} µs")
-    print(f"GET /audio/{{key}}.mp3, 20 kB, in process:               {await serve_cost():7.1f} µs")
+    served = await serve_cost()
+    print(f"GET /audio/{{key}}.mp3, 20 kB, in process:               {served:7.1f} µs")
     say = await first_document_ms({})
     with fake_tts("openai", size=20_000) as fake:
         voiced = await first_document_ms({"TTS_VOICE": "openai", "OPENAI_API_KEY": KEY,
                                           "OPENAI_BASE_URL": fake.url + "/v1"})
     print(f"/process-speech to first document, <Say> voice:         {say:7.2f} ms (median)")
     print(f"/process-speech to first document, openai voice (fake): {voiced:7.2f} ms (median)")
+    rows = [("Hosted.render, new text", "time", new, "µs"), ("Hosted.render, stored text", "time", stored, "µs"),
+            ("GET /audio/{key}.mp3, 20 kB", "time", served, "µs"),
+            ("/process-speech, <Say> voice", "to the first document (median)", say, "ms"),
+            ("/process-speech, openai voice (fake vendor)", "to the first document (median)", voiced, "ms")]
+    print("BENCH " + json.dumps([{"bench": "tts audio", "case": case, "metric": metric, "value": round(value, 2),
+                                  "unit": unit, "target": None} for case, metric, value, unit in rows]))
 
 
 if __name__ == "__main__":

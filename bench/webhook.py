@@ -12,6 +12,7 @@ p50 and p99 for every server in one table. The server gets one CPU core and wrk 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -138,7 +140,30 @@ def main() -> int:
     for name, path, r in rows:
         print(f"{name:24} {path:16} {r['rps']:9.0f} {r['rps'] / floor[path]:9.0%} {r['p50']:8.2f} {r['p99']:8.2f} "
               f"{r['errors']:8d}{'  ' + r['socket_errors'] if r['socket_errors'] else ''}")
+    print("BENCH " + json.dumps(bench_rows(rows, floor, args.connections)))
     return 0
+
+
+def bench_rows(rows: list[tuple[str, str, dict[str, Any]]], floor: dict[str, float], connections: int) -> list[dict]:
+    """The rows for bench/run. Targets: memory >= 60% of the floor's req/s and p99 <= 6 ms (issue 3);
+    valkey >= 75% of the memory backend's req/s (issue 5)."""
+    memory = {path: r["rps"] for name, path, r in rows if name == "switchboard (memory)"}
+    out: list[dict] = []
+    for name, path, r in rows:
+        case = f"{name} {path}, {connections} connections"
+        row = {"bench": "webhook", "case": case, "unit": "req/s", "metric": "req/s", "value": round(r["rps"])}
+        out.append(row | {"target": None})
+        if name == "switchboard (memory)":
+            out.append(row | {"metric": "req/s, % of the raw ASGI floor", "unit": "%",
+                              "value": round(100 * r["rps"] / floor[path], 1), "target": ">= 60"})
+        elif name != "raw ASGI floor" and path in memory:
+            out.append(row | {"metric": "req/s, % of the memory backend", "unit": "%",
+                              "value": round(100 * r["rps"] / memory[path], 1), "target": ">= 75"})
+        out.append(row | {"metric": "p99", "unit": "ms", "value": round(r["p99"], 2),
+                          "target": "<= 6" if name == "switchboard (memory)" else None})
+        if name != "raw ASGI floor":
+            out.append(row | {"metric": "non-2xx responses", "unit": "", "value": r["errors"], "target": "<= 0"})
+    return out
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ through the ASGI app; prints the best of 5 rounds in µs per request. Log lines 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -80,10 +81,16 @@ def main_() -> None:
     roots = [a for a in sys.argv[1:] if "=" not in a] or [str(Path(__file__).resolve().parent.parent)]
     extra = "\n".join(a for a in sys.argv[1:] if "=" in a)
     print(f"µs per request, best of {ROUNDS} rounds of {N} (in process, logs to /dev/null)")
+    rows = []
     for root in roots:
         out = subprocess.run([sys.executable, __file__], env={**os.environ, "BENCH_CHILD": root, "BENCH_ENV": extra},
                              capture_output=True, text=True, check=True)
         print(f"{root}: {out.stdout.strip()}")
+        label = "" if len(roots) == 1 else f"{root}: "
+        rows += [{"bench": "webhook overhead", "case": label + name.replace("_", " "), "metric": "in process, per request",
+                  "value": float(us), "unit": "µs", "target": None}
+                 for name, us in (pair.split("=") for pair in out.stdout.split())]
+    print("BENCH " + json.dumps(rows))
 
 
 if __name__ == "__main__":

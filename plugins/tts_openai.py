@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from main import AudioVoice, ConfigError, ProviderError, Settings, hookimpl, log
+from main import AudioVoice, ConfigError, ProviderError, Settings, VendorSDK, hookimpl, log
 
 FORMATS = {"mp3": "audio/mpeg", "wav": "audio/wav"}  # response_format: content type; both play in <Play>
 # ConversationRelay speaks with Google, Amazon or ElevenLabs voices only; this one stands in there.
 RELAY_DEFAULT = {"ttsProvider": "Amazon", "voice": "Joanna-Neural"}
 
 
-class OpenAIVoice(AudioVoice):
-    """POST {OPENAI_BASE_URL}/audio/speech through the openai SDK (imported when the voice opens)."""
+class OpenAIVoice(VendorSDK, AudioVoice):
+    """POST {OPENAI_BASE_URL}/audio/speech through the openai SDK (imported in the background: main.VendorSDK)."""
+
+    name = "openai"
+    package = "openai"
 
     def __init__(self, settings: Settings) -> None:
         self.api_key = settings.require("OPENAI_API_KEY", "TTS_VOICE=openai")
@@ -24,28 +27,20 @@ class OpenAIVoice(AudioVoice):
         if self.format not in FORMATS:
             raise ConfigError(f"OPENAI_TTS_FORMAT={self.format!r} is not playable by Twilio; use mp3 or wav")
         self.settings_key = "\n".join(["openai", self.model, self.voice, self.format, self.instructions])
-        self.client: Any = None
         self.noted = False
+        super().__init__("TTS_VOICE=openai")
 
-    async def aopen(self) -> None:
-        from openai import AsyncOpenAI
-
+    async def connect(self, sdk: Any) -> Any:
         # TTS_TIMEOUT bounds the caller's wait (audio.py); this bounds the synthesis finishing for the next caller
-        self.client = AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, timeout=20.0, max_retries=1)
-
-    async def aclose(self) -> None:
-        if self.client is not None:
-            await self.client.close()
+        return sdk.AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, timeout=20.0, max_retries=1)
 
     async def synthesize(self, text: str) -> tuple[bytes, str]:
-        import openai
-
-        if self.client is None:
-            await self.aopen()
+        client = await self.ready()
+        openai = self.sdk
         voice: Any = {"id": self.voice} if self.voice.startswith("voice_") else self.voice  # a custom voice
         extra = {"instructions": self.instructions} if self.instructions else {}
         try:
-            response = await self.client.audio.speech.create(
+            response = await client.audio.speech.create(
                 model=self.model, voice=voice, input=text, response_format=self.format, **extra)
         except openai.APIError as e:
             status = getattr(e, "status_code", None)

@@ -62,6 +62,9 @@ def test_procfile_railway_and_dockerfile_start_the_same_app() -> None:
     assert "$PORT" in procfile
     assert railway["deploy"]["healthcheckPath"] == "/health"
     assert railway["deploy"]["restartPolicyType"] == "ON_FAILURE"
+    # Railway SIGKILLs 0-3 s after SIGTERM unless told otherwise: give the drain and uvicorn's graceful stop their time
+    graceful = float(procfile[procfile.index("--timeout-graceful-shutdown") + 1])
+    assert railway["deploy"]["drainingSeconds"] >= graceful + main.Settings().drain_seconds
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.MULTILINE)
     assert "pip install -r requirements.txt" in dockerfile and "requirements-dev" not in dockerfile
 
