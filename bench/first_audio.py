@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fake_llm import FakeLLM, Reply  # noqa: E402
+
 from phone import free_port, start_local  # noqa: E402
 from webhooks import twilio_signature  # noqa: E402
 
