@@ -4,7 +4,8 @@
 Loads POST /voice (a new call each request) and POST /process-speech (a turn on one of 4096 calls,
 new speech each time, echo model) with wrk at 32 connections, signature checks on, and prints req/s,
 p50 and p99 for every server in one table. The server gets one CPU core and wrk the other
-(taskset), so the numbers compare servers, not the scheduler.
+(taskset), so the numbers compare servers, not the scheduler. The Valkey backend talks to a
+private Valkey/Redis on wrk's core (in production Valkey is a separate service), unless --valkey-url.
 
     python bench/webhook.py [--seconds 10] [--connections 32] [--backends memory,valkey]
 """
@@ -12,15 +13,18 @@ p50 and p99 for every server in one table. The server gets one CPU core and wrk 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -94,6 +98,27 @@ def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, floa
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
+@contextlib.contextmanager
+def private_valkey(directory: Path) -> Iterator[str]:
+    """A Valkey/Redis server of the bench's own, on wrk's core: in production Valkey is a separate
+    service, so it must not take CPU from the agent under test."""
+    binary = shutil.which("valkey-server") or shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("no valkey-server or redis-server: apt-get install redis-server")
+    port = free_port()
+    proc = subprocess.Popen(pin(1) + [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                       "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def check(port: int, path: str, data: Path) -> None:
     """One request by hand first: the server must answer 200 with TwiML, or the numbers mean nothing."""
     line = data.read_text().splitlines()[-1]
@@ -109,18 +134,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--backends", default="memory", help="comma list: memory, valkey")
-    parser.add_argument("--valkey-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--valkey-url", default="", help="an existing server; default: a private one on wrk's core")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
     servers = {"raw ASGI floor": (["uvicorn", "--app-dir", "bench", "raw_asgi:app"], {})}
-    for backend in args.backends.split(","):
-        env = {"SESSION_BACKEND": backend}
-        if backend == "valkey":
-            env |= {"VALKEY_URL": args.valkey_url, "VALKEY_PREFIX": "bench" + secrets.token_hex(4)}
-        servers[f"switchboard ({backend})"] = (["uvicorn", "--factory", "main:create_app"], env)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        for backend in args.backends.split(","):
+            env = {"SESSION_BACKEND": backend}
+            if backend == "valkey":
+                url = args.valkey_url or stack.enter_context(private_valkey(Path(tmp)))
+                env |= {"VALKEY_URL": url, "VALKEY_PREFIX": "bench" + secrets.token_hex(4)}
+            servers[f"switchboard ({backend})"] = (["uvicorn", "--factory", "main:create_app"], env)
         for name, (argv, env) in servers.items():
             port = free_port()
             common = ["--host", "127.0.0.1", "--port", str(port), "--no-proxy-headers", "--no-access-log"]
