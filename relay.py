@@ -30,7 +30,6 @@ from main import (
     Message,
     ProviderError,
     Segment,
-    Session,
     Settings,
     Turn,
     TwilioForm,
@@ -397,7 +396,7 @@ class Conversation:
         self.call = CallInfo(call_sid=m.call_sid, caller=m.caller, to=m.to)
         async with self.lock:
             snap = await self.engine._begin(self.sid)
-            session = snap.session or Session(call_sid=self.sid, caller=m.caller, to=m.to, started=time.time())
+            session = snap.session or self.engine._new_session(self.sid, m.caller, m.to)
             stale = session.current is not None
             self.engine._close_turn(session, [])  # a turn left open by a lost socket keeps its question
             await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=stale)
@@ -478,7 +477,7 @@ class Conversation:
         turn = Turn(id=new_turn_id(), user=text, keys=[], started=time.time())
         async with self.lock:
             snap = await self.engine._begin(self.sid)
-            session = snap.session or Session(call_sid=self.sid, started=time.time())
+            session = snap.session or self.engine._new_session(self.sid)
             self.engine._close_turn(session, [])
             session.current, session.turns, session.misses = turn, session.turns + 1, 0
             await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=True)
@@ -678,7 +677,7 @@ class Relay:
         if mode != "relay":
             raise Reject(400, f"mode={mode!r} on the voice URL must be gather or relay")
         snap = await self.engine._begin(form.call_sid)
-        session = snap.session or self.engine._new_session(form)
+        session = snap.session or self.engine._new_session(form.call_sid, form.caller, form.to)
         await self.engine.backend.commit(form.call_sid, snap.token, session)
         for provider in self.engine.llm.providers[:1]:
             self.engine.background(provider.warm())
@@ -697,15 +696,15 @@ class Relay:
             return self.connect(base_url, attempt=1)
         if handoff.get("reasonCode") == HANDOFF:
             number = str(handoff.get("number") or self.settings.fallback_number)
-            await self.end(sid, "handoff")
+            await self.engine.end_call(sid, "handoff")
             if number:
                 return document(verb(Segment(kind="dial", number=number, caller_id=str(handoff.get("callerId") or ""))))
             return document(f"{verb(await self.engine.phrase(self.settings.apology, base_url))}<Hangup/>")
         if form.call_status in TERMINAL_STATUSES or status == "completed":
-            await self.end(sid, form.call_status if form.call_status in TERMINAL_STATUSES else "completed")
+            await self.engine.end_call(sid, form.call_status if form.call_status in TERMINAL_STATUSES else "completed")
             return document("")
         if status == "ended":  # we ended the session without asking for a person
-            await self.end(sid, "ended")
+            await self.engine.end_call(sid, "ended")
             return document("<Hangup/>")
         try:
             quick = float(form.session_duration or 0) < QUICK_FAILURE
@@ -717,22 +716,11 @@ class Relay:
         log.warning("relay session failed", extra={"call": sid, "status": status or "?", "error": form.error_code,
                                                    "retries": retries})
         if retries > MAX_RETRIES:
-            await self.end(sid, "failed")
+            await self.engine.end_call(sid, "failed")
             apology = verb(await self.engine.phrase(self.settings.apology, base_url))
             number = self.settings.fallback_number
             return document(apology + (f"<Dial>{esc(number)}</Dial>" if number else "<Hangup/>"))
         return self.connect(base_url, attempt=retries + 1, retries=retries, greeting=self.reconnect_greeting)
-
-    async def end(self, sid: str, outcome: str) -> None:
-        """End a call's session cleanly (any replica may still be streaming its last turn: it stops)."""
-        snap = await self.engine._begin(sid)
-        cancel = ""
-        if (session := snap.session) is not None:
-            cancel = session.current.id if session.current is not None else ""
-            self.engine._close_turn(session, [])
-            seconds = round(time.time() - session.started, 1)
-            log.info("call ended", extra={"call": sid, "outcome": outcome, "turns": session.turns, "seconds": seconds})
-        await self.engine.backend.commit(sid, snap.token, None, cancel=cancel)
 
     async def socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """WS /relay: check the upgrade's signature, then run the conversation."""

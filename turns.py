@@ -25,6 +25,7 @@ from main import (
     BUSY,
     END,
     SUPERSEDED,
+    TERMINAL_STATUSES,
     BackendError,
     CallInfo,
     Event,
@@ -355,16 +356,16 @@ class Engine:
         del session.history[: -2 * self.settings.max_turns]
         self.obs.turn_closed(session, turn, said, end)
 
-    def _new_session(self, form: TwilioForm) -> Session:
+    def _new_session(self, call_sid: str, caller: str = "", to: str = "") -> Session:
         self.obs.call_started()
-        return Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
+        return Session(call_sid=call_sid, caller=caller, to=to, started=time.time())
 
     # -- webhooks
 
     async def voice(self, form: TwilioForm, base_url: str) -> bytes:
         """An incoming call: create the session, greet inside a <Gather>."""
         snap = await self._begin(form.call_sid)
-        session = snap.session or self._new_session(form)
+        session = snap.session or self._new_session(form.call_sid, form.caller, form.to)
         await self.backend.commit(form.call_sid, snap.token, session)
         for provider in self.warm:
             self.background(provider.warm())
@@ -381,7 +382,7 @@ class Engine:
         if (stored := snap.replies.get(key)) is not None:  # a retry of an answered webhook
             await self.backend.unlock(sid, snap.token)
             return self.answer(stored[0], 0, stored[1])
-        session = snap.session or self._new_session(form)
+        session = snap.session or self._new_session(form.call_sid, form.caller, form.to)
         turn, cancel = session.current, ""
         if turn is not None and key in turn.keys:  # a retry while the first delivery is still answering
             await self.backend.unlock(sid, snap.token)
@@ -408,7 +409,7 @@ class Engine:
     async def _miss(self, form: TwilioForm, base_url: str, *, heard: bool) -> bytes:
         """Silence or low confidence: reprompt without the model; hang up after too many in a row."""
         snap = await self._begin(form.call_sid)
-        session = snap.session or self._new_session(form)
+        session = snap.session or self._new_session(form.call_sid, form.caller, form.to)
         closed = has_end(snap.served)
         if closed:
             self._close_turn(session, snap.served)
@@ -443,16 +444,20 @@ class Engine:
 
     async def status(self, form: TwilioForm) -> bytes:
         """Twilio's status callback: a finished call ends its session at once."""
-        if form.call_status in ("completed", "busy", "failed", "no-answer", "canceled"):
-            snap = await self._begin(form.call_sid)
-            cancel = ""
-            if (session := snap.session) is not None:
-                if session.current is not None and not has_end(snap.served):
-                    cancel = session.current.id
-                self._close_turn(session, snap.served)
-                self.obs.call_ended(session, form.call_status)  # logs "call ended" with its cost, tells the recorders
-            await self.backend.commit(form.call_sid, snap.token, None, cancel=cancel)
+        if form.call_status in TERMINAL_STATUSES:
+            await self.end_call(form.call_sid, form.call_status)
         return document("")
+
+    async def end_call(self, call_sid: str, outcome: str) -> None:
+        """End a call's session in either mode: its open turn into history, a reply still running stopped."""
+        snap = await self._begin(call_sid)
+        cancel = ""
+        if (session := snap.session) is not None:
+            if session.current is not None and not has_end(snap.served):
+                cancel = session.current.id
+            self._close_turn(session, snap.served)
+            self.obs.call_ended(session, outcome)  # logs "call ended" with its cost, tells the recorders
+        await self.backend.commit(call_sid, snap.token, None, cancel=cancel)
 
     async def handle_error(self, form: TwilioForm, base_url: str) -> bytes:
         """Twilio's fallback URL: apologise and listen again."""
