@@ -272,6 +272,25 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
     return endpoint
 
 
+def direct(app: Any, handlers: Sequence[Any]) -> None:
+    """Send the webhooks' exact paths straight to their raw ASGI handlers, past Litestar's router.
+
+    The router's trie walk, scope state and exception-handler resolution cost about as much as the
+    whole signature check, on every Twilio request; anything else (another path, a trailing slash,
+    a root path, a WebSocket) still goes through Litestar."""
+    fns = {h.paths.copy().pop(): h.fn for h in handlers}
+    inner = app.asgi_handler
+    valid_host = re.compile(rb"\A[0-9A-Za-z!$&'()*+,;=\-._~:\[\]@%]*\Z").match  # as Litestar's router checks
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path") and (fn := fns.get(scope["path"])) is not None \
+                and all(valid_host(v) for k, v in scope["headers"] if k == b"host"):
+            return await fn(scope, receive, send)
+        return await inner(scope, receive, send)
+
+    app.asgi_handler = dispatch
+
+
 def unrouted() -> dict[int, Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:
     """What the router refuses before any route (an unknown path, a malformed Host): a short 4xx and one log line."""
 

@@ -62,6 +62,13 @@ T = TypeVar("T")
 LOCK_SECONDS = 5.0  # begin()'s lock: a transition holds it for one round trip; a dead holder frees it in 5 s
 
 encoder = msgspec.msgpack.Encoder()
+try:  # libvalkey (valkey's C extension) packs commands and parses replies; the client uses it when present
+    from libvalkey import pack_command
+
+    def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+        return b"".join([pack_command(command) for command in commands])
+except ImportError:  # pragma: no cover - the pure-Python client packs them itself
+    pack = None  # type: ignore[assignment]
 reply_decoder = msgspec.msgpack.Decoder(tuple[str, list[Segment]])
 
 # msgpack headers written by Lua (the replies are built server-side from already encoded segments)
@@ -299,11 +306,8 @@ class ValkeyBackend(SessionBackend):
         """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script)."""
         from valkey.exceptions import NoScriptError
 
-        pipe = self.client.pipeline(transaction=False)
-        for command, _ in batch:
-            pipe.execute_command(*command)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip([command for command, _ in batch])
         except BaseException as e:  # the connection failed or timed out: every command in the flight did
             error = e if isinstance(e, Exception) else BackendError("valkey: shutting down")
             for _, future in batch:
@@ -314,13 +318,9 @@ class ValkeyBackend(SessionBackend):
             return
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:  # the server forgot our scripts (a restart): load them and run those again, one more flight
-            pipe = self.client.pipeline(transaction=False)
-            for sha in {batch[i][0][1] for i in missing}:
-                pipe.execute_command("SCRIPT LOAD", self.scripts[sha])
-            for i in missing:
-                pipe.execute_command(*batch[i][0])
+            loads = [("SCRIPT", "LOAD", self.scripts[sha]) for sha in {batch[i][0][1] for i in missing}]
             try:
-                again = (await pipe.execute(raise_on_error=False))[-len(missing):]
+                again = (await self._round_trip([*loads, *(batch[i][0] for i in missing)]))[-len(missing):]
             except Exception as e:
                 again = [e] * len(missing)
             for i, reply in zip(missing, again, strict=True):
@@ -331,6 +331,29 @@ class ValkeyBackend(SessionBackend):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write the commands at once on one pooled connection and read their replies in order; a server error
+        is that command's reply. The client's own Pipeline does the same with a Python layer per command
+        (packing, callbacks, a command stack) that costs more than the round trip under load."""
+        from valkey.exceptions import ResponseError
+
+        connection = await self.pool.get_connection("pipeline")
+        try:
+            await connection.send_packed_command(pack(commands) if pack else connection.pack_commands(commands),
+                                                 check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as e:
+                    replies.append(e)
+            return replies
+        except BaseException:
+            await connection.disconnect(nowait=True)  # replies may be left unread: never reuse it as it is
+            raise
+        finally:
+            await self.pool.release(connection)
 
     async def _do(self, *futures: asyncio.Future[Any]) -> Any:
         """Await replies; connection failures, timeouts and server errors become BackendError."""

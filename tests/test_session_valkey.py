@@ -37,6 +37,7 @@ from valkey.crc import key_slot
 
 import main
 import phone
+from plugins import session_valkey
 from plugins.session_valkey import ValkeyBackend, pool_options, server_name
 
 SHARED_URL = VALKEY_URL  # shared with other runs: never flushed; every prefix here starts with VALKEY_PREFIX
@@ -220,7 +221,11 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
             await raw.aclose()
 
 
-async def test_a_long_reply_is_stored_and_served_whole(prefix: str) -> None:
+@pytest.mark.parametrize("packer", ["libvalkey", "python"])
+async def test_a_long_reply_is_stored_and_served_whole(prefix: str, packer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert session_valkey.pack is not None  # libvalkey is a runtime requirement: the C packer is the one used
+    if packer == "python":  # where libvalkey has no wheel, the client's own packing does the same
+        monkeypatch.setattr(session_valkey, "pack", None)
     segments = [main.Segment(text=f"Sentence {n}.") for n in range(70_000 // 1000 * 20)] + [main.END]
     async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as backend:
         snap = await backend.begin("CAlong", [], 60)
@@ -230,6 +235,16 @@ async def test_a_long_reply_is_stored_and_served_whole(prefix: str) -> None:
             assert await backend.push("CAlong", "feed0001", segments[n:n + 7])
         assert await backend.serve("CAlong", "feed0001", ["k", "feed0001:1"]) == segments
         assert await backend.reply("CAlong", "feed0001:1") == ("feed0001", segments)
+
+
+async def test_a_server_error_in_a_flight_is_that_command_s_alone(prefix: str) -> None:
+    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as backend:
+        await backend._do(backend._send("SET", f"{prefix}:text", "not a number"))
+        replies = await asyncio.gather(backend._send("PING"), backend._send("INCR", f"{prefix}:text"),
+                                       backend._send("GET", f"{prefix}:text"), return_exceptions=True)  # one flight
+        assert replies[0] == b"PONG" and replies[2] == b"not a number"
+        assert isinstance(replies[1], valkey.exceptions.ResponseError) and "not an integer" in str(replies[1])
+        assert await backend.begin("CAafter", [], 60) is not None  # the connection is still in step
 
 
 async def test_scripts_are_loaded_again_when_the_server_forgets_them(tmp_path: Path) -> None:
