@@ -539,12 +539,43 @@ class LogFormatter(logging.Formatter):
         fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS}
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
+        return self.line(record.levelname.lower(), record.getMessage(), record.created, fields)
+
+    def line(self, level: str, message: str, created: float, fields: Mapping[str, Any]) -> str:
         if self.json_lines:
-            line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+            line = {"ts": round(created, 3), "level": level, "msg": message}
             return msgspec.json.encode(line | fields, enc_hook=str).decode()
         extra = " ".join(f"{k}={v}" for k, v in fields.items() if k != "exception")
-        text = f"{record.levelname.lower()} {record.getMessage()} {extra}".rstrip()
+        text = f"{level} {message} {extra}".rstrip()
         return text + ("\n" + fields["exception"] if "exception" in fields else "")
+
+
+def request_line(fields: dict[str, Any]) -> None:
+    """A webhook's one INFO line. While switchboard's own handler is the only one listening (as in production)
+    it is formatted and written straight away, the same text the logging call makes, without building a
+    LogRecord, which took a fifth of a cheap webhook's time; otherwise it goes through logging as usual."""
+    handlers = log.handlers
+    if len(handlers) != 1 or log.disabled or not log.isEnabledFor(logging.INFO) or handlers[0].filters \
+            or handlers[0].level > logging.INFO or not isinstance(handler := handlers[0], logging.StreamHandler) \
+            or not all(type(f) is CallContext for f in log.filters):  # (it adds nothing a request line lacks)
+        log.info("request", extra=fields)
+        return
+    formatter, secrets = handler.formatter, ()
+    if isinstance(formatter, Redacting):
+        formatter, secrets = formatter.inner, formatter.secrets
+    if type(formatter) is not LogFormatter:
+        log.info("request", extra=fields)
+        return
+    text = formatter.line("info", "request", time.time(), fields)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    with handler.lock:  # type: ignore[union-attr]
+        try:
+            handler.stream.write(text + "\n")
+            handler.flush()
+        except Exception:  # as logging does: a failed write is reported, never raised into the request
+            handler.handleError(log.makeRecord(log.name, logging.INFO, "", 0, "request", (), None, extra=fields))
 
 
 def setup_logging(settings: Settings) -> None:

@@ -4,6 +4,7 @@ call records and their cost, Sentry through its real transport to a local collec
 from __future__ import annotations
 
 import asyncio
+import io
 import gzip
 import http.server
 import json
@@ -421,6 +422,45 @@ def test_switchboards_log_output_blanks_secrets_even_inside_library_messages_and
         "SENTRY_DSN": "https://made-up-public-key@o1.ingest.example/42", "REDIS_URL": "redis://:made-up-redis@r:6379",
         "LANGUAGE": "en-US", "MAX_TURNS": "4", "KEY": "short", "PUBLIC_URL": "https://agent.example"})) == [
         "made-up-public-key", "made-up-redis"]
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+async def test_request_lines_skip_log_records_but_read_as_the_logging_call_would(json_lines: bool) -> None:
+    app = main.create_app(env(LOG_FORMAT="json" if json_lines else "text"))
+    handler = next(h for h in main.log.handlers if h.get_name() == "switchboard")
+    out, made = io.StringIO(), []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(args[1])  # (name, level, ...)
+        return factory(*args, **kwargs)
+
+    previous, others = handler.setStream(out), main.log.handlers[:]
+    main.log.handlers[:] = [handler]  # as in production (pytest's capture may have joined it)
+    logging.setLogRecordFactory(counting)
+    try:
+        async with concurrent(app) as client:
+            twilio = Twilio(client)
+            await twilio.call()
+            assert await twilio.turn("hello there") == ["You said: hello there."]
+        fast = out.getvalue().splitlines()
+        requests = [line for line in fast if "request" in line and "route=/" in line or '"msg":"request"' in line]
+        assert len(requests) == 2 and not made.count(logging.INFO) - (len(fast) - len(requests))  # no record each
+        fields = {"route": "/voice", "status": 200, "call": "CA1", "error": f"token {TOKEN} said <x> & \"y\"", "ms": 0.5}
+        observe.request_line(dict(fields))
+        main.log.info("request", extra=dict(fields))
+    finally:
+        logging.setLogRecordFactory(factory)
+        handler.setStream(previous)
+        main.log.handlers[:] = others
+    by_record, direct = out.getvalue().splitlines()[-1], out.getvalue().splitlines()[-2]
+    assert TOKEN not in direct and "token ***" in direct
+    if json_lines:
+        decoded = [msgspec.json.decode(line) for line in (direct, by_record)]
+        assert decoded[0].pop("ts") == pytest.approx(decoded[1].pop("ts"), abs=5)
+        assert decoded[0] == decoded[1] and list(decoded[0]) == ["level", "msg", *fields]
+    else:
+        assert direct == by_record == f"info request route=/voice status=200 call=CA1 error=token *** said <x> & \"y\" ms=0.5"
 
 
 async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> None:
