@@ -716,7 +716,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     import audio  # the modules beside this one import its structs: import them once it is complete
     from relay import Relay
     from turns import Engine, LLMChain
-    from webhooks import direct, routes, unrouted
+    from webhooks import Switchboard, routes, unrouted
 
     pm = plugin_manager(plugins)
     providers = select(pm, "llm", settings.llm_provider, settings)
@@ -760,11 +760,11 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
 
     observe.start_sentry(settings)  # before Litestar(): its integration hooks the app's construction
     twilio = routes(settings, engine, chosen, Relay(settings, engine))
-    app = Litestar(
+    app = Switchboard(
         [*twilio, audio.route(voice, backend), obs.endpoint()],
         lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False, exception_handlers=unrouted(),
     )
-    direct(app, twilio)  # Twilio's requests skip the router (it costs as much as the signature check)
+    app.answer_directly(twilio)  # Twilio's requests skip the router (it costs as much as the signature check)
     app.state.engine = engine
     app.state.settings = settings
     return app

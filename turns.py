@@ -50,7 +50,7 @@ from main import (
     log,
     render,
 )
-from webhooks import note
+from webhooks import note, within
 
 if TYPE_CHECKING:
     from observe import Observer
@@ -200,7 +200,7 @@ class LLMChain:
                 events, t0 = None, time.perf_counter()
                 try:
                     events = provider.stream(messages, system=s.system_prompt, tools=tools)
-                    async with asyncio.timeout(s.llm_first_token_timeout):  # no extra task, unlike wait_for
+                    async with within(s.llm_first_token_timeout):  # no extra task, unlike wait_for
                         first = await anext(events)
                 except Exception as e:  # a vendor failure, a stall, an empty reply or a plugin bug: try the next
                     if events is not None:
@@ -541,7 +541,7 @@ class Engine:
 
         try:
             try:
-                async with asyncio.timeout(s.llm_total_timeout):
+                async with within(s.llm_total_timeout):
                     segmenter = Segmenter()
                     async for event in self.reply(messages, call=run.call, served=served):
                         if not named and served:  # the first document's log line names the provider

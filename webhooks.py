@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 import msgspec
-from litestar import Request, Response, asgi
+from litestar import Litestar, Request, Response, asgi
 from litestar.types import Receive, Scope, Send
 
 from main import VERSION, BackendError, Settings, TwilioForm, document, esc, log
@@ -41,6 +41,7 @@ def twilio_signature(token: str, url: str, params: Sequence[tuple[str, str]]) ->
 
 
 _PORT = re.compile(r":\d+$")
+_HOST = re.compile(rb"\A[0-9A-Za-z!$&'()*+,;=\-._~:\[\]@%]*\Z")
 DEFAULT_PORTS = {"https": "443", "wss": "443", "http": "80", "ws": "80"}
 
 
@@ -95,7 +96,9 @@ class Signer:
             if ws:
                 base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
             return base + target
-        scheme, host = scope["scheme"], headers.get(b"host", b"").decode("latin-1")
+        if not _HOST.match(raw_host := headers.get(b"host", b"")):  # as Litestar's router checks it
+            raise Reject(400, "invalid Host header")
+        scheme, host = scope["scheme"], raw_host.decode("latin-1")
         if self._trusted(scope.get("client")):
             if proto := headers.get(b"x-forwarded-proto"):
                 scheme = proto.decode("latin-1").split(",")[0].strip()
@@ -111,6 +114,72 @@ class Signer:
             hmac.compare_digest(twilio_signature(self.token, variant, params).encode(), given)
             for variant in url_variants(url)
         )
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+class Limit:
+    """One `async with within(seconds)` block: asyncio.timeout's rules, on its event loop's shared clock."""
+
+    __slots__ = ("when", "task", "cancelling", "fired", "clock")
+
+    def __init__(self, when: float) -> None:
+        self.when, self.fired = when, False
+
+    async def __aenter__(self) -> Limit:
+        self.task = asyncio.current_task()
+        self.cancelling = self.task.cancelling()  # type: ignore[union-attr]
+        self.clock = _clock if _clock.loop is asyncio.get_running_loop() else Clock.start()
+        self.clock.limits.add(self)
+        if not self.clock.armed:
+            self.clock.arm()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        self.clock.limits.discard(self)
+        if self.fired and self.task.uncancel() <= self.cancelling and kind is asyncio.CancelledError:  # type: ignore[union-attr]
+            raise TimeoutError from error
+
+
+class Clock:
+    """The one timer of an event loop's limits: it ticks while any limit is open."""
+
+    TICK = 0.05  # seconds: how late a limit may fire
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop, self.limits, self.armed = loop, set[Limit](), False
+
+    @staticmethod
+    def start() -> Clock:
+        global _clock
+        _clock = Clock(asyncio.get_running_loop())
+        return _clock
+
+    def arm(self) -> None:
+        self.armed = True
+        self.loop.call_later(self.TICK, self.tick)  # type: ignore[union-attr]
+
+    def tick(self) -> None:
+        self.armed = False
+        now = time.monotonic()
+        for limit in [limit for limit in self.limits if now >= limit.when]:
+            limit.fired = True
+            limit.task.cancel()  # type: ignore[union-attr]
+            self.limits.discard(limit)
+        if self.limits:
+            self.arm()
+
+
+_clock = Clock(None)
+
+
+def within(seconds: float) -> Limit:
+    """Like asyncio.timeout(seconds) for the limits every request and turn sets (the response budget, the
+    model's first token and whole reply), which almost never fire: one timer ticks for all of them, where
+    asyncio.timeout arms and cancels a timer of its own each time, a tenth of a cheap webhook's cost.
+    A limit fires up to LIMIT_TICK late."""
+    return Limit(time.monotonic() + seconds)
 
 
 # ----------------------------------------------------------------------------- routes
@@ -251,7 +320,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
         try:
             form, base_url, query = await gate.open(scope, receive)
             fields["call"] = form.call_sid
-            async with asyncio.timeout(budget):
+            async with within(budget):
                 body = await handle(form, base_url, query)
         except Reject as r:
             status, body, ctype = r.status, f"{r.status} {r}\n".encode(), b"text/plain"
@@ -278,23 +347,23 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
     return endpoint
 
 
-def direct(app: Any, handlers: Sequence[Any]) -> None:
-    """Send the webhooks' exact paths straight to their raw ASGI handlers, past Litestar's router.
+class Switchboard(Litestar):
+    """The app: Twilio's webhooks are answered before Litestar's router, everything else goes through it.
 
-    The router's trie walk, scope state and exception-handler resolution cost about as much as the
-    whole signature check, on every Twilio request; anything else (another path, a trailing slash,
-    a root path, a WebSocket) still goes through Litestar."""
-    fns = {h.paths.copy().pop(): h.fn for h in handlers}
-    inner = app.asgi_handler
-    valid_host = re.compile(rb"\A[0-9A-Za-z!$&'()*+,;=\-._~:\[\]@%]*\Z").match  # as Litestar's router checks
+    For a webhook, the router's trie walk, scope state and exception-handler lookup cost about as much
+    as the signature check. Only exact webhook paths over HTTP take the short way; another path, a
+    trailing slash, a root path or a WebSocket still goes through Litestar."""
 
-    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path") and (fn := fns.get(scope["path"])) is not None \
-                and all(valid_host(v) for k, v in scope["headers"] if k == b"host"):
+    direct: Mapping[str, Callable[..., Any]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (fn := self.direct.get(scope["path"])) is not None and not scope.get("root_path"):
             return await fn(scope, receive, send)
-        return await inner(scope, receive, send)
+        return await super().__call__(scope, receive, send)
 
-    app.asgi_handler = dispatch
+    def answer_directly(self, handlers: Sequence[Any]) -> None:
+        """Take these raw ASGI route handlers' exact paths the short way."""
+        self.direct = {path: h.fn for h in handlers for path in h.paths}
 
 
 def unrouted() -> dict[int, Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:

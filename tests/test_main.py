@@ -689,3 +689,62 @@ async def test_the_test_client_is_signed_like_twilio(monkeypatch: pytest.MonkeyP
         twilio = Twilio(client, token="not-the-token")
         response = await twilio.call()
     assert response.status_code == 403
+
+
+# ----------------------------------------------------------------------------- limits (webhooks.within)
+
+
+async def test_a_limit_fires_on_time_as_a_timeout_error_and_not_before() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(TimeoutError):
+        async with webhooks.within(0.1):
+            await asyncio.sleep(5)
+    assert 0.1 <= loop.time() - t0 < 0.1 + 3 * webhooks.Clock.TICK
+    async with webhooks.within(0.3):  # not early
+        await asyncio.sleep(0.15)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_nested_limits_other_errors_and_outside_cancels_pass_through_and_the_clock_stops() -> None:
+    async with webhooks.within(5):
+        with pytest.raises(TimeoutError):
+            async with webhooks.within(0.05):
+                await asyncio.sleep(5)
+        await asyncio.sleep(0.01)  # the outer block carries on
+        with pytest.raises(KeyError):
+            async with webhooks.within(5):
+                raise KeyError("mine")
+
+    async def sleeper() -> None:
+        async with webhooks.within(5):
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(sleeper())
+    await asyncio.sleep(0.01)
+    task.cancel()  # someone else's cancel stays a cancel
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(2 * webhooks.Clock.TICK)
+    assert not webhooks._clock.limits and not webhooks._clock.armed
+
+
+def test_limits_work_on_each_new_event_loop() -> None:
+    async def late() -> bool:
+        try:
+            async with webhooks.within(0.05):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return True
+        return False
+
+    async def abandoned() -> None:  # a loop closed while a limit was open must not stall the next loop's
+        async with webhooks.within(5):
+            asyncio.get_running_loop().stop()
+            await asyncio.sleep(5)
+
+    loop = asyncio.new_event_loop()
+    loop.create_task(abandoned())
+    loop.run_forever()
+    loop.close()
+    assert asyncio.run(late()) and asyncio.run(late())

@@ -4,9 +4,9 @@ call records and their cost, Sentry through its real transport to a local collec
 from __future__ import annotations
 
 import asyncio
-import io
 import gzip
 import http.server
+import io
 import json
 import logging
 import subprocess
@@ -460,7 +460,7 @@ async def test_request_lines_skip_log_records_but_read_as_the_logging_call_would
         assert decoded[0].pop("ts") == pytest.approx(decoded[1].pop("ts"), abs=5)
         assert decoded[0] == decoded[1] and list(decoded[0]) == ["level", "msg", *fields]
     else:
-        assert direct == by_record == f"info request route=/voice status=200 call=CA1 error=token *** said <x> & \"y\" ms=0.5"
+        assert direct == by_record == "info request route=/voice status=200 call=CA1 error=token *** said <x> & \"y\" ms=0.5"
 
 
 async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> None:
