@@ -452,6 +452,19 @@ class SessionBackend(Plugin, Protocol):
         """Lock the call and read its session, served segments and stored replies; None if busy."""
         ...
 
+    async def create(self, call_sid: str, session: Session, ttl: float) -> bool:
+        """Store a new call's session unless the call has one already (a retried /voice); True when stored.
+
+        This default takes the lock like any transition; a backend can do it in one step without it."""
+        for _ in range(400):
+            if (snap := await self.begin(call_sid, (), ttl)) is not None:
+                if snap.session is not None:
+                    await self.unlock(call_sid, snap.token)
+                    return False
+                return await self.commit(call_sid, snap.token, session)
+            await asyncio.sleep(0.005)
+        raise BackendError(f"call {call_sid} stayed locked")
+
     async def commit(
         self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
     ) -> bool:

@@ -676,11 +676,7 @@ class Relay:
             return await self.engine.voice(form, base_url)
         if mode != "relay":
             raise Reject(400, f"mode={mode!r} on the voice URL must be gather or relay")
-        snap = await self.engine._begin(form.call_sid)
-        session = snap.session or self.engine._new_session(form.call_sid, form.caller, form.to)
-        await self.engine.backend.commit(form.call_sid, snap.token, session)
-        for provider in self.engine.llm.providers[:1]:
-            self.engine.background(provider.warm())
+        await self.engine.open_call(form)
         return self.connect(base_url, attempt=1, greeting=self.settings.greeting)
 
     async def action(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:

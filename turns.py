@@ -362,13 +362,17 @@ class Engine:
 
     # -- webhooks
 
-    async def voice(self, form: TwilioForm, base_url: str) -> bytes:
-        """An incoming call: create the session, greet inside a <Gather>."""
-        snap = await self._begin(form.call_sid)
-        session = snap.session or self._new_session(form.call_sid, form.caller, form.to)
-        await self.backend.commit(form.call_sid, snap.token, session)
+    async def open_call(self, form: TwilioForm) -> None:
+        """A call begins (/voice, either mode): store its session unless a retried /voice did; warm the model."""
+        session = Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
+        if await self.backend.create(form.call_sid, session, self.settings.session_ttl):
+            self.obs.call_started()
         for provider in self.warm:
             self.background(provider.warm())
+
+    async def voice(self, form: TwilioForm, base_url: str) -> bytes:
+        """An incoming call: create the session, greet inside a <Gather>."""
+        await self.open_call(form)
         return await self.listen_phrase(self.settings.greeting, base_url)
 
     async def speech(self, form: TwilioForm, base_url: str) -> bytes:

@@ -104,6 +104,13 @@ class MemoryBackend(SessionBackend):
         replies = {k: (stored[k][0], list(stored[k][1])) for k in keys if k in stored}
         return Snapshot(token=token, session=session, served=list(call.served), replies=replies)
 
+    async def create(self, call_sid: str, session: Session, ttl: float) -> bool:
+        call = self._call(call_sid, ttl)
+        if call.session is not None:
+            return False
+        call.session = session_encoder.encode(session)
+        return True
+
     async def commit(
         self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
     ) -> bool:

@@ -401,6 +401,10 @@ class ValkeyBackend(SessionBackend):
             replies=replies,
         )
 
+    async def create(self, call_sid: str, session: Session, ttl: float) -> bool:
+        (key,) = self._keys(call_sid, "s")  # one plain command: the call has no other keys yet
+        return bool(await self._do(self._send("SET", key, encoder.encode(session), "NX", "PX", max(1, int(ttl * 1000)))))
+
     async def commit(
         self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
     ) -> bool:

@@ -86,6 +86,26 @@ async def test_begin_locks_and_commit_writes_then_unlocks(make) -> None:  # type
     assert (await backend.begin(call, [], 60)).session == written
 
 
+@pytest.mark.parametrize("way", ["own", "default"])
+async def test_create_stores_a_new_call_once_and_never_overwrites_one(make, way: str) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    create = backend.create if way == "own" else lambda *a: main.SessionBackend.create(backend, *a)  # the protocol's
+    results = await asyncio.gather(*(create(call, session(call), 0.6) for _ in range(8)))
+    assert sorted(results) == [False] * 7 + [True]  # duplicates of one /voice, at once: one stores it
+    snap = await backend.begin(call, [], 0.6)
+    assert snap.session is not None and snap.session.call_sid == call and snap.session.turns == 0
+    snap.session.turns = 3
+    assert await backend.commit(call, snap.token, snap.session)
+    assert await create(call, session(call), 0.6) is False  # a late retry keeps the call as it is
+    assert (await backend.begin(call, [], 0.6)).session.turns == 3
+    other = sid()
+    assert await create(other, session(other), 0.3) is True
+    await asyncio.sleep(0.45)
+    if way == "own":  # created with the TTL given: gone once it passes
+        snap = await backend.begin(other, [], 60)
+        assert snap is not None and snap.session is None
+
+
 async def test_sessions_expire_after_the_ttl_of_inactivity(make) -> None:  # type: ignore[no-untyped-def]
     backend, call = await make(SESSION_TTL="1"), sid()
     snap = await backend.begin(call, [], 1)
