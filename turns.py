@@ -75,7 +75,11 @@ class Segmenter:
 
     def feed(self, token: str) -> list[str]:
         """Add a token; return the sentences it completed."""
+        settled = self.pos == len(self.buf)  # nothing before this token waits on what comes next
         self.buf += token
+        if settled and len(self.buf) <= self.max_len and not _CANDIDATE.search(token):  # most tokens: no end here
+            self.pos = len(self.buf)
+            return []
         out: list[str] = []
         while (cut := self._boundary()) is not None:
             sentence, self.buf, self.pos = self.buf[:cut].strip(), self.buf[cut:].lstrip(), 0
@@ -514,8 +518,8 @@ class Engine:
         s, sid = self.settings, run.call_sid
         instant = getattr(self.tts, "instant", False)
         pending: list[asyncio.Task[Segment] | Segment] = []
-        more = asyncio.Event()
-        emitter = None if instant else asyncio.create_task(self._emit_in_order(run, pending, more))
+        more = asyncio.Event() if not instant else None
+        emitter = None if more is None else asyncio.create_task(self._emit_in_order(run, pending, more))
         served: list[str] = []
         usage = Usage()
         action: Segment | None = None  # a tool's hangup or dial, after the reply
@@ -534,7 +538,7 @@ class Engine:
                 if text:
                     spoken += len(text) + bool(spoken)
                     texts.append(text)
-            if emitter is not None:
+            if more is not None:
                 pending.extend(asyncio.create_task(self.tts.render(t, base_url=base_url)) for t in texts)
                 pending.extend(tail)
                 more.set()
