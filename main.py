@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import importlib.util
@@ -618,10 +619,14 @@ def verb(seg: Segment) -> str:
         return f"<Dial{caller_id}>{esc(seg.number)}</Dial>"
     if seg.url:
         return f"<Play>{esc(seg.url)}</Play>"
-    attrs = (f' voice="{esc(seg.voice)}"' if seg.voice else "") + (
-        f' language="{esc(seg.language)}"' if seg.language else ""
-    )
-    return f"<Say{attrs}>{esc(seg.text)}</Say>"
+    return f"{_say_tag(seg.voice, seg.language)}{esc(seg.text)}</Say>"
+
+
+@functools.lru_cache(maxsize=256)
+def _say_tag(voice: str, language: str) -> str:
+    """The opening <Say> of a voice and language (a few per deployment: built once each)."""
+    attrs = (f' voice="{esc(voice)}"' if voice else "") + (f' language="{esc(language)}"' if language else "")
+    return f"<Say{attrs}>"
 
 
 def document(body: str) -> bytes:
