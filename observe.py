@@ -197,15 +197,14 @@ class Prices:
 # ----------------------------------------------------------------------------- the observer
 
 
-class Latency:
-    """One turn's timings, kept on the replica that measured them until the turn is recorded."""
+class Latency(msgspec.Struct, gc=False):
+    """One turn's timings, kept on the replica that measured them until the turn is recorded.
 
-    __slots__ = ("first_token", "first_audio", "reply")
+    Untracked by the cyclic GC (it holds only numbers): thousands of open turns add nothing to a collection."""
 
-    def __init__(self) -> None:
-        self.first_token: float | None = None
-        self.first_audio: float | None = None
-        self.reply: float | None = None
+    first_token: float | None = None
+    first_audio: float | None = None
+    reply: float | None = None
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -63,6 +63,7 @@ _ABBREVIATIONS = frozenset(
 )
 _ENDS_AND_CLOSERS = ".!?…\"')]”’"
 _CANDIDATE = re.compile("[.!?…\n]")
+_ALNUM = re.compile(r"[^\W_]")  # what str.isalnum() accepts (checked for every code point)
 
 
 class Segmenter:
@@ -530,7 +531,7 @@ class Engine:
             texts = []
             nonlocal full
             for sentence in sentences:  # spoken counts the reply's characters, sentences joined by spaces
-                if not any(c.isalnum() for c in sentence):  # a stray closing quote or dash: nothing to say
+                if not _ALNUM.search(sentence):  # a stray closing quote or dash: nothing to say
                     continue
                 whole = speakable(sentence)
                 text = "" if full else clip(whole, s.max_reply_chars - spoken - bool(spoken))

@@ -9,22 +9,27 @@ class LogRecorder(CallRecorder):
     """Logs `call record` with the call's outcome, length, turns, models, tokens, cost and mean latencies."""
 
     def __init__(self, settings: Settings) -> None:
-        self.first_audio: dict[str, list[float]] = {}  # per call, until it ends
+        # per call until it ends: the sum and count of first-audio waits (numbers only: nothing for the GC to scan)
+        self.first_audio: dict[str, float] = {}
+        self.turns: dict[str, int] = {}
 
     def turn_finished(self, record: TurnRecord) -> None:
         if record.first_audio_ms is not None:
-            self.first_audio.setdefault(record.call_sid, []).append(record.first_audio_ms)
-            if len(self.first_audio) > 10_000:  # calls that never got a status callback
-                del self.first_audio[next(iter(self.first_audio))]
+            sid = record.call_sid
+            self.first_audio[sid] = self.first_audio.get(sid, 0.0) + record.first_audio_ms
+            self.turns[sid] = self.turns.get(sid, 0) + 1
+            if len(self.turns) > 10_000:  # calls that never got a status callback
+                oldest = next(iter(self.turns))
+                del self.turns[oldest], self.first_audio[oldest]
 
     def call_finished(self, record: CallRecord) -> None:
-        waits = self.first_audio.pop(record.call_sid, [])
+        total, n = self.first_audio.pop(record.call_sid, 0.0), self.turns.pop(record.call_sid, 0)
         log.info("call record", extra={
             "call": record.call_sid, "caller": mask(record.caller), "to": mask(record.to),
             "outcome": record.outcome, "seconds": round(record.ended - record.started, 1), "turns": record.turns,
             "providers": ",".join(record.providers) or "-", "input_tokens": record.input_tokens,
             "output_tokens": record.output_tokens, "cost_usd": record.cost,
-            "first_audio_ms": round(sum(waits) / len(waits), 1) if waits else None,
+            "first_audio_ms": round(total / n, 1) if n else None,
         })
 
 

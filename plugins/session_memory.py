@@ -17,6 +17,13 @@ session_encoder = msgspec.msgpack.Encoder()
 session_decoder = msgspec.msgpack.Decoder(Session)
 
 
+class Stored(msgspec.Struct, gc=False):
+    """A reply kept for retries: the turn it answered and the segments sent."""
+
+    turn: str
+    segments: tuple[Segment, ...]
+
+
 class Call(msgspec.Struct, gc=False):
     """One call's state, with the same parts the Valkey backend keeps under its keys.
 
@@ -29,7 +36,7 @@ class Call(msgspec.Struct, gc=False):
     lock_until: float = 0.0
     served: tuple[Segment, ...] = ()
     queues: dict[str, list[Segment]] | None = None
-    replies: dict[str, tuple[str, tuple[Segment, ...]]] | None = None
+    replies: dict[str, Stored] | None = None  # holding untracked values, the dict stays untracked too
     expires: float = 0.0
     pushed: asyncio.Event | None = None  # made when someone waits
 
@@ -101,7 +108,7 @@ class MemoryBackend(SessionBackend):
         call = self._call(call_sid, ttl)
         session = session_decoder.decode(call.session) if call.session is not None else None
         stored = call.replies or {}
-        replies = {k: (stored[k][0], list(stored[k][1])) for k in keys if k in stored}
+        replies = {k: (stored[k].turn, list(stored[k].segments)) for k in keys if k in stored}
         return Snapshot(token=token, session=session, served=list(call.served), replies=replies)
 
     async def create(self, call_sid: str, session: Session, ttl: float) -> bool:
@@ -122,7 +129,7 @@ class MemoryBackend(SessionBackend):
         else:
             call.session = session_encoder.encode(session)
             if turn_changed:  # keep the replies of the turn just finished, for late retries
-                call.replies = {k: v for k, v in call.replies.items() if v[0] == call.current} if call.replies else None
+                call.replies = {k: v for k, v in call.replies.items() if v.turn == call.current} if call.replies else None
                 call.current = session.current.id if session.current else ""
                 call.served, call.queues = (), None
             call.lock = ""
@@ -157,8 +164,9 @@ class MemoryBackend(SessionBackend):
             call.served += kept
             if call.replies is None:
                 call.replies = {}
+            stored = Stored(turn, kept)
             for key in keys:
-                call.replies[key] = (turn, kept)
+                call.replies[key] = stored
         return taken
 
     async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
@@ -173,7 +181,7 @@ class MemoryBackend(SessionBackend):
     async def reply(self, call_sid: str, key: str) -> tuple[str, list[Segment]] | None:
         call = self.calls.get(call_sid)
         stored = (call.replies or {}).get(key) if call is not None else None
-        return (stored[0], list(stored[1])) if stored is not None else None
+        return (stored.turn, list(stored.segments)) if stored is not None else None
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         self.cancel_callbacks.append(callback)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import Twilio, env, running
+from conftest import Twilio, concurrent, env, running
 
 import main
 from plugins.session_memory import MemoryBackend
@@ -56,7 +56,7 @@ async def test_replies_are_kept_only_for_the_current_and_previous_turn() -> None
         for text in ["one", "two", "three"]:
             await twilio.say(text)
     call = app.state.engine.backend.calls[twilio.call_sid]
-    kept = {seg.text for _, segments in call.replies.values() for seg in segments if seg.text}
+    kept = {seg.text for stored in call.replies.values() for seg in stored.segments if seg.text}
     assert kept == {"You said: two.", "You said: three."}
     assert len(call.replies) == 4  # per turn: its speech key and its first document
 
@@ -70,3 +70,32 @@ async def test_the_blob_cache_stays_within_its_byte_bound() -> None:
     assert await backend.get_blob("k0") is None and await backend.get_blob("k9") == bytes(300)
     await backend.put_blob("huge", bytes(5000), 60)
     assert await backend.get_blob("huge") is None
+
+
+async def test_open_calls_give_the_cyclic_gc_nothing_to_scan() -> None:
+    """Calls in progress (sessions, stored replies, turn timings, the log recorder's sums) hold no GC-tracked
+    objects: a full collection's pause stays flat however many calls a replica holds (bench/webhook.py p99)."""
+    import gc
+
+    app = main.create_app(env())
+    others = main.log.handlers[:]  # only switchboard's own handler, as in production (pytest's keeps records)
+    main.log.handlers[:] = [h for h in others if h.get_name() == "switchboard"]
+    try:
+        async with concurrent(app) as client:
+            calls = [Twilio(client) for _ in range(300)]
+            for twilio in calls:
+                await twilio.call()
+            gc.collect()
+            old = gc.get_objects()  # (held, so no new object can reuse an old one's id)
+            before = {id(o) for o in old}
+            for turn in range(2):
+                for n, twilio in enumerate(calls):
+                    assert (await twilio.say(f"question {turn} {n}")).status_code == 200
+            backend, obs = app.state.engine.backend, app.state.engine.obs
+            assert len(backend.calls) == 300 and len(obs.latencies) == 300  # held: the last turns are still open
+            gc.collect()
+            gc.collect()
+            new = [o for o in gc.get_objects() if id(o) not in before]
+    finally:
+        main.log.handlers[:] = others
+    assert len(new) < 100  # 600 turns of 300 calls: not one tracked object each
