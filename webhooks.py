@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextvars
 import hashlib
 import hmac
@@ -70,7 +71,7 @@ class Signer:
         self.trust_all = "*" in trusted
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in trusted if p != "*"]
         self.known: dict[str, bool] = {}
-        self.key = self.token.encode()
+        self.mac = hmac.new(self.token.encode(), digestmod=hashlib.sha1)  # keyed once; each check copies it
         self.variants: dict[str, list[str]] = {}  # URL -> the spellings Twilio may have signed (a few URLs recur)
 
     def _trusted(self, client: tuple[str, int] | None) -> bool:
@@ -117,10 +118,12 @@ class Signer:
             if len(self.variants) < 1024:  # the public URL's few paths; a flood of Host headers is not remembered
                 self.variants[url] = variants
         tail = "".join([key + value for key, value in sorted(set(params))])
-        return any(
-            hmac.compare_digest(base64.b64encode(hmac.digest(self.key, (variant + tail).encode(), "sha1")), given)
-            for variant in variants
-        )
+        for variant in variants:
+            mac = self.mac.copy()
+            mac.update((variant + tail).encode())
+            if hmac.compare_digest(binascii.b2a_base64(mac.digest(), newline=False), given):
+                return True
+        return False
 
 
 # ----------------------------------------------------------------------------- limits
@@ -227,8 +230,11 @@ def parse_form(data: bytes) -> list[tuple[str, str]]:
             if "+" in part:
                 part = part.replace("+", " ")
             name, _, value = part.partition("=")
-            if "%" in value:
-                value = unquote_to_bytes(value).decode()
+            if "%" in value:  # (a phone number's "+" is the one escape in most of Twilio's fields)
+                if value.count("%") == value.count("%2B"):
+                    value = value.replace("%2B", "+")
+                else:
+                    value = unquote_to_bytes(value).decode()
             if "%" in name:
                 name = unquote_to_bytes(name).decode()
             pairs.append((name, value))

@@ -14,9 +14,11 @@ Every key of a call carries the call's hash tag, so a call lives in one cluster 
 
 Each method is one round trip: a Lua script (EVALSHA, loaded again on NOSCRIPT) where it must be
 atomic, a plain command elsewhere. Whatever the process issues in one event-loop iteration (many
-calls' commands, under load) leaves in one pipeline, which costs a third of the client CPU of one
-command at a time. Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. An
-ordinary turn costs three round trips: begin, commit, serve (bench/valkey_roundtrips.py counts them).
+calls' commands, under load) leaves in one write on one pooled connection, packed by libvalkey's C
+packer, and the replies are read back in order: a pipeline without the client Pipeline's Python
+layers per command. Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. A
+new call costs one round trip (create: SET NX), an ordinary turn three: begin, commit, serve
+(bench/valkey_roundtrips.py counts them).
 
 wait() does not hold a connection: it looks at the queue once, then sleeps on a local event that the
 process's one pub/sub subscription sets when any replica pushes to that call (pushes publish in
