@@ -2,35 +2,29 @@
 
 Twilio transcribes the caller, switchboard asks an LLM, Twilio speaks the answer. Everything that
 talks to a vendor is a pluggy plugin chosen by name from the environment. Read top to bottom:
-settings, structs, protocols, hookspecs, plugins, TwiML helpers, create_app(). This file is the
+settings, structs, protocols, hookspecs, plugins, Twilio names, create_app(). This file is the
 contract every plugin imports from; beside it, named modules hold the rest: webhooks.py (signature
-checks, the webhook routes), turns.py (the turn engine), relay.py (ConversationRelay mode), audio.py
-(hosted audio), observe.py (metrics, logs, records).
+checks, the webhook routes), twiml.py (the documents), turns.py (the turn engine), relay.py
+(ConversationRelay mode), audio.py (hosted audio), observe.py (metrics, logs, records).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import importlib
 import importlib.util
 import logging
 import re
-import signal
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 import pluggy
 from litestar import Litestar
-
-if TYPE_CHECKING:
-    from turns import Engine
 
 if __name__ == "__main__":  # `python main.py`: let plugins' `from main import ...` find this module
     sys.modules.setdefault("main", sys.modules[__name__])
@@ -595,57 +589,7 @@ def select(pm: pluggy.PluginManager, kind: str, names: Sequence[str], settings: 
     return [found[name](settings) for name in names]
 
 
-# ----------------------------------------------------------------------------- TwiML
-
-XML_HEAD = '<?xml version="1.0" encoding="UTF-8"?><Response>'
-_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-MAX_DOC = 64_000
-
-
-def esc(text: str) -> str:
-    """Escape text for XML and drop characters XML cannot carry."""
-    return _NOT_XML.sub("", text).translate(_ESCAPES)
-
-
-def verb(seg: Segment) -> str:
-    """One segment as a TwiML verb."""
-    if seg.kind == "pause":
-        return '<Pause length="1"/>'
-    if seg.kind == "hangup":
-        return "<Hangup/>"
-    if seg.kind == "dial":
-        caller_id = f' callerId="{esc(seg.caller_id)}"' if seg.caller_id else ""
-        return f"<Dial{caller_id}>{esc(seg.number)}</Dial>"
-    if seg.url:
-        return f"<Play>{esc(seg.url)}</Play>"
-    return f"{_say_tag(seg.voice, seg.language)}{esc(seg.text)}</Say>"
-
-
-@functools.lru_cache(maxsize=256)
-def _say_tag(voice: str, language: str) -> str:
-    """The opening <Say> of a voice and language (a few per deployment: built once each)."""
-    attrs = (f' voice="{esc(voice)}"' if voice else "") + (f' language="{esc(language)}"' if language else "")
-    return f"<Say{attrs}>"
-
-
-def document(body: str) -> bytes:
-    """A whole TwiML document."""
-    return f"{XML_HEAD}{body}</Response>".encode()
-
-
-def render(segments: Sequence[Segment], *, gather: str, next_url: str = "") -> bytes:
-    """A reply document: speech, then the next <Redirect>, an action, or the last part in a <Gather>."""
-    final = any(s.kind == "end" for s in segments)
-    verbs = [verb(s) for s in segments if s.kind != "end"]
-    while sum(map(len, verbs)) > MAX_DOC - 1000:  # a hard cap, far above MAX_REPLY_CHARS
-        verbs.pop(-2 if len(verbs) > 1 else -1)
-    if not final:
-        return document("".join(verbs) + f'<Redirect method="POST">{esc(next_url)}</Redirect>')
-    if any(s.kind in ("hangup", "dial") for s in segments):
-        return document("".join(verbs))
-    last = verbs.pop() if verbs else ""
-    return document("".join(verbs) + gather + last + "</Gather>")
+# ----------------------------------------------------------------------------- Twilio names
 
 
 _SAY_VOICE = (
@@ -668,47 +612,12 @@ def say_voice(var: str, name: str) -> str:
     )
 
 
-def gather_tag(settings: Settings) -> str:
-    """The <Gather> that listens for the caller's next turn."""
-    return (
-        '<Gather input="speech" speechTimeout="auto" actionOnEmptyResult="true" '
-        f'action="/process-speech" method="POST" language="{esc(settings.language)}">'
-    )
-
-
 def mask(number: str) -> str:
     """A phone number fit for a log line: only its last four digits."""
     return f"…{number[-4:]}" if len(number) > 4 else "…"
 
 
 # ----------------------------------------------------------------------------- the app
-
-
-def watch_for_sigterm(engine: Engine) -> None:
-    """Mark the engine draining on SIGTERM (Railway's redeploy), then let the server's handler stop it."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        return
-
-    server = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
-    loop = asyncio.get_running_loop()
-
-    async def drain_then_stop() -> None:
-        try:  # e.g. relay sockets are asked to reconnect elsewhere before the server closes them
-            await asyncio.wait_for(asyncio.gather(*(d() for d in engine.drainers)), engine.settings.drain_seconds)
-        except Exception:
-            log.exception("draining failed")
-        server.should_exit = True  # a graceful stop that ends in exit code 0, not a re-raised SIGTERM
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        engine.draining = True
-        log.info("SIGTERM: draining")
-        if hasattr(server, "should_exit"):
-            loop.call_soon_threadsafe(lambda: engine.background(drain_then_stop()))
-        else:
-            previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[object] = ()) -> Litestar:
@@ -756,7 +665,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
             for obj in (backend, voice, *providers, *recorders):
                 await obj.aopen()
                 opened.append(obj)
-            watch_for_sigterm(engine)
+            engine.watch_for_sigterm()
             log.info("switchboard ready", extra={"version": VERSION, "mode": settings.mode, **chosen})
             gc.collect()
             gc.freeze()  # startup objects never die: keep them out of every collection (shorter GC pauses)

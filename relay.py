@@ -34,12 +34,10 @@ from main import (
     Turn,
     TwilioForm,
     Usage,
-    document,
-    esc,
     log,
-    verb,
 )
 from turns import Engine, new_turn_id
+from twiml import document, esc, verb
 from webhooks import _CALL_SID, Gate, Reject, respond, webhook
 
 RELAY_PATH, ACTION_PATH = "/relay", "/relay-action"

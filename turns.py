@@ -13,6 +13,8 @@ import hashlib
 import random
 import re
 import secrets
+import signal
+import threading
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from main import (
-    _NOT_XML,
     BUSY,
     END,
     SUPERSEDED,
@@ -45,11 +46,9 @@ from main import (
     Turn,
     TwilioForm,
     Usage,
-    document,
-    gather_tag,
     log,
-    render,
 )
+from twiml import _NOT_XML, document, gather_tag, render
 from webhooks import note, within
 
 if TYPE_CHECKING:
@@ -303,6 +302,32 @@ class Engine:
         self.docs: dict[tuple[str, str], bytes] = {}
         self.warm = [p for p in llm.providers[:1] if getattr(type(p), "warm", LLMProvider.warm) is not LLMProvider.warm]
         backend.on_cancel(self._cancelled)
+
+    def watch_for_sigterm(self) -> None:
+        """Mark the engine draining on SIGTERM (Railway's redeploy), then let the server's handler stop it."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            return
+
+        server = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
+        loop = asyncio.get_running_loop()
+
+        async def drain_then_stop() -> None:
+            try:  # e.g. relay sockets are asked to reconnect elsewhere before the server closes them
+                await asyncio.wait_for(asyncio.gather(*(d() for d in self.drainers)), self.settings.drain_seconds)
+            except Exception:
+                log.exception("draining failed")
+            server.should_exit = True  # a graceful stop that ends in exit code 0, not a re-raised SIGTERM
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.draining = True
+            log.info("SIGTERM: draining")
+            if hasattr(server, "should_exit"):
+                loop.call_soon_threadsafe(lambda: self.background(drain_then_stop()))
+            else:
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def background(self, coro: Any) -> asyncio.Task[Any]:
         """Run a task that must outlive the request that started it."""

@@ -23,7 +23,8 @@ import msgspec
 from litestar import Litestar, Request, Response, asgi
 from litestar.types import Receive, Scope, Send
 
-from main import VERSION, BackendError, Settings, TwilioForm, document, esc, log
+from main import VERSION, BackendError, Settings, TwilioForm, log
+from twiml import document, esc
 
 if TYPE_CHECKING:
     from relay import Relay

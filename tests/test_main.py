@@ -41,6 +41,7 @@ import main
 import phone
 import turns
 import webhooks
+from twiml import gather_tag, render
 
 # ----------------------------------------------------------------------------- signatures (vectors from the wire reference)
 
@@ -555,7 +556,7 @@ def test_json_logs_are_one_object_per_line() -> None:
 
 def test_documents_stay_under_64kb() -> None:
     huge = [main.Segment(text="word " * 5000) for _ in range(30)]
-    doc = main.render([*huge, main.END], gather=main.gather_tag(main.load_settings({})))
+    doc = render([*huge, main.END], gather=gather_tag(main.load_settings({})))
     assert len(doc) < 64_000
     assert ET.fromstring(doc).tag == "Response"
 
@@ -679,7 +680,7 @@ def test_signed_requests_from_the_dev_phone_validate_with_twilios_own_validator(
 
 
 def test_continuing_documents_redirect_to_the_continuation() -> None:
-    doc = main.render([main.Segment(text="Part one.", **VOICE)], gather="", next_url="/continue?n=1&turn=abc")
+    doc = render([main.Segment(text="Part one.", **VOICE)], gather="", next_url="/continue?n=1&turn=abc")
     assert tree(doc) == continuing("Part one.", url="/continue?n=1&turn=abc")
 
 
