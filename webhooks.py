@@ -189,7 +189,7 @@ def within(seconds: float) -> Limit:
     """Like asyncio.timeout(seconds) for the limits every request and turn sets (the response budget, the
     model's first token and whole reply), which almost never fire: one timer ticks for all of them, where
     asyncio.timeout arms and cancels a timer of its own each time, a tenth of a cheap webhook's cost.
-    A limit fires up to LIMIT_TICK late."""
+    A limit fires up to Clock.TICK late."""
     return Limit(time.monotonic() + seconds)
 
 
