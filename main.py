@@ -451,14 +451,11 @@ class SessionBackend(Plugin, Protocol):
         """Store a new call's session unless the call has one already (a retried /voice); True when stored.
 
         This default takes the lock like any transition; a backend can do it in one step without it."""
-        for _ in range(400):
-            if (snap := await self.begin(call_sid, (), ttl)) is not None:
-                if snap.session is not None:
-                    await self.unlock(call_sid, snap.token)
-                    return False
-                return await self.commit(call_sid, snap.token, session)
-            await asyncio.sleep(0.005)
-        raise BackendError(f"call {call_sid} stayed locked")
+        snap = await begin_when_free(self, call_sid, (), ttl)
+        if snap.session is not None:
+            await self.unlock(call_sid, snap.token)
+            return False
+        return await self.commit(call_sid, snap.token, session)
 
     async def commit(
         self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
@@ -497,6 +494,15 @@ class SessionBackend(Plugin, Protocol):
     async def get_blob(self, key: str) -> bytes | None:
         """Bytes stored by put_blob, or None when absent or expired."""
         ...
+
+
+async def begin_when_free(backend: SessionBackend, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot:
+    """begin(), waiting while another transition holds the call's lock (one round trip; ~2 s is plenty)."""
+    for _ in range(400):
+        if (snap := await backend.begin(call_sid, keys, ttl)) is not None:
+            return snap
+        await asyncio.sleep(0.005)
+    raise BackendError(f"call {call_sid} stayed locked")
 
 
 class CallRecorder(Plugin, Protocol):

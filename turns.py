@@ -46,6 +46,7 @@ from main import (
     Turn,
     TwilioForm,
     Usage,
+    begin_when_free,
     log,
 )
 from twiml import _NOT_XML, document, gather_tag, render
@@ -361,11 +362,7 @@ class Engine:
         return render(segments, gather=self.gather, next_url=f"/continue?n={n + 1}&turn={turn}")
 
     async def _begin(self, call_sid: str, keys: Sequence[str] = ()) -> Snapshot:
-        for _ in range(400):  # a transition holds the lock for one round trip; ~2 s is plenty
-            if (snap := await self.backend.begin(call_sid, keys, self.settings.session_ttl)) is not None:
-                return snap
-            await asyncio.sleep(0.005)
-        raise BackendError(f"call {call_sid} stayed locked")
+        return await begin_when_free(self.backend, call_sid, keys, self.settings.session_ttl)
 
     def _close_turn(self, session: Session, served: Sequence[Segment]) -> None:
         """Move the current turn into history with what the caller was actually sent."""

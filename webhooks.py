@@ -38,8 +38,13 @@ def twilio_signature(token: str, url: str, params: Sequence[tuple[str, str]]) ->
     """Twilio's X-Twilio-Signature: base64 HMAC-SHA1 of the URL plus the params sorted by name, then value.
 
     Repeated names contribute each distinct value once, which is what sorting the distinct pairs gives."""
-    data = url + "".join(key + value for key, value in sorted(set(params)))
+    data = url + signed_params(params)
     return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+def signed_params(params: Sequence[tuple[str, str]]) -> str:
+    """The params as Twilio signs them: each distinct (name, value) pair, sorted, concatenated."""
+    return "".join([key + value for key, value in sorted(set(params))])
 
 
 _PORT = re.compile(r":\d+$")
@@ -118,7 +123,7 @@ class Signer:
             variants = url_variants(url)
             if len(self.variants) < 1024:  # the public URL's few paths; a flood of Host headers is not remembered
                 self.variants[url] = variants
-        tail = "".join([key + value for key, value in sorted(set(params))])
+        tail = signed_params(params)
         for variant in variants:
             mac = self.mac.copy()
             mac.update((variant + tail).encode())

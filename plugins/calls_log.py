@@ -9,21 +9,18 @@ class LogRecorder(CallRecorder):
     """Logs `call record` with the call's outcome, length, turns, models, tokens, cost and mean latencies."""
 
     def __init__(self, settings: Settings) -> None:
-        # per call until it ends: the sum and count of first-audio waits (numbers only: nothing for the GC to scan)
-        self.first_audio: dict[str, float] = {}
-        self.turns: dict[str, int] = {}
+        # per call until it ends: the sum and count of its first-audio waits (numbers: nothing for the GC to scan)
+        self.first_audio: dict[str, tuple[float, int]] = {}
 
     def turn_finished(self, record: TurnRecord) -> None:
         if record.first_audio_ms is not None:
-            sid = record.call_sid
-            self.first_audio[sid] = self.first_audio.get(sid, 0.0) + record.first_audio_ms
-            self.turns[sid] = self.turns.get(sid, 0) + 1
-            if len(self.turns) > 10_000:  # calls that never got a status callback
-                oldest = next(iter(self.turns))
-                del self.turns[oldest], self.first_audio[oldest]
+            total, n = self.first_audio.get(record.call_sid, (0.0, 0))
+            self.first_audio[record.call_sid] = (total + record.first_audio_ms, n + 1)
+            if len(self.first_audio) > 10_000:  # calls that never got a status callback
+                del self.first_audio[next(iter(self.first_audio))]
 
     def call_finished(self, record: CallRecord) -> None:
-        total, n = self.first_audio.pop(record.call_sid, 0.0), self.turns.pop(record.call_sid, 0)
+        total, n = self.first_audio.pop(record.call_sid, (0.0, 0))
         log.info("call record", extra={
             "call": record.call_sid, "caller": mask(record.caller), "to": mask(record.to),
             "outcome": record.outcome, "seconds": round(record.ended - record.started, 1), "turns": record.turns,
