@@ -677,13 +677,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
             gc.freeze()  # startup objects never die: keep them out of every collection (shorter GC pauses)
             yield
         finally:
-            engine.draining = True  # the server stopped taking requests; let replies being generated finish
-            if engine.tasks:
-                log.info("draining", extra={"replies": len(engine.tasks), "seconds": settings.drain_seconds})
-                await asyncio.wait(list(engine.tasks), timeout=settings.drain_seconds)
-            for task in list(engine.tasks):
-                task.cancel()
-            await asyncio.gather(*engine.tasks, return_exceptions=True)
+            await engine.drain()  # the server stopped taking requests; let replies being generated finish
             for obj in reversed(opened):
                 try:
                     await obj.aclose()

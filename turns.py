@@ -330,6 +330,16 @@ class Engine:
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
+    async def drain(self) -> None:
+        """The server stops: let replies being generated finish (up to DRAIN_SECONDS), then cancel the rest."""
+        self.draining = True
+        if self.tasks:
+            log.info("draining", extra={"replies": len(self.tasks), "seconds": self.settings.drain_seconds})
+            await asyncio.wait(list(self.tasks), timeout=self.settings.drain_seconds)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
     def background(self, coro: Any) -> asyncio.Task[Any]:
         """Run a task that must outlive the request that started it."""
         task = asyncio.create_task(coro)
