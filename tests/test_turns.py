@@ -6,6 +6,7 @@ import asyncio
 import time
 import xml.etree.ElementTree as ET
 
+import httpx
 from conftest import (
     Scripted,
     Twilio,
@@ -20,12 +21,24 @@ from conftest import (
     tree,
 )
 from fake_llm import FakeLLM, Reply
+from litestar import Litestar
 
 import main
 import turns
 
 LONG = "One is first. Two comes next. Three is here. Four is near. Five is the end."
 SENTENCES = ["One is first.", "Two comes next.", "Three is here.", "Four is near.", "Five is the end."]
+
+
+async def timed_turn(app: Litestar) -> tuple[httpx.Response, float, list[httpx.Response]]:
+    """A call whose caller says "hello": the first document, the seconds it took, and the documents after it."""
+    async with running(app) as client:
+        twilio = Twilio(client)
+        t0 = time.perf_counter()
+        first = await twilio.say("hello")
+        elapsed = time.perf_counter() - t0
+        rest = await twilio.follow(first)
+    return first, elapsed, rest
 
 
 async def test_a_short_answer_is_one_document_nested_in_the_next_gather() -> None:
@@ -80,13 +93,7 @@ async def test_a_retried_continuation_gets_the_same_document() -> None:
 
 async def test_a_slow_first_token_gets_a_filler_inside_the_deadline() -> None:
     model = Scripted(replies=["Here it is."], ttft=1.2)
-    app = scripted_app(model, FIRST_AUDIO_DEADLINE="0.3")
-    async with running(app) as client:
-        twilio = Twilio(client)
-        t0 = time.perf_counter()
-        first = await twilio.say("hello")
-        elapsed = time.perf_counter() - t0
-        rest = await twilio.follow(first)
+    first, elapsed, rest = await timed_turn(scripted_app(model, FIRST_AUDIO_DEADLINE="0.3"))
     turn = redirect_of(first.content).split("turn=")[1]
     assert tree(first.content) == continuing("One moment.", url=f"/continue?n=1&turn={turn}")
     assert 0.3 <= elapsed < 0.8
@@ -198,12 +205,7 @@ async def test_a_slow_vendor_gets_a_filler_then_the_answer(fake_llm: FakeLLM) ->
     fake_llm.script(Reply("Here you go.", ttft=1.0))
     app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="none", FIRST_AUDIO_DEADLINE="0.3", LLM_FIRST_TOKEN_TIMEOUT="3",
                               **fake_llm.env("openai")))
-    async with running(app) as client:
-        twilio = Twilio(client)
-        t0 = time.perf_counter()
-        first = await twilio.say("hello")
-        elapsed = time.perf_counter() - t0
-        rest = await twilio.follow(first)
+    first, elapsed, rest = await timed_turn(app)
     assert says(first.content) == ["One moment."] and elapsed < 0.8
     assert tree(rest[-1].content) == listening("Here you go.")
 
