@@ -7,9 +7,10 @@
 Each ROOT runs in its own process: N signed /voice requests (new calls), N /process-speech (a turn on
 each of those calls, echo model), N /status `ringing` (the
 cheapest webhook) and N /status `completed` (ends the call: records, cost, log lines), driven straight
-through the ASGI app; then the turn engine alone (Engine.voice, Engine.speech: a new turn on each
-call, no ASGI call, signature check, log line or metrics), to show what the webhook wrapper costs
-and what a turn costs by itself. Prints the best of 5 rounds in µs per request. Log lines go to /dev/null.
+through the ASGI app; then the turn engine alone (Engine.voice opens each of those calls again, then
+Engine.speech takes a turn on each; no ASGI call, signature check, log line or metrics), to show what
+the webhook wrapper costs and what a turn costs by itself. Prints the best of 5 rounds in µs per
+request. Log lines go to /dev/null.
 """
 
 from __future__ import annotations
