@@ -1,30 +1,28 @@
 """Hosted audio: a voice that synthesises audio is spoken with <Play> of a URL this service serves.
 
-A voice with `synthesize(text) -> (audio bytes, content type)` (main.AudioVoice) is wrapped in Hosted
+A voice with `synthesize(text) -> (audio bytes, content type)` (contract.AudioVoice) is wrapped in Hosted
 at startup. Each segment's audio lives in the session backend (put_blob, with a TTL) under an
 unguessable key: an HMAC of the voice settings and the text, keyed with a secret derived from
 TWILIO_AUTH_TOKEN, so every replica computes the same key and serves what any other synthesised.
 `GET /audio/{key}.{ext}` serves it. A failing vendor never means silence: that segment is spoken
-with <Say> in FALLBACK_SAY_VOICE instead, logged, and counted in `counts`.
+with <Say> in FALLBACK_SAY_VOICE instead, logged, and counted in observe.audio_counts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import hmac
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, cast
 
 from litestar import asgi
 from litestar.types import Receive, Scope, Send
 
-from main import (
+from contract import (
     AudioVoice,
-    ConfigError,
     ProviderError,
     Segment,
     SessionBackend,
@@ -33,29 +31,19 @@ from main import (
     log,
     say_voice,
 )
+from observe import audio_counts
 from webhooks import refuse_upgrade
 
 EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav"}  # what <Play> gets from us, by content type
 _NAME = re.compile(r"([0-9a-f]{32})\.(mp3|wav)")
 FIXED_TTL = 86400.0  # seconds the fixed phrases' audio stays in the backend for other replicas
-counts: collections.Counter[str] = collections.Counter()  # synthesized, reused, fallback, served, missing
 
 
-def host(voice: Any, backend: SessionBackend, settings: Settings) -> TTSVoice:
-    """The voice the engine speaks with: an audio voice wrapped in Hosted, any other as it is."""
-    return Hosted(voice, backend, settings) if hasattr(voice, "synthesize") else voice
-
-
-def seconds(settings: Settings, name: str, default: float) -> float:
-    """A positive number of seconds from a plugin-level variable, or a fix-it error."""
-    raw = settings.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds")
-    return value
+def host(voice: TTSVoice | AudioVoice, backend: SessionBackend, settings: Settings) -> TTSVoice:
+    """The voice calls speak with: an audio voice wrapped in Hosted, any other as it is."""
+    if voice.synthesizes:
+        return Hosted(cast(AudioVoice, voice), backend, settings)
+    return cast(TTSVoice, voice)
 
 
 class Hosted(TTSVoice):
@@ -68,8 +56,8 @@ class Hosted(TTSVoice):
         fallback = settings.get("FALLBACK_SAY_VOICE", "Polly.Joanna-Neural").strip()
         self.fallback = say_voice("FALLBACK_SAY_VOICE", fallback)
         self.language = settings.language
-        self.ttl = seconds(settings, "AUDIO_TTL", 900.0)
-        self.timeout = seconds(settings, "TTS_TIMEOUT", 5.0)
+        self.ttl = settings.number("AUDIO_TTL", 900.0, unit="seconds")
+        self.timeout = settings.number("TTS_TIMEOUT", 5.0, unit="seconds")
         token = settings.twilio_auth_token.encode()  # ALLOW_UNSIGNED without a token: keys hold for this process
         self.secret = hmac.digest(token, b"switchboard audio", "sha256") if token else secrets.token_bytes(32)
         phrases = (settings.greeting, settings.filler, settings.reprompt, settings.low_confidence, settings.goodbye,
@@ -104,7 +92,7 @@ class Hosted(TTSVoice):
             async with asyncio.timeout(self.timeout):
                 blob = await self.audio(key, text)
         except Exception as e:  # a vendor failure, a timeout, the backend or a plugin bug: Twilio speaks it
-            counts["fallback"] += 1
+            audio_counts["fallback"] += 1
             error = f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__
             log.warning("voice failed, speaking with FALLBACK_SAY_VOICE",
                         extra={"voice": self.name, "error": error})
@@ -123,14 +111,14 @@ class Hosted(TTSVoice):
     async def _make(self, key: str, text: str) -> bytes:
         fixed = key in self.fixed
         if (blob := await self.backend.get_blob(f"audio:{key}")) is not None:
-            counts["reused"] += 1
+            audio_counts["reused"] += 1
         else:
             data, ctype = await self.voice.synthesize(text)
             if ctype not in EXTENSIONS or not data:
                 raise ProviderError(f"{self.name} gave {len(data)} bytes of {ctype!r}", provider=self.name)
             blob = ctype.encode() + b"\n" + data
             await self.backend.put_blob(f"audio:{key}", blob, FIXED_TTL if fixed else self.ttl)
-            counts["synthesized"] += 1
+            audio_counts["synthesized"] += 1
         if fixed:
             self.pinned[key] = blob
         return blob
@@ -169,9 +157,9 @@ def route(voice: TTSVoice, backend: SessionBackend) -> Any:
                 blob, status, body = None, 503, b"503 audio unavailable\n"
             if blob is not None and EXTENSIONS.get(ctype := content_type(blob)) == match.group(2):
                 body = blob.partition(b"\n")[2]
-                counts["served"] += 1
+                audio_counts["served"] += 1
             elif status == 200:
-                counts["missing"] += 1
+                audio_counts["missing"] += 1
                 status, body, ctype = 404, b"404 no such audio\n", "text/plain"
         headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
         if status == 200:  # a key names one text in one voice for good

@@ -1,14 +1,15 @@
 """Observability: Prometheus metrics, the call on every log line, Sentry, call records and what a call cost.
 
-main.py and turns.py tell the Observer about a few moments (a request answered, a model's first token, a
+The modules above tell the Observer about a few moments (a request answered, a model's first token, a
 reply generated, a turn closed, a call started or ended); everything about watching calls lives here.
-Which call and turn a moment belongs to comes from webhooks.request_fields, the context variable that carries
+Which call and turn a moment belongs to comes from `request_fields`, the context variable that carries
 the request's log fields (its CallSid, and its turn once the turn begins) into the tasks the request starts.
 """
 
 from __future__ import annotations
 
-import hmac
+import collections
+import contextvars
 import logging
 import math
 import re
@@ -20,14 +21,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 import prometheus_client
-from litestar import asgi
-from litestar.types import Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
-from prometheus_client.exposition import choose_encoder
 
-import audio
-from main import (
+from contract import (
     TERMINAL_STATUSES,
     VERSION,
     CallRecord,
@@ -43,7 +40,6 @@ from main import (
     log,
     mask,
 )
-from webhooks import refuse_upgrade, request_fields, respond
 
 prometheus_client.disable_created_metrics()  # no `_created` twin for every series: half the scrape, nothing lost
 
@@ -79,6 +75,16 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 
 
 # ----------------------------------------------------------------------------- log lines about a call
+
+request_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_fields")
+audio_counts: collections.Counter[str] = collections.Counter()  # hosted audio: synthesized, reused, fallback, ...
+
+
+def note(**fields: Any) -> None:
+    """Add fields to the current request's one log line (tasks started by the request share it)."""
+    if (current := request_fields.get(None)) is not None:
+        current.update(fields)
+
 
 
 class CallContext(logging.Filter):
@@ -173,7 +179,7 @@ class Prices:
             ) from None
         self.rates: dict[str, tuple[float, float] | None] = {}
         for p in providers:
-            model = str(getattr(p, "model", "") or "")
+            model = p.model
             self.rates[p.name] = (
                 _lookup(user, model) or _lookup(user, p.name) or _lookup(DEFAULT_PRICES, model)
                 or _lookup(DEFAULT_PRICES, p.name)
@@ -225,20 +231,20 @@ class RecorderLosses:
             labels=["recorder"],
         )
         for name, recorder in self.recorders.items():
-            family.add_metric([name], float(getattr(recorder, "dropped", 0)))
+            family.add_metric([name], float(recorder.dropped))
         yield family
 
 
 class AudioCounts:
-    """Publishes audio.py's counts: sentences a failing voice left to FALLBACK_SAY_VOICE, and hosted clips."""
+    """Publishes what hosted audio counted (audio.py reports to `audio_counts`): fallbacks and clips."""
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         yield CounterMetricFamily("switchboard_tts_fallbacks", "Sentences spoken with FALLBACK_SAY_VOICE because "
-                                  "the voice failed.", value=audio.counts["fallback"])
+                                  "the voice failed.", value=audio_counts["fallback"])
         family = CounterMetricFamily("switchboard_tts_audio", "Hosted audio clips: synthesized, reused (from another "
                                      "replica), served to Twilio, missing.", labels=["event"])
         for event in ("synthesized", "reused", "served", "missing"):
-            family.add_metric([event], audio.counts[event])
+            family.add_metric([event], audio_counts[event])
         yield family
 
 
@@ -331,33 +337,6 @@ class Observer:
                 self._latency((fields["call"], turn)).first_audio = seconds
 
         return answered
-
-    def endpoint(self) -> Any:
-        """GET /metrics in Prometheus' text format; with METRICS_TOKEN set, only for `Bearer <token>`."""
-        expected = b"Bearer " + self.settings.get("METRICS_TOKEN").encode()
-        protected = expected != b"Bearer "
-        registry = self.registry
-
-        @asgi("/metrics", copy_scope=False, name="metrics")
-        async def metrics(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                return await refuse_upgrade(send, "/metrics")
-            headers = dict(scope["headers"])
-            if scope["method"] not in ("GET", "HEAD"):
-                await respond(send, 405, b"405 method not allowed\n", b"text/plain")
-                log.info("request", extra={"route": "/metrics", "status": 405})
-            elif protected and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
-                body = b"401 set Authorization: Bearer <METRICS_TOKEN>\n"
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="metrics"')]})
-                await send({"type": "http.response.body", "body": body})
-                log.info("request", extra={"route": "/metrics", "status": 401})
-            else:
-                encode, content_type = choose_encoder(headers.get(b"accept", b"").decode("latin-1"))
-                await respond(send, 200, encode(registry), content_type.encode())
-
-        return metrics
 
     # -- turns
 

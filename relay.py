@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
-import unicodedata
 from collections import deque
 from typing import Any
 
@@ -22,7 +20,8 @@ import msgspec
 from litestar import asgi
 from litestar.types import Receive, Scope, Send
 
-from main import (
+from calls import Calls, end_of_turn, new_turn_id
+from contract import (
     END,
     TERMINAL_STATUSES,
     CallInfo,
@@ -30,15 +29,14 @@ from main import (
     Message,
     ProviderError,
     Segment,
-    Settings,
     Turn,
     TwilioForm,
     Usage,
     log,
 )
-from turns import Engine, new_turn_id
+from speech import TokenCleaner
 from twiml import document, esc, verb
-from webhooks import _CALL_SID, Gate, Reject, respond, webhook
+from webhooks import CALL_SID, Gate, webhook
 
 RELAY_PATH, ACTION_PATH = "/relay", "/relay-action"
 QUEUE = 32  # messages waiting for a slow socket before tokens coalesce
@@ -48,7 +46,6 @@ QUICK_FAILURE = 30.0
 HANDOFF = "live-agent-handoff"
 RECONNECT = "reconnect"  # handoff reason when this replica is going away: the callback opens a new socket
 INTERRUPTIBLE = ("any", "speech", "dtmf", "none", "true", "false")
-MISMATCH_HINT = "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"
 
 
 # ----------------------------------------------------------------------------- messages
@@ -101,142 +98,6 @@ def merge_prompt(partial: str, text: str) -> str:
     if not partial or text.startswith(partial):
         return text
     return f"{partial} {text}" if text else partial
-
-
-# ----------------------------------------------------------------------------- token cleaning
-
-_MARK_PREFIX = re.compile(r"#+|[-+•]|\d{1,6}[.)]?|>")
-_MARK = re.compile(r"#+|[-+•]|\d{1,6}[.)]|>")
-_URL_STARTS = ("https://", "http://", "www.")
-
-
-class TokenCleaner:
-    """Strips markdown, links, URLs and emoji from a token stream, token by token, never splitting words.
-
-    turns.speakable() cleans whole sentences; a relay reply leaves token by token, so this is a
-    character state machine that gives the same result however the text is cut into tokens. It holds
-    back only what the next character decides: a possible list/heading marker at the start of a line
-    ("-", "1.", "#"), a possible URL at the start of a word ("ht", "www"), a "~" or "_" that may open
-    "~~"/"__", and a "]" that may open a link target. `*` and backticks are dropped wherever they are;
-    `[text](url)` keeps the text; bare URLs are dropped to the next space; whitespace runs become one
-    space (a newline too), with no space before the first word. Spaces inside tokens are kept.
-    """
-
-    def __init__(self) -> None:
-        self.held = ""  # characters the next one decides about
-        self.line_start = True  # nothing visible yet on this line
-        self.column0 = True  # not even whitespace yet on this line ("#" and ">" count only here)
-        self.word_start = True
-        self.space = False  # a space is due before the next visible character
-        self.started = False
-        self.skip = ""  # "url": drop to the next whitespace; "link": drop to ")"
-        self.pair = ""  # a "~" or "_" that may be the first of two
-        self.bracket = False  # "]" just seen
-
-    def feed(self, token: str) -> str:
-        """Clean a token; return what can be sent now."""
-        out: list[str] = []
-        for c in token:
-            self._char(c, out)
-        return "".join(out)
-
-    def flush(self) -> str:
-        """The rest, at the end of the stream."""
-        out: list[str] = []
-        if self.pair:
-            self._visible(self.pair, out)
-            self.pair = ""
-        if self.held:
-            held, self.held = self.held, ""
-            if not (self.line_start and held[0] in "#>" and _MARK.fullmatch(held)):
-                self._emit(held, out)
-        return "".join(out)
-
-    def _char(self, c: str, out: list[str]) -> None:
-        if self.skip:
-            if self.skip == "link" and c == ")":
-                self.skip = ""
-                return
-            if not c.isspace():
-                return
-            self.skip = ""
-        if self.bracket:
-            self.bracket = False
-            if c == "(":
-                self.skip = "link"
-                return
-        if self.pair:
-            first, self.pair = self.pair, ""
-            if c == first:  # "~~" or "__": emphasis marks
-                self._begin_line(out)
-                return
-            self._visible(first, out)
-        if c.isspace():
-            self._settle(out)
-            self.space = self.space or self.started
-            self.word_start = True
-            if c == "\n":
-                self.line_start = self.column0 = True
-            else:
-                self.column0 = False
-            return
-        if c in "*`[\ufe0f\u200d" or "\U0001f3fb" <= c <= "\U0001f3ff" or unicodedata.category(c) in ("So", "Cs", "Co"):
-            self._begin_line(out)  # dropped, but the line has begun (as in speakable)
-            return
-        if c == "]":
-            self.bracket = True
-        elif c in "~_":
-            self.pair = c
-        else:
-            self._visible(c, out)
-
-    def _settle(self, out: list[str]) -> None:
-        """Whitespace decides what is held: a marker followed by a space is dropped, anything else kept."""
-        if not self.held:
-            return
-        held, self.held = self.held, ""
-        marker = self.line_start and _MARK.fullmatch(held) and (self.column0 or held[0] not in "#>")
-        self.line_start = False
-        if not marker:
-            self._emit(held, out)
-
-    def _visible(self, c: str, out: list[str]) -> None:
-        if self.line_start:
-            candidate = self.held + c
-            if _MARK_PREFIX.fullmatch(candidate) and (self.column0 or candidate[0] not in "#>"):
-                self.held = candidate
-                return
-            self._begin_line(out)
-        if self.word_start or self.held:
-            candidate = (self.held + c).lower()
-            if any(url.startswith(candidate) for url in _URL_STARTS):
-                self.word_start = False
-                if candidate in _URL_STARTS:
-                    self.held, self.skip = "", "url"
-                else:
-                    self.held += c
-                return
-            held, self.held = self.held, ""
-            self.word_start = False
-            if held:
-                self._emit(held, out)
-        self._emit(c, out)
-
-    def _begin_line(self, out: list[str]) -> None:
-        """Something other than a space follows what is held at the line's start."""
-        if self.line_start and self.held:
-            held, self.held = self.held, ""
-            if held[0] not in "#>":  # "-5", "1.5", "12 ..." are text; "#Title", ">quote" are marks
-                self._emit(held, out)
-                self.word_start = False
-        self.line_start = self.column0 = False
-
-    def _emit(self, text: str, out: list[str]) -> None:
-        if self.space:
-            out.append(" ")
-            self.space = False
-        out.append(text)
-        self.started = True
 
 
 # ----------------------------------------------------------------------------- the outbox
@@ -294,7 +155,7 @@ class Conversation:
     """One ConversationRelay socket: the call's turns, streamed replies, interruptions and digits."""
 
     def __init__(self, relay: Relay, send: Send) -> None:
-        self.relay, self.engine, self.settings = relay, relay.engine, relay.settings
+        self.relay, self.calls, self.settings = relay, relay.calls, relay.settings
         self.send = send
         self.sid = ""
         self.call = CallInfo(call_sid="")
@@ -387,17 +248,17 @@ class Conversation:
         if m.type != "setup":
             log.warning("relay message before setup ignored", extra={"type": m.type})
             return
-        if not _CALL_SID.fullmatch(m.call_sid):
+        if not CALL_SID.fullmatch(m.call_sid):
             log.warning("relay setup without a valid callSid", extra={"route": RELAY_PATH})
             return
         self.sid = m.call_sid
         self.call = CallInfo(call_sid=m.call_sid, caller=m.caller, to=m.to)
         async with self.lock:
-            snap = await self.engine._begin(self.sid)
-            session = snap.session or self.engine._new_session(self.sid, m.caller, m.to)
+            snap = await self.calls.begin(self.sid)
+            session = snap.session or self.calls.new_session(self.sid, m.caller, m.to)
             stale = session.current is not None
-            self.engine._close_turn(session, [])  # a turn left open by a lost socket keeps its question
-            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=stale)
+            self.calls.close_turn(session, [])  # a turn left open by a lost socket keeps its question
+            await self.calls.commit(self.sid, snap.token, session, turn_changed=stale)
         attempt = str(m.custom_parameters.get("attempt", "1"))
         log.info("relay connected", extra={"call": self.sid, "attempt": attempt, "history": len(session.history)})
 
@@ -474,14 +335,14 @@ class Conversation:
             await self._record(self.turn, "".join(self.sent).strip(), complete=False)
         turn = Turn(id=new_turn_id(), user=text, keys=[], started=time.time())
         async with self.lock:
-            snap = await self.engine._begin(self.sid)
-            session = snap.session or self.engine._new_session(self.sid)
-            self.engine._close_turn(session, [])
+            snap = await self.calls.begin(self.sid)
+            session = snap.session or self.calls.new_session(self.sid)
+            self.calls.close_turn(session, [])
             session.current, session.turns, session.misses = turn, session.turns + 1, 0
-            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=True)
+            await self.calls.commit(self.sid, snap.token, session, turn_changed=True)
         self.turn, self.sent, self.gap, self.turns = turn.id, [], False, session.turns
         messages = [*session.history, Message(role="user", content=text)]
-        self.reply = self.engine.background(self._generate(turn, messages, session.turns))
+        self.reply = self.calls.background(self._generate(turn, messages, session.turns))
 
     def _say(self, text: str) -> None:
         if self.gap and text and not text[0].isspace():
@@ -505,13 +366,12 @@ class Conversation:
         filler = asyncio.get_running_loop().call_later(s.first_audio_deadline, self._filler, turn.id)
         try:
             async with asyncio.timeout(s.llm_total_timeout):
-                async with contextlib.aclosing(self.engine.reply(messages, call=self.call, served=served)) as events:
+                async with contextlib.aclosing(self.calls.reply(messages, call=self.call, served=served)) as events:
                     async for event in events:
                         if isinstance(event, Segment):
                             action = event
                         elif isinstance(event, Usage):
-                            usage = Usage(input_tokens=usage.input_tokens + event.input_tokens,
-                                          output_tokens=usage.output_tokens + event.output_tokens)
+                            usage += event
                         elif isinstance(event, str) and (text := cleaner.feed(event)):
                             if spoken + len(text) > s.max_reply_chars:  # MAX_REPLY_CHARS: stop before, not after
                                 break
@@ -548,7 +408,7 @@ class Conversation:
             self.outbox.end({"reasonCode": HANDOFF, "reason": "the caller asked for a person",
                              "number": action.number, "callerId": action.caller_id} if action.kind == "dial" else None)
         provider = served[-1] if served else ""
-        end = msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
+        end = end_of_turn(provider, usage)
         try:
             await asyncio.shield(self._record(turn.id, "".join(self.sent).strip(), complete=True, end=end))
         except Exception as e:  # the caller heard the reply; only its place in history is lost
@@ -570,27 +430,27 @@ class Conversation:
     async def _record(self, turn_id: str, said: str, *, complete: bool, end: Segment = END) -> None:
         """Move the turn into history with what was sent (complete) or what was cut off."""
         async with self.lock:
-            snap = await self.engine._begin(self.sid)
+            snap = await self.calls.begin(self.sid)
             session = snap.session
             if session is None or session.current is None or session.current.id != turn_id:
-                await self.engine.backend.unlock(self.sid, snap.token)
+                await self.calls.release(self.sid, snap.token)
                 return
             segments = [Segment(text=said)] if said else []
-            self.engine._close_turn(session, [*segments, end] if complete else segments)
-            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=True)
+            self.calls.close_turn(session, [*segments, end] if complete else segments)
+            await self.calls.commit(self.sid, snap.token, session, turn_changed=True)
             self.closed_turn = turn_id
 
     async def _trim(self, turn_id: str, heard: str) -> bool:
         """Keep only what the caller heard of the turn's reply, marked as interrupted."""
         async with self.lock:
-            snap = await self.engine._begin(self.sid)
+            snap = await self.calls.begin(self.sid)
             session = snap.session
             if session is None:
-                await self.engine.backend.unlock(self.sid, snap.token)
+                await self.calls.release(self.sid, snap.token)
                 return False
             current = session.current is not None and session.current.id == turn_id
             if current:
-                self.engine._close_turn(session, [Segment(text=heard)] if heard else [])
+                self.calls.close_turn(session, [Segment(text=heard)] if heard else [])
                 self.closed_turn = turn_id
             elif self.closed_turn == turn_id and session.history and session.history[-1].role == "assistant":
                 if heard:
@@ -598,9 +458,9 @@ class Conversation:
                 else:
                     session.history.pop()
             else:
-                await self.engine.backend.unlock(self.sid, snap.token)
+                await self.calls.release(self.sid, snap.token)
                 return False
-            await self.engine.backend.commit(self.sid, snap.token, session, turn_changed=current)
+            await self.calls.commit(self.sid, snap.token, session, turn_changed=current)
             return True
 
     async def _hang_up(self) -> None:
@@ -618,22 +478,20 @@ class Conversation:
 class Relay:
     """ConversationRelay mode: the <Connect> document, the WebSocket and the <Connect action> callback."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.settings, self.engine = settings, engine
+    def __init__(self, calls: Calls) -> None:
+        self.calls, self.settings = calls, calls.settings
+        settings = calls.settings
         self.interruptible = settings.get("RELAY_INTERRUPTIBLE", "any").lower()
         if self.interruptible not in INTERRUPTIBLE:
             raise ConfigError(
                 f"RELAY_INTERRUPTIBLE={self.interruptible!r} is not valid: use one of {', '.join(INTERRUPTIBLE)}"
             )
-        try:
-            self.dtmf_wait = float(settings.get("RELAY_DTMF_WAIT", "1.5"))
-        except ValueError:
-            raise ConfigError("RELAY_DTMF_WAIT must be a number of seconds") from None
+        self.dtmf_wait = settings.number("RELAY_DTMF_WAIT", 1.5, inclusive=True, unit="seconds")
         self.reconnect_greeting = settings.get("RELAY_RECONNECT_GREETING", "Sorry, we were cut off. Please go on.")
         self.attrs = ""  # the voice's attributes, rendered once the voice is open
         self.gate: Gate | None = None
         self.open: set[Conversation] = set()
-        engine.drainers.append(self.drain)
+        calls.on_drain(self.drain)
 
     async def drain(self) -> None:
         """This replica is going away: let each socket finish its reply, then ask Twilio to reconnect."""
@@ -649,14 +507,14 @@ class Relay:
         async def socket(scope: Scope, receive: Receive, send: Send) -> None:
             await self.socket(scope, receive, send)
 
-        return [webhook(ACTION_PATH, gate, self.engine, self.action), socket]
+        return [webhook(ACTION_PATH, gate, self.action), socket]
 
     def connect(self, base_url: str, *, attempt: int, retries: int = 0, greeting: str = "") -> bytes:
         """<Connect action><ConversationRelay url=wss://…/relay …><Parameter/></ConversationRelay></Connect>."""
         if not self.attrs:
             s = self.settings
             attrs = {"language": s.language, "interruptible": self.interruptible, "dtmfDetection": "true"}
-            attrs |= getattr(self.engine.tts, "relay_attrs", dict)() or {}
+            attrs |= self.calls.voice.relay_attrs()
             self.attrs = "".join(f' {k}="{esc(str(v))}"' for k, v in attrs.items())
         scheme, _, host = base_url.partition("://")
         url = f"{'wss' if scheme == 'https' else 'ws'}://{host}{RELAY_PATH}"  # no query string: see <Parameter>
@@ -668,13 +526,8 @@ class Relay:
         )
 
     async def voice(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
-        """An incoming call: Gather mode's greeting, or (MODE=relay / ?mode=relay) a ConversationRelay."""
-        mode = query.get("mode") or self.settings.mode
-        if mode == "gather":
-            return await self.engine.voice(form, base_url)
-        if mode != "relay":
-            raise Reject(400, f"mode={mode!r} on the voice URL must be gather or relay")
-        await self.engine.open_call(form)
+        """An incoming call (MODE=relay, or ?mode=relay on the number's voice URL): a ConversationRelay."""
+        await self.calls.open_call(form)
         return self.connect(base_url, attempt=1, greeting=self.settings.greeting)
 
     async def action(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
@@ -690,15 +543,15 @@ class Relay:
             return self.connect(base_url, attempt=1)
         if handoff.get("reasonCode") == HANDOFF:
             number = str(handoff.get("number") or self.settings.fallback_number)
-            await self.engine.end_call(sid, "handoff")
+            await self.calls.end_call(sid, "handoff")
             if number:
                 return document(verb(Segment(kind="dial", number=number, caller_id=str(handoff.get("callerId") or ""))))
-            return document(f"{verb(await self.engine.phrase(self.settings.apology, base_url))}<Hangup/>")
+            return document(f"{verb(await self.calls.phrase(self.settings.apology, base_url))}<Hangup/>")
         if form.call_status in TERMINAL_STATUSES or status == "completed":
-            await self.engine.end_call(sid, form.call_status if form.call_status in TERMINAL_STATUSES else "completed")
+            await self.calls.end_call(sid, form.call_status if form.call_status in TERMINAL_STATUSES else "completed")
             return document("")
         if status == "ended":  # we ended the session without asking for a person
-            await self.engine.end_call(sid, "ended")
+            await self.calls.end_call(sid, "ended")
             return document("<Hangup/>")
         try:
             quick = float(form.session_duration or 0) < QUICK_FAILURE
@@ -710,30 +563,17 @@ class Relay:
         log.warning("relay session failed", extra={"call": sid, "status": status or "?", "error": form.error_code,
                                                    "retries": retries})
         if retries > MAX_RETRIES:
-            await self.engine.end_call(sid, "failed")
-            apology = verb(await self.engine.phrase(self.settings.apology, base_url))
+            await self.calls.end_call(sid, "failed")
+            apology = verb(await self.calls.phrase(self.settings.apology, base_url))
             number = self.settings.fallback_number
             return document(apology + (f"<Dial>{esc(number)}</Dial>" if number else "<Hangup/>"))
         return self.connect(base_url, attempt=retries + 1, retries=retries, greeting=self.reconnect_greeting)
 
     async def socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """WS /relay: check the upgrade's signature, then run the conversation."""
-        if scope["type"] != "websocket":
-            await respond(send, 426, b"426 this route takes WebSocket upgrades only\n", b"text/plain")
-            log.info("request", extra={"route": RELAY_PATH, "status": 426})
-            return
-        if (await receive())["type"] != "websocket.connect":
-            return
         assert self.gate is not None
-        headers = dict(scope["headers"])
-        url = self.gate.signer.url(scope, headers)
-        signature = headers.get(b"x-twilio-signature", b"").decode("latin-1")
-        if not self.gate.unsigned and not (signature and self.gate.signer.check(url, [], signature)):
-            why = "signature mismatch" if signature else "missing X-Twilio-Signature"
-            log.warning(why, extra={"route": RELAY_PATH, "checked_url": url, "hint": MISMATCH_HINT})
-            await send({"type": "websocket.close", "code": 1008})  # before accept: the upgrade gets a 403
+        if not await self.gate.upgrade(scope, receive, send, RELAY_PATH):
             return
-        await send({"type": "websocket.accept"})
         conversation = Conversation(self, send)
         self.open.add(conversation)
         try:

@@ -9,17 +9,17 @@ import functools
 import re
 from collections.abc import Sequence
 
-from main import Segment, Settings
+from contract import Segment, Settings
 
 XML_HEAD = '<?xml version="1.0" encoding="UTF-8"?><Response>'
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 MAX_DOC = 64_000
 
 
 def esc(text: str) -> str:
     """Escape text for XML and drop characters XML cannot carry."""
-    return _NOT_XML.sub("", text).translate(_ESCAPES)
+    return NOT_XML.sub("", text).translate(_ESCAPES)
 
 
 def verb(seg: Segment) -> str:

@@ -1,4 +1,4 @@
-"""Twilio's requests in: the signature check, the request gate, the webhook routes and the health check.
+"""The HTTP edge: the signature check, the request gate (webhooks and socket upgrades), /health and /metrics.
 
 Every webhook is a raw ASGI route handler (parse, verify, answer), so the hot path stays lean
 (DESIGN.md, "Performance notes"): one log line, metrics bound once, TwiML from small templates.
@@ -6,30 +6,26 @@ Every webhook is a raw ASGI route handler (parse, verify, answer), so the hot pa
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextvars
 import hashlib
 import hmac
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi
 from litestar.types import Receive, Scope, Send
+from prometheus_client.exposition import choose_encoder
 
-from main import VERSION, BackendError, Settings, TwilioForm, log
-from twiml import document, esc
-
-if TYPE_CHECKING:
-    from relay import Relay
-    from turns import Engine
-
+from contract import VERSION, BackendError, SessionBackend, Settings, TwilioForm, log
+from deadlines import within
+from observe import Observer, note, request_fields, request_line
+from twiml import document, esc, gather_tag
 
 # ----------------------------------------------------------------------------- signatures
 
@@ -93,18 +89,13 @@ class Signer:
                 self.known[client[0]] = known
         return known
 
-    def url(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str:
-        """The URL Twilio signed: PUBLIC_URL or the trusted proxy's scheme and host, plus the raw target."""
-        raw = scope.get("raw_path") or scope["path"].encode()
-        target = raw.partition(b"?")[0].decode("latin-1")
-        if query := scope.get("query_string"):
-            target += "?" + query.decode("latin-1")
+    def base(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str:
+        """The public base URL Twilio called: PUBLIC_URL, or the trusted proxy's scheme and host, or our own."""
         ws = scope["type"] == "websocket"
         if self.public:
-            base = self.public
             if ws:
-                base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-            return base + target
+                return self.public.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+            return self.public
         if not _HOST.match(raw_host := headers.get(b"host", b"")):  # as Litestar's router checks it
             raise Reject(400, "invalid Host header")
         scheme, host = scope["scheme"], raw_host.decode("latin-1")
@@ -114,7 +105,20 @@ class Signer:
                 scheme = {"https": "wss", "http": "ws"}.get(scheme, scheme) if ws else scheme
             if fwd_host := headers.get(b"x-forwarded-host"):
                 host = fwd_host.decode("latin-1").split(",")[0].strip()
-        return f"{scheme}://{host}{target}"
+        return f"{scheme}://{host}"
+
+    @staticmethod
+    def target(scope: Scope) -> str:
+        """The request target as Twilio sent it: the raw (still percent-encoded) path and the query."""
+        raw = scope.get("raw_path") or scope["path"].encode()
+        target = raw.partition(b"?")[0].decode("latin-1")
+        if query := scope.get("query_string"):
+            target += "?" + query.decode("latin-1")
+        return target
+
+    def url(self, scope: Scope, headers: Mapping[bytes, bytes]) -> str:
+        """The URL Twilio signed: the public base plus the raw target."""
+        return self.base(scope, headers) + self.target(scope)
 
     def check(self, url: str, params: Sequence[tuple[str, str]], signature: str) -> bool:
         """Compare in constant time against each URL variant Twilio may have signed."""
@@ -132,82 +136,7 @@ class Signer:
         return False
 
 
-# ----------------------------------------------------------------------------- limits
-
-
-class Limit:
-    """One `async with within(seconds)` block: asyncio.timeout's rules, on its event loop's shared clock."""
-
-    __slots__ = ("when", "task", "cancelling", "fired", "clock")
-
-    def __init__(self, when: float) -> None:
-        self.when, self.fired = when, False
-
-    async def __aenter__(self) -> Limit:
-        self.task = asyncio.current_task()
-        self.cancelling = self.task.cancelling()  # type: ignore[union-attr]
-        self.clock = _clock if _clock.loop is asyncio.get_running_loop() else Clock.start()
-        self.clock.limits.add(self)
-        if not self.clock.armed:
-            self.clock.arm()
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
-        self.clock.limits.discard(self)
-        if self.fired and self.task.uncancel() <= self.cancelling and kind is asyncio.CancelledError:  # type: ignore[union-attr]
-            raise TimeoutError from error
-
-
-class Clock:
-    """The one timer of an event loop's limits: it ticks while any limit is open."""
-
-    TICK = 0.05  # seconds: how late a limit may fire
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.loop, self.limits, self.armed = loop, set[Limit](), False
-
-    @staticmethod
-    def start() -> Clock:
-        global _clock
-        _clock = Clock(asyncio.get_running_loop())
-        return _clock
-
-    def arm(self) -> None:
-        self.armed = True
-        self.loop.call_later(self.TICK, self.tick)  # type: ignore[union-attr]
-
-    def tick(self) -> None:
-        self.armed = False
-        now = time.monotonic()
-        for limit in [limit for limit in self.limits if now >= limit.when]:
-            limit.fired = True
-            limit.task.cancel()  # type: ignore[union-attr]
-            self.limits.discard(limit)
-        if self.limits:
-            self.arm()
-
-
-_clock = Clock(None)
-
-
-def within(seconds: float) -> Limit:
-    """Like asyncio.timeout(seconds) for the limits every request and turn sets (the response budget, the
-    model's first token and whole reply), which almost never fire: one timer ticks for all of them, where
-    asyncio.timeout arms and cancels a timer of its own each time, a tenth of a cheap webhook's cost.
-    A limit fires up to Clock.TICK late."""
-    return Limit(time.monotonic() + seconds)
-
-
 # ----------------------------------------------------------------------------- routes
-
-
-request_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_fields")
-
-
-def note(**fields: Any) -> None:
-    """Add fields to the current request's one log line (tasks started by the request share it)."""
-    if (current := request_fields.get(None)) is not None:
-        current.update(fields)
 
 
 class Reject(Exception):
@@ -218,9 +147,8 @@ class Reject(Exception):
         self.status = status
 
 
-_CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
-_TURN = re.compile(r"[0-9a-f]{8,32}")
-_N = re.compile(r"[0-9]{1,3}")  # ASCII digits only ("²".isdigit() is true, and int() refuses it)
+CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
+MISMATCH_HINT = "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"
 
 
 def parse_form(data: bytes) -> list[tuple[str, str]]:
@@ -275,10 +203,10 @@ async def refuse_upgrade(send: Send, route: str) -> None:
 
 
 class Gate:
-    """Reads a Twilio request: size, content type, signature, then the form fields."""
+    """Reads a Twilio request (size, content type, signature, then the form fields) or checks a socket's upgrade."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, obs: Observer) -> None:
+        self.settings, self.obs = settings, obs
         self.signer = Signer(settings)
         self.unsigned = not settings.twilio_auth_token and settings.allow_unsigned
 
@@ -297,13 +225,14 @@ class Gate:
         if not signature and not self.unsigned:
             raise Reject(403, "missing X-Twilio-Signature")
         body = await read_body(receive, self.settings.max_body_bytes)
-        url = self.signer.url(scope, headers)
+        base = self.signer.base(scope, headers)
+        url = base + self.signer.target(scope)
         try:
             params = parse_form(body) if method == "POST" else []
         except UnicodeDecodeError:
             raise Reject(400, "body is not UTF-8") from None
         if not self.unsigned and not self.signer.check(url, params, signature):  # said on the request's one line
-            note(checked_url=url, hint="set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)")
+            note(checked_url=url, hint=MISMATCH_HINT)
             raise Reject(403, "signature mismatch")
         try:
             query = dict(parse_form(scope["query_string"]))
@@ -316,17 +245,44 @@ class Gate:
             form = msgspec.convert(fields, TwilioForm, strict=False)
         except msgspec.ValidationError as e:
             raise Reject(400, f"bad field: {e}") from None
-        if not _CALL_SID.fullmatch(form.call_sid):
+        if not CALL_SID.fullmatch(form.call_sid):
             raise Reject(400, "missing or malformed CallSid")
-        return form, url[: len(url) - len(scope["path"]) - len(scope["query_string"]) - bool(scope["query_string"])], query
+        return form, base, query
 
 
-def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -> Any:
-    """A Twilio webhook route in raw ASGI: the hot path stays lean (see DESIGN.md)."""
+    async def upgrade(self, scope: Scope, receive: Receive, send: Send, route: str) -> bool:
+        """Accept a Twilio WebSocket upgrade signed for its wss:// URL; refuse any other (a 403) with one log line."""
+        if scope["type"] != "websocket":
+            await respond(send, 426, b"426 this route takes WebSocket upgrades only\n", b"text/plain")
+            log.info("request", extra={"route": route, "status": 426})
+            return False
+        if (await receive())["type"] != "websocket.connect":
+            return False
+        headers = dict(scope["headers"])
+        signature = headers.get(b"x-twilio-signature", b"").decode("latin-1")
+        try:
+            url = self.signer.url(scope, headers)
+        except Reject as r:
+            url, why = "", str(r)
+        else:
+            why = "" if self.unsigned or (signature and self.signer.check(url, [], signature)) else (
+                "signature mismatch" if signature else "missing X-Twilio-Signature")
+        if why:
+            log.warning(why, extra={"route": route, "checked_url": url, "hint": MISMATCH_HINT})
+            await send({"type": "websocket.close", "code": 1008})  # before accept: the upgrade gets a 403
+            return False
+        await send({"type": "websocket.accept"})
+        return True
+
+
+def webhook(path: str, gate: Gate, handle: Callable[[TwilioForm, str, dict[str, str]], Awaitable[bytes]]) -> Any:
+    """A Twilio webhook route in raw ASGI: the hot path stays lean (see DESIGN.md).
+
+    Whatever goes wrong inside, Twilio gets a document: the apology in a <Gather>, never a 500."""
     budget = 9.5  # seconds: well inside Twilio's 15 s, whatever the model or the backend does
-    fallback = document(f"{engine.gather}<Say>{esc(engine.settings.apology)}</Say></Gather>")
-    answered = engine.obs.route(path)  # this route's metrics, bound once
-    from observe import request_line  # (observe imports this module)
+    settings, obs = gate.settings, gate.obs
+    fallback = document(f"{gather_tag(settings)}<Say>{esc(settings.apology)}</Say></Gather>")
+    answered = obs.route(path)  # this route's metrics, bound once
 
     @asgi(path, copy_scope=False, name=path)
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
@@ -347,7 +303,7 @@ def webhook(path: str, gate: Gate, engine: Engine, handle: Callable[..., Any]) -
         except TimeoutError:
             log.error("response budget exceeded", extra={"route": path, "call": fields["call"]})
         except BackendError as e:
-            engine.obs.backend_errors.inc()
+            obs.backend_errors.inc()
             fields["error"] = "session backend unavailable"  # the request's line says so; the cause is logged once
             if not e.reported:
                 log.error("session backend unavailable", extra={"route": path, "call": fields["call"], "error": str(e)})
@@ -397,36 +353,49 @@ def unrouted() -> dict[int, Callable[[Request[Any, Any, Any], Exception], Respon
     return {400: refused, 404: refused, 405: refused}
 
 
-def routes(settings: Settings, engine: Engine, plugins: Mapping[str, Any], relay: Relay) -> list[Any]:
-    """The HTTP routes: Twilio's webhooks, ConversationRelay's socket and callback, the health check."""
-    gate = Gate(settings)
-
-    async def continuation(form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
-        turn, n = query.get("turn", ""), query.get("n", "")
-        if not _TURN.fullmatch(turn) or not _N.fullmatch(n) or not 0 < int(n) < 1000:
-            raise Reject(400, "bad continuation turn or n")
-        return await engine.continuation(form, turn, int(n), base_url)
+def health(settings: Settings, backend: SessionBackend, draining: Callable[[], bool], plugins: Mapping[str, Any]) -> Any:
+    """GET /health: 200 while the session backend answers, 503 when it does not or the process is draining."""
 
     @asgi("/health", copy_scope=False, name="health")
-    async def health(scope: Scope, receive: Receive, send: Send) -> None:
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await refuse_upgrade(send, "/health")
         try:
-            await engine.backend.ping()
-            status, state = (503, "draining") if engine.draining else (200, "ok")
+            await backend.ping()
+            status, state = (503, "draining") if draining() else (200, "ok")
         except Exception as e:  # any failure to reach the backend is "unavailable"; the error is logged (once)
-            if not getattr(e, "reported", False):
+            if not (isinstance(e, BackendError) and e.reported):
                 log.warning("health check failed", extra={"error": f"{type(e).__name__}: {e}"})
             status, state = 503, "unavailable"
         body = msgspec.json.encode({"status": state, "version": VERSION, "mode": settings.mode, "plugins": plugins})
         await respond(send, status, body, b"application/json")
 
-    return [
-        webhook("/voice", gate, engine, relay.voice),
-        webhook("/process-speech", gate, engine, lambda f, b, q: engine.speech(f, b)),
-        webhook("/continue", gate, engine, continuation),
-        webhook("/status", gate, engine, lambda f, b, q: engine.status(f)),
-        webhook("/handle-error", gate, engine, lambda f, b, q: engine.handle_error(f, b)),
-        *relay.routes(gate),
-        health,
-    ]
+    return endpoint
+
+
+def metrics(obs: Observer) -> Any:
+    """GET /metrics in Prometheus' text format; with METRICS_TOKEN set, only for `Bearer <token>`."""
+    expected = b"Bearer " + obs.settings.get("METRICS_TOKEN").encode()
+    protected = expected != b"Bearer "
+    registry = obs.registry
+
+    @asgi("/metrics", copy_scope=False, name="metrics")
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await refuse_upgrade(send, "/metrics")
+        headers = dict(scope["headers"])
+        if scope["method"] not in ("GET", "HEAD"):
+            await respond(send, 405, b"405 method not allowed\n", b"text/plain")
+            log.info("request", extra={"route": "/metrics", "status": 405})
+        elif protected and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+            body = b"401 set Authorization: Bearer <METRICS_TOKEN>\n"
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="metrics"')]})
+            await send({"type": "http.response.body", "body": body})
+            log.info("request", extra={"route": "/metrics", "status": 401})
+        else:
+            encode, content_type = choose_encoder(headers.get(b"accept", b"").decode("latin-1"))
+            await respond(send, 200, encode(registry), content_type.encode())
+
+    return endpoint

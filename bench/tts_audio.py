@@ -85,7 +85,7 @@ async def serve_cost() -> float:
     quiet()
     best = []
     async with app.lifespan():
-        seg = await app.state.engine.tts.render("A sentence to fetch.", base_url="http://bench.local")
+        seg = await app.state.calls.voice.render("A sentence to fetch.", base_url="http://bench.local")
         path = seg.url.removeprefix("http://bench.local")
         assert (await asgi_get(app, path))[0] == 200
         for _ in range(ROUNDS):

@@ -68,6 +68,7 @@ class AnthropicProvider(VendorSDK, LLMProvider):
 
     name = "anthropic"
     package = "anthropic"
+    warms = True  # warm() opens the connection as each call begins
 
     def __init__(self, settings: Settings) -> None:
         self.key = settings.require("ANTHROPIC_API_KEY", "LLM_PROVIDER=anthropic")

@@ -58,6 +58,7 @@ class OpenAIProvider(VendorSDK, LLMProvider):
 
     name = "openai"
     package = "openai"
+    warms = True  # warm() opens the connection as each call begins
 
     def __init__(self, settings: Settings) -> None:
         self.key = settings.require("OPENAI_API_KEY", "LLM_PROVIDER=openai")

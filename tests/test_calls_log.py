@@ -70,6 +70,6 @@ async def test_call_recorders_none_records_nothing(logs: Captured) -> None:
         twilio = Twilio(client)
         await twilio.call()
         await twilio.post("/status", CallStatus="completed")
-    assert app.state.engine.obs.recorders == []
+    assert app.state.calls.obs.recorders == []
     assert [line.split(" seconds=")[0] for line in logs.lines if " call " in f" {line} "] == [
         f"info call ended call={twilio.call_sid} outcome=completed turns=0"]

@@ -184,7 +184,7 @@ async def test_a_postgres_outage_mid_call_never_touches_the_call(database: str, 
     async with proxied() as proxy:
         url = database.replace(":5432/", f":{proxy.port}/")
         app = app_for(url, model, CALLS_RETRIES="2", CALLS_RETRY_DELAY="0.05", CALLS_TIMEOUT="0.5")
-        recorder = app.state.engine.obs.recorders[0]
+        recorder = app.state.calls.obs.recorders[0]
         async with concurrent(app) as client:
             twilio = Twilio(client)
             await twilio.call()

@@ -32,13 +32,13 @@ from main import Usage
 
 
 def session_of(app: Any, call_sid: str) -> main.Session:
-    return msgspec.msgpack.decode(app.state.engine.backend.calls[call_sid].session, type=main.Session)
+    return msgspec.msgpack.decode(app.state.calls.backend.calls[call_sid].session, type=main.Session)
 
 
 async def sdks_loaded(app: Any) -> None:
     """Wait until every provider has imported its SDK in the background (a fresh process takes about a second)."""
     for _ in range(500):
-        if all(getattr(p, "client", True) is not None for p in app.state.engine.llm.providers):
+        if all(getattr(p, "client", True) is not None for p in app.state.calls.llm.providers):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the SDKs did not load")

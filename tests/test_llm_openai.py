@@ -180,7 +180,7 @@ async def test_a_whole_call_through_the_app_with_openai(fake_llm: FakeLLM) -> No
         first = await twilio.follow(await twilio.say("When are you open?"))
         second = await twilio.follow(await twilio.say("Thanks"))
         sid = twilio.call_sid
-        session = msgspec.msgpack.decode(app.state.engine.backend.calls[sid].session, type=main.Session)
+        session = msgspec.msgpack.decode(app.state.calls.backend.calls[sid].session, type=main.Session)
     assert tree(greeting.content) == listening(app.state.settings.greeting)
     assert [t for d in first for t in says(d.content)] == ["Sure.", "We are open from nine to five."]
     assert tree(first[-1].content)[3][-1][0] == "Gather"  # the last part is spoken inside the next <Gather>

@@ -37,9 +37,10 @@ from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
 from twilio.request_validator import RequestValidator
 
+import deadlines
 import main
 import phone
-import turns
+import speech
 import webhooks
 from twiml import gather_tag, render
 
@@ -215,8 +216,8 @@ def test_bad_values_name_the_variable() -> None:
         main.load_settings({"MIN_CONFIDENCE": "lots"})
     with pytest.raises(main.ConfigError, match="MIN_CONFIDENCE=2.0 must be between 0 and 1"):
         main.load_settings({"MIN_CONFIDENCE": "2"})
-    with pytest.raises(main.ConfigError, match="MODE='webhook' is not valid"):
-        main.load_settings({"MODE": "webhook"})
+    with pytest.raises(main.ConfigError, match="^MODE='webhook' is not valid: use one of gather, relay$"):
+        main.create_app(env(MODE="webhook"))  # checked against main.modes, where a new mode is one entry
 
 
 def test_settings_are_read_once_and_never_print_secrets() -> None:
@@ -273,8 +274,8 @@ def test_a_misspelled_hook_is_an_error() -> None:
 
 def test_entry_point_plugins_are_discovered(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sb_parrot.py").write_text(
-        "from main import hookimpl\n"
-        "class Parrot:\n"
+        "from main import LLMProvider, hookimpl\n"
+        "class Parrot(LLMProvider):  # a protocol subclass: it inherits the optional capabilities\n"
         "    name = 'parrot'\n"
         "    def __init__(self, settings): self.settings = settings\n"
         "@hookimpl\n"
@@ -287,7 +288,7 @@ def test_entry_point_plugins_are_discovered(tmp_path: Any, monkeypatch: pytest.M
     (dist / "entry_points.txt").write_text("[switchboard]\nparrot = sb_parrot\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     app = main.create_app(env(LLM_PROVIDER="parrot,echo"))
-    assert [p.name for p in app.state.engine.llm.providers] == ["parrot", "echo"]
+    assert [p.name for p in app.state.calls.llm.providers] == ["parrot", "echo"]
 
 
 def test_unselected_plugins_build_nothing() -> None:
@@ -316,7 +317,7 @@ async def test_a_whole_call_greets_answers_inside_gather_and_ends() -> None:
     assert tree(greeting.content) == listening("Hi, this is the test line.")
     assert tree(answer.content) == listening("You said: What time is it.")
     assert tree(status.content) == twiml(lambda r: None)
-    assert app.state.engine.backend.calls == {}
+    assert app.state.calls.backend.calls == {}
 
 
 async def test_history_sent_to_the_model_is_system_plus_the_last_max_turns() -> None:
@@ -351,7 +352,7 @@ async def test_silence_reprompts_low_confidence_asks_again_and_three_misses_hang
 
     assert tree(third.content) == twiml(goodbye)
     assert model.calls == []  # the model was never asked, and the mumble was never stored
-    session = msgspec.msgpack.decode(app.state.engine.backend.calls[twilio.call_sid].session, type=main.Session)
+    session = msgspec.msgpack.decode(app.state.calls.backend.calls[twilio.call_sid].session, type=main.Session)
     assert session.history == [] and session.misses == 3
 
 
@@ -375,7 +376,7 @@ async def test_an_unknown_call_starts_a_fresh_session_and_carries_on() -> None:
         twilio = Twilio(client)  # never called /voice, as after a restart
         answer = await twilio.say("are you still there")
     assert tree(answer.content) == listening("You said: are you still there.")
-    assert twilio.call_sid in app.state.engine.backend.calls
+    assert twilio.call_sid in app.state.calls.backend.calls
 
 
 async def test_a_retried_webhook_gets_the_same_twiml_without_asking_the_model_again() -> None:
@@ -482,9 +483,9 @@ async def test_status_callbacks_end_the_session_only_when_the_call_is_over() -> 
         twilio = Twilio(client)
         await twilio.call()
         await twilio.post("/status", CallStatus="ringing")
-        still = twilio.call_sid in app.state.engine.backend.calls
+        still = twilio.call_sid in app.state.calls.backend.calls
         await twilio.post("/status", CallStatus="no-answer")
-    assert still and twilio.call_sid not in app.state.engine.backend.calls
+    assert still and twilio.call_sid not in app.state.calls.backend.calls
 
 
 async def test_health_reports_plugins_and_503_when_the_backend_is_down() -> None:
@@ -581,20 +582,20 @@ def test_documents_stay_under_64kb() -> None:
     ],
 )
 def test_segmenter_cuts_at_sentence_ends_only(tokens: list[str], expected: list[str]) -> None:
-    seg = turns.Segmenter()
+    seg = speech.Segmenter()
     out = [s for t in tokens for s in seg.feed(t)] + seg.flush()
     assert out == expected
 
 
 def test_a_sentence_is_known_complete_when_the_next_token_arrives() -> None:
-    seg = turns.Segmenter()
+    seg = speech.Segmenter()
     assert seg.feed("We open at nine.") == []  # maybe the reply's end: it waits, so a short reply stays whole
     assert seg.feed(" Mr.") == ["We open at nine."]
     assert seg.feed(" Smith is in.") == [] and seg.flush() == ["Mr. Smith is in."]
 
 
 def test_segmenter_cuts_long_unpunctuated_speech_at_a_pause() -> None:
-    seg = turns.Segmenter(max_len=60)
+    seg = speech.Segmenter(max_len=60)
     text = "this sentence goes on and on without any end in sight, and it keeps going and going forever"
     out = seg.feed(text) + seg.flush()
     assert out == ["this sentence goes on and on without any end in sight,", "and it keeps going and going forever"]
@@ -603,7 +604,7 @@ def test_segmenter_cuts_long_unpunctuated_speech_at_a_pause() -> None:
 @hsettings(max_examples=200, deadline=None)
 @given(st.lists(st.text(st.sampled_from("ab .!?,\n3"), max_size=12), max_size=30))
 def test_segmenter_never_loses_or_reorders_text(tokens: list[str]) -> None:
-    seg = turns.Segmenter(max_len=40)
+    seg = speech.Segmenter(max_len=40)
     out = [s for t in tokens for s in seg.feed(t)] + seg.flush()
     assert "".join(out).replace(" ", "").replace("\n", "") == "".join(tokens).replace(" ", "").replace("\n", "")
     assert all(s == s.strip() and s for s in out)
@@ -622,7 +623,7 @@ def test_segmenter_never_loses_or_reorders_text(tokens: list[str]) -> None:
     ],
 )
 def test_markdown_and_emoji_are_not_spoken(raw: str, spoken: str) -> None:
-    assert turns.speakable(raw) == spoken
+    assert speech.speakable(raw) == spoken
 
 
 # ----------------------------------------------------------------------------- the dev phone and a real process
@@ -692,33 +693,33 @@ async def test_the_test_client_is_signed_like_twilio(monkeypatch: pytest.MonkeyP
     assert response.status_code == 403
 
 
-# ----------------------------------------------------------------------------- limits (webhooks.within)
+# ----------------------------------------------------------------------------- limits (deadlines.within)
 
 
 async def test_a_limit_fires_on_time_as_a_timeout_error_and_not_before() -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     with pytest.raises(TimeoutError):
-        async with webhooks.within(0.1):
+        async with deadlines.within(0.1):
             await asyncio.sleep(5)
-    assert 0.1 <= loop.time() - t0 < 0.1 + 3 * webhooks.Clock.TICK
-    async with webhooks.within(0.3):  # not early
+    assert 0.1 <= loop.time() - t0 < 0.1 + 3 * deadlines.Clock.TICK
+    async with deadlines.within(0.3):  # not early
         await asyncio.sleep(0.15)
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
 async def test_nested_limits_other_errors_and_outside_cancels_pass_through_and_the_clock_stops() -> None:
-    async with webhooks.within(5):
+    async with deadlines.within(5):
         with pytest.raises(TimeoutError):
-            async with webhooks.within(0.05):
+            async with deadlines.within(0.05):
                 await asyncio.sleep(5)
         await asyncio.sleep(0.01)  # the outer block carries on
         with pytest.raises(KeyError):
-            async with webhooks.within(5):
+            async with deadlines.within(5):
                 raise KeyError("mine")
 
     async def sleeper() -> None:
-        async with webhooks.within(5):
+        async with deadlines.within(5):
             await asyncio.sleep(5)
 
     task = asyncio.create_task(sleeper())
@@ -726,21 +727,21 @@ async def test_nested_limits_other_errors_and_outside_cancels_pass_through_and_t
     task.cancel()  # someone else's cancel stays a cancel
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(2 * webhooks.Clock.TICK)
-    assert not webhooks._clock.limits and not webhooks._clock.armed
+    await asyncio.sleep(2 * deadlines.Clock.TICK)
+    assert not deadlines._clock.limits and not deadlines._clock.armed
 
 
 def test_limits_work_on_each_new_event_loop() -> None:
     async def late() -> bool:
         try:
-            async with webhooks.within(0.05):
+            async with deadlines.within(0.05):
                 await asyncio.sleep(5)
         except TimeoutError:
             return True
         return False
 
     async def abandoned() -> None:  # a loop closed while a limit was open must not stall the next loop's
-        async with webhooks.within(5):
+        async with deadlines.within(5):
             asyncio.get_running_loop().stop()
             await asyncio.sleep(5)
 

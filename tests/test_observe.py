@@ -23,11 +23,9 @@ import pytest
 from conftest import TOKEN, Captured, ProviderError, Scripted, Twilio, concurrent, env, listening, plugin, server, tree
 from prometheus_client.parser import text_string_to_metric_families
 
-import audio
 import main
 import observe
 import phone
-import webhooks
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action")
@@ -151,8 +149,8 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
         **histogram("switchboard_call_cost_dollars", {}, 1, cost + 0.01, COST),
         **counters("switchboard_call_records_dropped", "recorder", {"log": 0, "memo": 0}),
         # audio.py counts for the whole process (this call used <Say>, which never counts)
-        ("switchboard_tts_fallbacks_total", ()): float(audio.counts["fallback"]),
-        **counters("switchboard_tts_audio", "event", {e: audio.counts[e] for e in ("synthesized", "reused", "served",
+        ("switchboard_tts_fallbacks_total", ()): float(observe.audio_counts["fallback"]),
+        **counters("switchboard_tts_audio", "event", {e: observe.audio_counts[e] for e in ("synthesized", "reused", "served",
                                                                               "missing")}),
     }
     assert got == expected
@@ -218,10 +216,10 @@ async def test_metrics_token_is_required_when_set() -> None:
 
 def test_each_app_has_its_own_registry() -> None:
     a, b = main.create_app(env()), main.create_app(env())
-    a.state.engine.obs.started.inc()
-    assert a.state.engine.obs.registry is not b.state.engine.obs.registry
-    assert b.state.engine.obs.registry.get_sample_value("switchboard_calls_started_total") == 0.0
-    assert a.state.engine.obs.registry.get_sample_value("switchboard_calls_started_total") == 1.0
+    a.state.calls.obs.started.inc()
+    assert a.state.calls.obs.registry is not b.state.calls.obs.registry
+    assert b.state.calls.obs.registry.get_sample_value("switchboard_calls_started_total") == 0.0
+    assert a.state.calls.obs.registry.get_sample_value("switchboard_calls_started_total") == 1.0
 
 
 # ----------------------------------------------------------------------------- records and cost
@@ -291,7 +289,7 @@ def test_prices_by_model_or_provider(prices: str, provider: Counted, expected: t
 
 def test_the_shipped_providers_default_models_have_prices() -> None:
     app = main.create_app(env(LLM_PROVIDER="openai,anthropic", OPENAI_API_KEY="sk-made-up", ANTHROPIC_API_KEY="made-up"))
-    assert app.state.engine.obs.prices.rates == {"openai": (0.75, 4.50), "anthropic": (0.10, 0.50)}
+    assert app.state.calls.obs.prices.rates == {"openai": (0.75, 4.50), "anthropic": (0.10, 0.50)}
 
 
 def test_unknown_prices_cost_nothing_and_are_logged_once(logs: Captured) -> None:
@@ -332,7 +330,7 @@ async def test_a_broken_recorder_never_breaks_a_call(logs: Captured) -> None:
         assert await twilio.turn("one") == ["You said: one."]
         assert await twilio.turn("two") == ["You said: two."]
         ended = await twilio.post("/status", CallStatus="completed")
-    assert ended.status_code == 200 and twilio.call_sid not in app.state.engine.backend.calls
+    assert ended.status_code == 200 and twilio.call_sid not in app.state.calls.backend.calls
     assert len([line for line in logs.lines if line.startswith("error call recorder failed")]) == 3  # 2 turns, 1 call
 
 
@@ -342,7 +340,7 @@ async def test_a_broken_recorder_never_breaks_a_call(logs: Captured) -> None:
 async def settled(app: Any) -> None:
     """Wait until the engine's background generations have finished (and logged)."""
     for _ in range(500):
-        if not app.state.engine.tasks:
+        if not app.state.calls.tasks:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("generations still running")
@@ -471,7 +469,7 @@ async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> 
         await twilio.say("hello")
         await client.get("/health")
         await client.post("/voice", content="CallSid=CA1", headers={"content-type": "application/x-www-form-urlencoded"})
-    assert webhooks.request_fields.get(None) is None
+    assert observe.request_fields.get(None) is None
     refused = next(r for r in logs.records if r.getMessage() == "request" and r.status == 403)
     assert refused.call == "" and not hasattr(refused, "turn")
 
@@ -592,11 +590,11 @@ def test_the_scrubber_keeps_the_request_line_and_drops_bodies_users_and_numbers(
         "breadcrumbs": {"values": [{"message": "caller +1 (500) 555-0006 said hi"}]},
         "exception": {"values": [{"type": "RuntimeError", "value": f"bad {CALLER}"}]},
     }
-    token = webhooks.request_fields.set({"route": "/process-speech", "call": "CA123", "turn": 2})
+    token = observe.request_fields.set({"route": "/process-speech", "call": "CA123", "turn": 2})
     try:
         scrubbed = observe.before_send(event, {})
     finally:
-        webhooks.request_fields.reset(token)
+        observe.request_fields.reset(token)
     assert scrubbed == {
         "request": {"method": "POST", "url": "https://agent.example/process-speech",
                     "headers": {"Content-Type": "application/x-www-form-urlencoded"}},

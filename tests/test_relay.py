@@ -46,7 +46,7 @@ from twilio.twiml.voice_response import VoiceResponse
 import main
 import phone
 import relay
-import turns
+import speech
 import webhooks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,7 @@ async def relay_call(app: Litestar, call_sid: str | None = None, **custom: str) 
 
 
 def session_of(app: Litestar, call_sid: str) -> main.Session | None:
-    call = app.state.engine.backend.calls.get(call_sid)
+    call = app.state.calls.backend.calls.get(call_sid)
     return None if call is None or call.session is None else msgspec.msgpack.decode(call.session, type=main.Session)
 
 
@@ -245,7 +245,7 @@ async def test_a_relay_call_streams_the_reply_token_by_token() -> None:
 
 def voice_attrs(app: Litestar) -> dict[str, str]:
     """The selected voice's ConversationRelay attributes (the TTS plugin's part of the document)."""
-    return getattr(app.state.engine.tts, "relay_attrs", dict)()
+    return app.state.calls.voice.relay_attrs()
 
 
 def connect_doc(url: str, *, greeting: str = GREETING, action: str = "/relay-action", attempt: str = "1",
@@ -310,7 +310,7 @@ async def test_mode_is_overridable_per_number_on_the_voice_url() -> None:
 def test_relay_settings_are_checked_at_startup() -> None:
     with pytest.raises(main.ConfigError, match="RELAY_INTERRUPTIBLE='sometimes' is not valid"):
         main.create_app(env(RELAY_INTERRUPTIBLE="sometimes"))
-    with pytest.raises(main.ConfigError, match="RELAY_DTMF_WAIT must be a number"):
+    with pytest.raises(main.ConfigError, match="RELAY_DTMF_WAIT=.* is not valid: set it to a number of seconds at least 0"):
         main.create_app(env(RELAY_DTMF_WAIT="soon"))
 
 
@@ -756,7 +756,7 @@ async def test_a_reply_stops_at_max_reply_chars_and_its_stream_is_closed() -> No
 
 
 def clean(tokens: list[str]) -> str:
-    cleaner = relay.TokenCleaner()
+    cleaner = speech.TokenCleaner()
     return "".join(cleaner.feed(t) for t in tokens) + cleaner.flush()
 
 
@@ -809,7 +809,7 @@ def test_plain_words_pass_through_untouched(ws: list[str]) -> None:
 @given(st.text(st.sampled_from(list("ab *`#-1.)~_\t+•")), max_size=40))
 def test_token_cleaning_agrees_with_sentence_cleaning_on_a_line(text: str) -> None:
     # (across newlines speakable's `\s*` runs into the next line; the examples above cover newlines)
-    assert clean(list(text)) == turns.speakable(text)
+    assert clean(list(text)) == speech.speakable(text)
 
 
 # ----------------------------------------------------------------------------- logs

@@ -55,7 +55,7 @@ async def test_replies_are_kept_only_for_the_current_and_previous_turn() -> None
         await twilio.call()
         for text in ["one", "two", "three"]:
             await twilio.say(text)
-    call = app.state.engine.backend.calls[twilio.call_sid]
+    call = app.state.calls.backend.calls[twilio.call_sid]
     kept = {seg.text for stored in call.replies.values() for seg in stored.segments if seg.text}
     assert kept == {"You said: two.", "You said: three."}
     assert len(call.replies) == 4  # per turn: its speech key and its first document
@@ -91,7 +91,7 @@ async def test_open_calls_give_the_cyclic_gc_nothing_to_scan() -> None:
             for turn in range(2):
                 for n, twilio in enumerate(calls):
                     assert (await twilio.say(f"question {turn} {n}")).status_code == 200
-            backend, obs = app.state.engine.backend, app.state.engine.obs
+            backend, obs = app.state.calls.backend, app.state.calls.obs
             assert len(backend.calls) == 300 and len(obs.latencies) == 300  # held: the last turns are still open
             gc.collect()
             gc.collect()

@@ -138,10 +138,10 @@ def test_a_missing_url_is_a_fix_it_config_error() -> None:
 
 def test_redis_url_is_the_fallback_and_valkey_url_wins() -> None:
     from_redis = main.create_app(env(SESSION_BACKEND="valkey", REDIS_URL="redis://:pw@cache.internal:6380/2"))
-    assert from_redis.state.engine.backend.where == "redis://cache.internal:6380/2"
+    assert from_redis.state.calls.backend.where == "redis://cache.internal:6380/2"
     both = main.create_app(env(SESSION_BACKEND="valkey", REDIS_URL="redis://a:1/0", VALKEY_URL="redis://b:2/3"))
-    assert both.state.engine.backend.where == "redis://b:2/3"
-    assert both.state.engine.backend.prefix == "sb"
+    assert both.state.calls.backend.where == "redis://b:2/3"
+    assert both.state.calls.backend.prefix == "sb"
 
 
 def test_bad_urls_and_numbers_are_config_errors_that_never_show_the_password() -> None:
@@ -338,7 +338,7 @@ async def test_an_outage_mid_call_is_spoken_logged_once_and_recovers_by_itself(t
     with private_valkey(tmp_path) as server:
         app = valkey_app(model, server.url, "sb", VALKEY_TIMEOUT="0.5")
         async with concurrent(app) as client:
-            backend: ValkeyBackend = app.state.engine.backend
+            backend: ValkeyBackend = app.state.calls.backend
             twilio = Twilio(client)
             await twilio.call()
             assert await twilio.turn("one") == ["First answer."]
@@ -374,7 +374,7 @@ async def test_starting_without_valkey_serves_apologies_until_it_answers(tmp_pat
     app = valkey_app(model, server.url, "sb", VALKEY_TIMEOUT="0.3")
     try:
         async with concurrent(app) as client:
-            backend: ValkeyBackend = app.state.engine.backend
+            backend: ValkeyBackend = app.state.calls.backend
             assert (await client.get("/health")).status_code == 503
             twilio = Twilio(client)
             assert tree((await twilio.call()).content) == apology()
@@ -400,7 +400,7 @@ async def test_valkey_lost_mid_reply_stops_the_generation_and_the_continuation_a
             twilio = Twilio(client)
             await twilio.call()
             first = await twilio.say("hello")
-            generation = next(iter(app.state.engine.runs.values())).task
+            generation = next(iter(app.state.modes["gather"].runs.values())).task
             server.stop()
             await asyncio.wait([generation], timeout=3)
             later = await twilio.post(redirect_of(first.content))

@@ -39,6 +39,6 @@ def test_sigterm_lets_a_slow_turn_finish_and_exits_cleanly() -> None:
 async def test_health_reports_draining() -> None:
     app = main.create_app(env())
     async with running(app) as client:
-        app.state.engine.draining = True
+        app.state.calls.draining = True
         response = await client.get("/health")
     assert (response.status_code, response.json()["status"]) == (503, "draining")

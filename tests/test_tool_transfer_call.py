@@ -26,7 +26,7 @@ def tool(**extra: str) -> TransferCall:
 def test_without_a_number_the_tool_is_not_offered() -> None:
     assert transfer_call(main.load_settings(env())) is None
     app = main.create_app(env())
-    assert list(app.state.engine.tools) == ["end_call"]
+    assert list(app.state.calls.tools) == ["end_call"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [

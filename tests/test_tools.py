@@ -73,7 +73,7 @@ def test_an_unknown_tool_name_fails_at_startup_with_the_list() -> None:
 
 def test_tools_can_be_turned_off() -> None:
     app = main.create_app(env(TOOLS="none", TRANSFER_NUMBER="+15005550009"))
-    assert app.state.engine.tool_specs == ()
+    assert app.state.calls.tool_specs == ()
     assert main.load_settings({"TOOLS": " "}).tools == ("end_call", "transfer_call")  # blank is unset
 
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import BASE, GATHER, Captured, Scripted, Twilio, env, plugin, redirect_of, running, tree, twiml
 from fake_tts import KEY, FakeTTS, fake_tts
 
-import audio
 import main
+import observe
 from plugins.tts_elevenlabs import ElevenLabsVoice
 
 
@@ -88,7 +88,7 @@ async def test_a_failing_vendor_falls_back_to_say(
     fake: FakeTTS, logs: Captured, status: int, key: str, asked: int, message: str
 ) -> None:
     fake.status = 500 if status == 500 else 200
-    before = audio.counts["fallback"]
+    before = observe.audio_counts["fallback"]
     app = main.create_app(eleven_env(fake, FALLBACK_SAY_VOICE="Google.en-US-Neural2-F") | {"ELEVENLABS_API_KEY": key})
     async with running(app) as client:
         twilio = Twilio(client)
@@ -99,7 +99,7 @@ async def test_a_failing_vendor_falls_back_to_say(
     assert [line for line in logs.lines if line.startswith("warning voice failed")] == [
         f"warning voice failed, speaking with FALLBACK_SAY_VOICE voice=elevenlabs "
         f"error=ProviderError: ElevenLabs answered {status}: {message} call={twilio.call_sid}"]
-    assert audio.counts["fallback"] == before + 1
+    assert observe.audio_counts["fallback"] == before + 1
     assert key not in "\n".join(logs.lines)
 
 

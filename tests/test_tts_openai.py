@@ -31,7 +31,6 @@ from conftest import (
 from fake_tts import KEY, FakeTTS, fake_tts
 from test_session_contract import BACKENDS, backend_env
 
-import audio
 import main
 import observe
 import webhooks
@@ -144,7 +143,7 @@ async def test_each_sentence_is_voiced_while_the_model_still_writes_and_history_
 
 async def test_a_vendor_500_falls_back_to_say_logged_with_the_call_and_counted(fake: FakeTTS, logs: Captured) -> None:
     fake.status = 500
-    before = audio.counts["fallback"]
+    before = observe.audio_counts["fallback"]
     app = main.create_app(openai_env(fake, FALLBACK_SAY_VOICE="Polly.Amy-Neural", LANGUAGE="en-GB", GREETING="Hi."))
     gather = dict(GATHER, language="en-GB")
     async with running(app) as client:
@@ -159,7 +158,7 @@ async def test_a_vendor_500_falls_back_to_say_logged_with_the_call_and_counted(f
         lambda r: r.gather(**gather).say("You said: hello there.", voice="Polly.Amy-Neural", language="en-GB"))
     assert tree(again.content) == played(*plays(again.content), gather=gather)  # the greeting is not stuck on <Say>
     failures = [line for line in logs.lines if line.startswith("warning voice failed")]
-    assert len(failures) == 2 == audio.counts["fallback"] - before
+    assert len(failures) == 2 == observe.audio_counts["fallback"] - before
     assert all("voice=openai error=ProviderError: OpenAI speech failed" in f and f" call={twilio.call_sid}" in f
                for f in failures)
     assert fake.texts() == ["Hi.", "Hi.", "You said: hello there.", "You said: hello there.", "Hi."]  # one SDK retry
@@ -181,7 +180,7 @@ async def test_a_slow_vendor_falls_back_in_time_and_its_audio_serves_the_next_ca
 async def test_closing_the_app_cancels_syntheses_nobody_waits_for(fake: FakeTTS) -> None:
     fake.delay = 2.0
     app = main.create_app(openai_env(fake, TTS_TIMEOUT="0.1", GREETING="Hi."))
-    voice = app.state.engine.tts
+    voice = app.state.calls.voice
     async with running(app) as client:
         await Twilio(client).call()
         pending = list(voice.making.values())
@@ -203,7 +202,7 @@ async def test_concurrent_calls_voice_a_new_greeting_once(fake: FakeTTS) -> None
     fake.delay = 0.1
     app = main.create_app(openai_env(fake, GREETING="Welcome."))
     async with app.lifespan():
-        voice = app.state.engine.tts
+        voice = app.state.calls.voice
         segments = await asyncio.gather(*(voice.render("Welcome.", base_url=BASE) for _ in range(10)))
     assert len({s.url for s in segments}) == 1 and fake.texts() == ["Welcome."]
 
@@ -266,7 +265,7 @@ async def test_the_audio_cache_stays_within_its_bound_and_keeps_the_greeting(fak
     model = Scripted("scripted", [" ".join(sentences)])
     app = main.create_app(openai_env(fake, LLM_PROVIDER="scripted", BLOB_CACHE_BYTES="6000", GREETING="Hi."),
                           plugins=[plugin(llm=[model])])
-    backend = app.state.engine.backend
+    backend = app.state.calls.backend
     async with running(app) as client:
         twilio = Twilio(client)
         [greeting] = plays((await twilio.call()).content)
@@ -310,7 +309,7 @@ def test_config_errors_name_what_to_set() -> None:
         main.create_app(env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, OPENAI_TTS_FORMAT="ogg"))
     with pytest.raises(main.ConfigError, match=r"FALLBACK_SAY_VOICE='Joanna' is not .*; did you mean 'Polly.Joanna'\?"):
         main.create_app(env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, FALLBACK_SAY_VOICE="Joanna"))
-    with pytest.raises(main.ConfigError, match="TTS_TIMEOUT='soon' must be a positive number of seconds"):
+    with pytest.raises(main.ConfigError, match="TTS_TIMEOUT='soon' is not valid: set it to a number of seconds above 0"):
         main.create_app(env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, TTS_TIMEOUT="soon"))
 
 

@@ -23,8 +23,8 @@ from conftest import (
 from fake_llm import FakeLLM, Reply
 from litestar import Litestar
 
+import calls
 import main
-import turns
 
 LONG = "One is first. Two comes next. Three is here. Four is near. Five is the end."
 SENTENCES = ["One is first.", "Two comes next.", "Three is here.", "Four is near.", "Five is the end."]
@@ -167,9 +167,9 @@ async def test_every_document_stays_under_64kb_whatever_the_model_writes() -> No
 
 
 def test_turn_ids_carry_their_age() -> None:
-    turn = turns.new_turn_id()
-    assert 0 <= turns.turn_age(turn) < 1
-    assert turns.turn_age("zz") == float("inf")
+    turn = calls.new_turn_id()
+    assert 0 <= calls.turn_age(turn) < 1
+    assert calls.turn_age("zz") == float("inf")
 
 
 async def test_without_streaming_the_whole_reply_comes_in_one_document() -> None:

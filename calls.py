@@ -1,0 +1,323 @@
+"""What every call mode shares: sessions, turns, fixed phrases, the LLM chain, tool rounds, drain on SIGTERM.
+
+A mode (gather.py, relay.py, ...) opens and ends calls, begins and commits transitions of a call's
+session, closes turns into history and asks the model for replies through `Calls`; the session
+backend is the truth, so any replica serves any request of any call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from contract import (
+    END,
+    CallInfo,
+    Event,
+    LLMProvider,
+    Message,
+    ProviderError,
+    Segment,
+    Session,
+    SessionBackend,
+    Settings,
+    Snapshot,
+    Tool,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    TTSVoice,
+    TwilioForm,
+    Usage,
+    begin_when_free,
+    log,
+)
+from deadlines import within
+from observe import Observer
+from webhooks import Gate
+
+
+def new_turn_id() -> str:
+    """A turn id that carries its start time (ms, hex), so any replica can tell a turn's age."""
+    return f"{int(time.time() * 1000):x}{random.getrandbits(32):08x}"  # unique, not secret: requests are signed
+
+
+def turn_age(turn_id: str) -> float:
+    """Seconds since the turn began."""
+    try:
+        return time.time() - int(turn_id[:-8], 16) / 1000
+    except ValueError:
+        return float("inf")
+
+
+# ----------------------------------------------------------------------------- the LLM chain
+
+
+def _why(e: Exception) -> str:
+    """A provider's failure in a few words for the log."""
+    if isinstance(e, TimeoutError):
+        return "no first token in time"
+    if isinstance(e, StopAsyncIteration):
+        return "empty reply"
+    return str(e) if isinstance(e, ProviderError) else f"{type(e).__name__}: {e}"
+
+
+class LLMChain:
+    """The selected providers in order: the next serves the turn when one fails before its first token."""
+
+    def __init__(self, providers: Sequence[LLMProvider], settings: Settings, obs: Observer) -> None:
+        self.providers = list(providers)
+        self.settings = settings
+        self.obs = obs
+
+    async def stream(
+        self, messages: Sequence[Message], *, call: str, served: list[str], tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[Event]:
+        """Stream a reply; `served` receives the name of the provider that answered."""
+        s, last = self.settings, None
+        for provider in self.providers:
+            for attempt in range(s.llm_retries + 1):
+                events, t0 = None, time.perf_counter()
+                try:
+                    events = provider.stream(messages, system=s.system_prompt, tools=tools)
+                    async with within(s.llm_first_token_timeout):  # no extra task, unlike wait_for
+                        first = await anext(events)
+                except Exception as e:  # a vendor failure, a stall, an empty reply or a plugin bug: try the next
+                    if events is not None:
+                        with contextlib.suppress(Exception):
+                            await events.aclose()
+                    last = e
+                    self.obs.provider_error(provider.name)
+                    extra = {"provider": provider.name, "call": call, "attempt": attempt + 1, "error": _why(e)}
+                    log.warning("provider failed", extra=extra)
+                    if isinstance(e, ProviderError) and e.retryable and attempt < s.llm_retries:
+                        await asyncio.sleep(0.2 * 2**attempt + secrets.randbelow(100) / 1000)
+                        continue
+                    break
+                served.append(provider.name)
+                self.obs.first_token(provider.name, time.perf_counter() - t0, fallback=provider is not self.providers[0])
+                try:
+                    yield first
+                    async for event in events:
+                        yield event
+                finally:
+                    await events.aclose()
+                return
+        if not isinstance(last, (ProviderError, TimeoutError, StopAsyncIteration, type(None))):
+            raise last  # a plugin bug is reported as one
+        raise ProviderError("every LLM provider failed", provider="chain") from last
+
+
+# ----------------------------------------------------------------------------- calls
+
+MAX_TOOL_ROUNDS = 3  # tool calls in one turn before the model must just answer
+TOOL_TIMEOUT = 5.0
+
+
+def has_end(segments: Sequence[Segment]) -> bool:
+    """Whether a turn's reply is complete."""
+    return any(seg.kind == "end" for seg in segments)
+
+
+def end_of_turn(provider: str, usage: Usage) -> Segment:
+    """The segment that closes a turn's reply: which provider served it, and its usage."""
+    return msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
+
+
+class Mode(Protocol):
+    """A call mode (main.modes): its answer to /voice, and its own routes."""
+
+    async def voice(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
+        """An incoming call in this mode: open it and answer Twilio's first request."""
+        ...
+
+    def routes(self, gate: Gate) -> list[Any]:
+        """The mode's webhooks and sockets; `gate` reads their requests."""
+        ...
+
+
+class Calls:
+    """The calls this replica serves, in every mode: sessions, turns, phrases, replies, background work.
+
+    Public attributes a mode uses: settings, backend (the session backend), voice (the call's TTS voice),
+    obs (metrics and records), draining (SIGTERM arrived)."""
+
+    def __init__(
+        self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend, obs: Observer,
+        tools: Sequence[Tool] = (),
+    ) -> None:
+        self.settings, self.llm, self.voice, self.backend, self.obs = settings, llm, voice, backend, obs
+        self.tools = {tool.spec.name: tool for tool in tools}
+        self.tool_specs = tuple(tool.spec for tool in tools)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.drainers: list[Callable[[], Awaitable[None]]] = []  # run on SIGTERM before the server stops
+        self.phrases: dict[tuple[str, str], Segment] = {}  # (text, base URL): fixed phrases, voiced once
+        self.warm = [p for p in llm.providers[:1] if p.warms]
+
+    # -- the process
+
+    def on_drain(self, drainer: Callable[[], Awaitable[None]]) -> None:
+        """Run `drainer` on SIGTERM, before the server stops taking requests (e.g. sockets asked to move)."""
+        self.drainers.append(drainer)
+
+    def watch_for_sigterm(self) -> None:
+        """Mark the calls draining on SIGTERM (Railway's redeploy), then let the server's handler stop it."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            return
+
+        server = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
+        loop = asyncio.get_running_loop()
+
+        async def drain_then_stop() -> None:
+            try:  # e.g. relay sockets are asked to reconnect elsewhere before the server closes them
+                await asyncio.wait_for(asyncio.gather(*(d() for d in self.drainers)), self.settings.drain_seconds)
+            except Exception:
+                log.exception("draining failed")
+            server.should_exit = True  # a graceful stop that ends in exit code 0, not a re-raised SIGTERM
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.draining = True
+            log.info("SIGTERM: draining")
+            if hasattr(server, "should_exit"):
+                loop.call_soon_threadsafe(lambda: self.background(drain_then_stop()))
+            else:
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def drain(self) -> None:
+        """The server stops: let replies being generated finish (up to DRAIN_SECONDS), then cancel the rest."""
+        self.draining = True
+        if self.tasks:
+            log.info("draining", extra={"replies": len(self.tasks), "seconds": self.settings.drain_seconds})
+            await asyncio.wait(list(self.tasks), timeout=self.settings.drain_seconds)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def background(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a task that must outlive the request that started it."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def phrase(self, text: str, base_url: str) -> Segment:
+        """A fixed phrase in the selected voice, voiced once."""
+        if (seg := self.phrases.get((text, base_url))) is None:
+            seg = await self.voice.render(text, base_url=base_url)
+            if seg.url or not self.voice.hosts_audio:  # a <Say> stand-in for failed audio: retry next time
+                self.phrases[text, base_url] = seg
+        return seg
+
+    # -- a call's session
+
+    async def begin(self, call_sid: str, keys: Sequence[str] = ()) -> Snapshot:
+        """Lock the call and read its session (and the stored replies for `keys`), waiting while it is busy."""
+        return await begin_when_free(self.backend, call_sid, keys, self.settings.session_ttl)
+
+    async def commit(
+        self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
+    ) -> bool:
+        """Write the session begun with `token` (None deletes the call) and unlock it."""
+        return await self.backend.commit(call_sid, token, session, turn_changed=turn_changed, cancel=cancel)
+
+    async def release(self, call_sid: str, token: str) -> None:
+        """Unlock a call begun with `token` without writing."""
+        await self.backend.unlock(call_sid, token)
+
+    def new_session(self, call_sid: str, caller: str = "", to: str = "") -> Session:
+        """A session for a call this replica had not seen (its /voice went missing, or the call was ended)."""
+        self.obs.call_started()
+        return Session(call_sid=call_sid, caller=caller, to=to, started=time.time())
+
+    def close_turn(self, session: Session, served: Sequence[Segment]) -> None:
+        """Move the current turn into history with what the caller was actually sent."""
+        turn, session.current = session.current, None
+        if turn is None:
+            return
+        said = " ".join(s.text for s in served if s.kind == "speech" and s.text)
+        end = next((s for s in served if s.kind == "end"), None)
+        session.history.append(Message(role="user", content=turn.user))
+        if said:
+            session.history.append(Message(role="assistant", content=said, interrupted=end is None))
+        if end is not None and end.provider:
+            session.providers.append(end.provider)
+            session.usage[end.provider] = session.usage.get(end.provider, Usage()) + Usage(
+                input_tokens=end.input_tokens, output_tokens=end.output_tokens)
+        del session.history[: -2 * self.settings.max_turns]
+        self.obs.turn_closed(session, turn, said, end)
+
+    async def open_call(self, form: TwilioForm) -> None:
+        """A call begins (/voice, any mode): store its session unless a retried /voice did; warm the model."""
+        session = Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
+        if await self.backend.create(form.call_sid, session, self.settings.session_ttl):
+            self.obs.call_started()
+        for provider in self.warm:
+            self.background(provider.warm())
+
+    async def end_call(self, call_sid: str, outcome: str) -> None:
+        """End a call's session in any mode: its open turn into history, a reply still running stopped."""
+        snap = await self.begin(call_sid)
+        cancel = ""
+        if (session := snap.session) is not None:
+            if session.current is not None and not has_end(snap.served):
+                cancel = session.current.id
+            self.close_turn(session, snap.served)
+            self.obs.call_ended(session, outcome)  # logs "call ended" with its cost, tells the recorders
+        await self.commit(call_sid, snap.token, None, cancel=cancel)
+
+    # -- replies
+
+    async def reply(
+        self, messages: Sequence[Message], *, call: CallInfo, served: list[str]
+    ) -> AsyncIterator[str | Usage | Segment]:
+        """The model's reply with its tool calls run: text tokens and usage, then a tool's action (hang up, dial).
+
+        Text the model writes before a tool call is kept: a newline after it completes its sentence."""
+        history, action = list(messages), None
+        for round_ in range(MAX_TOOL_ROUNDS + 1):  # the model may call tools, then carries on
+            calls: list[ToolCall] = []
+            text: list[str] = []
+            offered = self.tool_specs if round_ < MAX_TOOL_ROUNDS else ()
+            async for event in self.llm.stream(history, call=call.call_sid, served=served, tools=offered):
+                if isinstance(event, ToolCall):
+                    calls.append(event)
+                    continue
+                if isinstance(event, str):
+                    text.append(event)
+                yield event
+            if not calls:
+                break
+            if text:
+                yield "\n"
+            results = [await self.run_tool(c, call) for c in calls]
+            action = action or next((r.action for r in results if r.action is not None), None)
+            history.append(Message(role="assistant", content="".join(text), tool_calls=tuple(calls)))
+            history += [Message(role="tool", content=r.content, tool_call_id=c.id) for c, r in zip(calls, results)]
+        if action is not None:
+            yield action
+
+    async def run_tool(self, request: ToolCall, call: CallInfo) -> ToolResult:
+        """Run a tool the model asked for; a failure becomes a result that tells the model so."""
+        try:
+            if (tool := self.tools.get(request.name)) is None:
+                raise LookupError(f"there is no tool named {request.name!r}")
+            async with asyncio.timeout(TOOL_TIMEOUT):
+                result = await tool.run(request.arguments, call)
+        except Exception as e:  # a tool's failure is the model's to explain, never the caller's traceback
+            log.warning("tool failed", extra={"call": call.call_sid, "tool": request.name, "error": f"{type(e).__name__}: {e}"})
+            return ToolResult(content=f"The {request.name} tool failed ({e}). Tell the caller briefly and carry on.")
+        log.info("tool called", extra={"call": call.call_sid, "tool": request.name})
+        return result
