@@ -327,7 +327,11 @@ class Switchboard(Litestar):
 
     For a webhook, the router's trie walk, scope state and exception-handler lookup cost about as much
     as the signature check. Only exact webhook paths over HTTP take the short way; another path, a
-    trailing slash, a root path or a WebSocket still goes through Litestar."""
+    trailing slash, a root path or a WebSocket still goes through Litestar.
+
+    The short way skips Litestar's middleware too, Sentry's included: middleware added to this app
+    sees /health, /metrics, /audio and the sockets, never a webhook. To wrap the webhooks as well,
+    wrap the whole ASGI app (middleware around create_app()'s result), or do the work in `webhook()`."""
 
     direct: Mapping[str, Callable[..., Any]] = {}
 
