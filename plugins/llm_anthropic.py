@@ -4,13 +4,21 @@ The system prompt goes in `system`; the history is reshaped to the API's rule (s
 turn, roles alternate) by merging consecutive same-role turns. The SDK (about a second to import)
 is loaded in the background when the app opens, never by the factory; its own retries are off
 because retries, timeouts and fallback belong to the core's LLM chain.
+
+A turn goes through the SDK client (auth and version headers, base URL, the HTTP pool, timeouts,
+status errors as the SDK's types) but not through its request-data preparation or its typed
+events: those walk the whole history on every request and build an object per streamed event.
+The body is encoded here, and the server-sent events are decoded into the few fields used.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
+
+import msgspec
 
 from main import (
     ConfigError,
@@ -30,6 +38,71 @@ from main import (
 DEFAULT_MODEL = "claude-haiku-5-5"
 DEFAULT_URL = "https://api.anthropic.com"
 RETRYABLE_EVENTS = ("overloaded_error", "api_error", "rate_limit_error", "timeout_error")
+
+
+class Delta(msgspec.Struct):
+    type: str = ""
+    text: str = ""
+    partial_json: str = ""
+
+
+class Block(msgspec.Struct):
+    type: str = ""
+    id: str = ""
+    name: str = ""
+
+
+class EventUsage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class StartedMessage(msgspec.Struct):
+    usage: EventUsage = msgspec.field(default_factory=EventUsage)
+
+
+class StreamEvent(msgspec.Struct):
+    """The fields of a streamed Messages API event that a turn uses."""
+
+    type: str
+    index: int = 0
+    delta: Delta = msgspec.field(default_factory=Delta)
+    content_block: Block = msgspec.field(default_factory=Block)
+    message: StartedMessage = msgspec.field(default_factory=StartedMessage)
+    usage: EventUsage = msgspec.field(default_factory=EventUsage)
+
+
+EVENT = msgspec.json.Decoder(StreamEvent)
+ENCODER = msgspec.json.Encoder()
+
+
+def decode_event(data: str) -> StreamEvent:
+    """One event's data as a StreamEvent."""
+    try:
+        return EVENT.decode(data)
+    except msgspec.DecodeError:
+        json.loads(data)  # not JSON at all: raise the standard library's JSONDecodeError, as the SDK did
+        raise  # JSON of the wrong shape
+
+
+async def sse_events(response: Any) -> AsyncGenerator[tuple[str, str]]:
+    """Each server-sent event in a response body as (event name, data), as the SSE spec splits them."""
+    name = ""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:  # a blank line ends an event
+            if name or data:
+                yield name, "\n".join(data)
+            name, data = "", []
+            continue
+        field, _, value = line.partition(":")  # a line starting with ":" is a comment
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            name = value
 
 
 def positive_int(settings: Settings, name: str, default: int) -> int:
@@ -82,12 +155,14 @@ class AnthropicProvider(VendorSDK, LLMProvider):
                 f"ANTHROPIC_THINKING={self.thinking!r} is not valid: use disabled or adaptive, or leave it unset"
             )
         self.timeout = settings.llm_total_timeout
+        self.raw: Any = None
         super().__init__(f"LLM_PROVIDER={self.name}")
 
     # -- lifecycle: the SDK's import (~1 s) happens in the background (main.VendorSDK)
 
     async def connect(self, sdk: Any) -> Any:
         http = self.http_client(self.timeout)
+        self.raw = importlib.import_module("httpx2").Response  # as cast_to, the SDK hands back the response unread
         return sdk.AsyncAnthropic(api_key=self.key, base_url=self.base_url, max_retries=0, http_client=http)
 
     async def warm(self) -> None:
@@ -107,24 +182,22 @@ class AnthropicProvider(VendorSDK, LLMProvider):
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
     ) -> AsyncIterator[Event]:
         client = await self.ready()
-        params: dict[str, Any] = {
-            "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages),
-            "stream": True,
-        }
-        if system:
-            params["system"] = system
-        if self.thinking:
-            params["thinking"] = {"type": self.thinking}
-        if tools:
-            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters}
-                               for t in tools]
+        body = ENCODER.encode(self.body(messages, system=system, tools=tools))
         uses: dict[int, dict[str, str]] = {}
         input_tokens = output_tokens = 0
         stopped = False
         try:
-            response = await client.messages.create(**params)
+            # the SDK's own request path (auth and version headers, timeouts, status errors as its types)
+            # with a body encoded here, handing back the response unread: see the module docstring
+            response = await client.post("/v1/messages", cast_to=self.raw, content=body, stream=True)
+            events = sse_events(response)
             try:
-                async for event in response:
+                async for name, data in events:
+                    if name in ("", "ping") or not data:  # what the SDK's stream skips
+                        continue
+                    if name == "error":
+                        raise self._stream_error(data, response)
+                    event = decode_event(data)
                     kind = event.type
                     if kind == "content_block_delta":
                         delta = event.delta
@@ -139,15 +212,16 @@ class AnthropicProvider(VendorSDK, LLMProvider):
                         yield self._tool_call(uses.pop(event.index))
                     elif kind == "message_start":
                         u = event.message.usage
-                        input_tokens = (u.input_tokens or 0) + (getattr(u, "cache_creation_input_tokens", 0) or 0) + (
-                            getattr(u, "cache_read_input_tokens", 0) or 0)
+                        input_tokens = ((u.input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+                                        + (u.cache_read_input_tokens or 0))
                         output_tokens = u.output_tokens or 0
                     elif kind == "message_delta":
                         output_tokens = event.usage.output_tokens or output_tokens  # cumulative
                     elif kind == "message_stop":
                         stopped = True
             finally:
-                await response.close()
+                await events.aclose()
+                await response.aclose()
         except ProviderError:
             raise
         except Exception as e:
@@ -156,6 +230,30 @@ class AnthropicProvider(VendorSDK, LLMProvider):
             raise ProviderError(f"{self.name} reply stream ended before message_stop",
                                 provider=self.name, retryable=True)
         yield Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+
+    def body(self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()) -> dict[str, Any]:
+        """The request body: the arguments the SDK's typed `messages.create` would take."""
+        params: dict[str, Any] = {
+            "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages),
+            "stream": True,
+        }
+        if system:
+            params["system"] = system
+        if self.thinking:
+            params["thinking"] = {"type": self.thinking}
+        if tools:
+            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters}
+                               for t in tools]
+        return params
+
+    def _stream_error(self, data: str, response: Any) -> Exception:
+        """The SDK's status error (of the stream's status, 200) for an `error` event, as its own stream builds it."""
+        try:
+            body: Any = json.loads(data)
+            message = f"{body}"
+        except ValueError:
+            body, message = data, data
+        return self.sdk.APIStatusError(message, response=response, body=body)
 
     def _tool_call(self, use: dict[str, str]) -> ToolCall:
         try:

@@ -3,13 +3,23 @@
 OPENAI_BASE_URL points it at Groq, Together, Ollama, vLLM or a proxy. The SDK is imported in the
 background when the app opens (never by the factory), so startup does not wait for it; the SDK's
 own retries are off because retries, timeouts and fallback belong to the core's LLM chain.
+
+A turn goes through the SDK client (auth, base URL, organisation and project headers, the HTTP
+pool, timeouts, status errors as the SDK's types) but not through its typed request transform or
+its typed chunks: those walk the whole history on every request and build an object per streamed
+chunk. The body is encoded here, and the server-sent events are decoded into the few fields used.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
+
+import msgspec
 
 from main import (
     ConfigError,
@@ -28,6 +38,67 @@ from main import (
 
 DEFAULT_MODEL = "gpt-5.4-mini"
 DEFAULT_URL = "https://api.openai.com/v1"
+
+
+class FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: FunctionDelta | None = None
+
+
+class Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class Choice(msgspec.Struct):
+    delta: Delta = msgspec.field(default_factory=Delta)
+    finish_reason: str | None = None
+
+
+class ChunkUsage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Chunk(msgspec.Struct):
+    """The fields of a streamed chat.completion.chunk that a turn uses (or an in-stream error)."""
+
+    choices: list[Choice] = []
+    usage: ChunkUsage | None = None
+    error: Any = None
+
+
+CHUNK = msgspec.json.Decoder(Chunk)
+ENCODER = msgspec.json.Encoder()
+
+
+def decode_chunk(data: str) -> Chunk:
+    """One event's data as a Chunk."""
+    try:
+        return CHUNK.decode(data)
+    except msgspec.DecodeError:
+        json.loads(data)  # not JSON at all: raise the standard library's JSONDecodeError, as the SDK did
+        raise  # JSON of the wrong shape
+
+
+async def sse_data(response: Any) -> AsyncGenerator[str]:
+    """The data of each server-sent event in a response body, as the SSE spec splits them."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:  # a blank line ends an event
+            if data:
+                yield "\n".join(data)
+            data = []
+        else:
+            field, _, value = line.partition(":")  # a line starting with ":" is a comment
+            if field == "data":
+                data.append(value.removeprefix(" "))
 
 
 def positive_int(settings: Settings, name: str, default: int) -> int:
@@ -70,12 +141,18 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         self.organization = settings.get("OPENAI_ORG_ID") or None
         self.project = settings.get("OPENAI_PROJECT_ID") or None
         self.timeout = settings.llm_total_timeout
+        self.raw: Any = None
+        self.timeouts: type[Exception] = TimeoutError
+        self.request_errors: type[Exception] = OSError
         super().__init__(f"LLM_PROVIDER={self.name}")
 
     # -- lifecycle: the SDK's import (~0.4 s) happens in the background (main.VendorSDK)
 
     async def connect(self, sdk: Any) -> Any:
         http = self.http_client(self.timeout)
+        httpx2 = importlib.import_module("httpx2")
+        self.raw = httpx2.Response  # as cast_to, the SDK hands back the response unread
+        self.timeouts, self.request_errors = httpx2.TimeoutException, httpx2.RequestError
         return sdk.AsyncOpenAI(
             api_key=self.key, base_url=self.base_url, organization=self.organization, project=self.project,
             max_retries=0, http_client=http,
@@ -98,23 +175,20 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
     ) -> AsyncIterator[Event]:
         client = await self.ready()
-        # OpenAI's own models want max_completion_tokens; compatible servers know max_tokens
-        limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"
-        params: dict[str, Any] = {
-            "model": self.model, "messages": openai_messages(messages, system), "stream": True,
-            "stream_options": {"include_usage": True}, limit: self.max_tokens,
-        }
-        if self.effort:
-            params["reasoning_effort"] = self.effort
-        if tools:
-            params["tools"] = [{"type": "function", "function": {
-                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in tools]
+        body = ENCODER.encode(self.body(messages, system=system, tools=tools))
         calls: dict[int, dict[str, str]] = {}
         usage, finished = None, False
         try:
-            response = await client.chat.completions.create(**params)
+            # the SDK's own request path (auth and organisation headers, timeouts, status errors as its
+            # types) with a body encoded here, handing back the response unread: see the module docstring
+            response = await client.post("/chat/completions", cast_to=self.raw, content=body,
+                                         stream=True, options={"security": {"bearer_auth": True}})
+            events = self._events(response)
             try:
-                async for chunk in response:
+                async for data in events:
+                    chunk = decode_chunk(data)
+                    if chunk.error:
+                        raise self._stream_error(chunk.error, response)
                     if chunk.usage is not None:
                         usage = Usage(input_tokens=chunk.usage.prompt_tokens or 0,
                                       output_tokens=chunk.usage.completion_tokens or 0)
@@ -133,7 +207,8 @@ class OpenAIProvider(VendorSDK, LLMProvider):
                             for call in (calls.pop(i) for i in sorted(calls)):
                                 yield self._tool_call(call)
             finally:
-                await response.close()
+                await events.aclose()
+                await response.aclose()
         except ProviderError:
             raise
         except Exception as e:
@@ -142,6 +217,46 @@ class OpenAIProvider(VendorSDK, LLMProvider):
             raise ProviderError(f"{self.name} reply stream ended before the model finished",
                                 provider=self.name, retryable=True)
         yield usage or Usage()
+
+    def body(self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()) -> dict[str, Any]:
+        """The request body: the arguments the SDK's typed `chat.completions.create` would take."""
+        # OpenAI's own models want max_completion_tokens; compatible servers know max_tokens
+        limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"
+        params: dict[str, Any] = {
+            "model": self.model, "messages": openai_messages(messages, system), "stream": True,
+            "stream_options": {"include_usage": True}, limit: self.max_tokens,
+        }
+        if self.effort:
+            params["reasoning_effort"] = self.effort
+        if tools:
+            params["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in tools]
+        return params
+
+    async def _events(self, response: Any) -> AsyncGenerator[str]:
+        """The events' data up to [DONE], with transport errors raised as the SDK's own streams raise them."""
+        async with contextlib.aclosing(sse_data(response)) as events:
+            try:
+                async for data in events:
+                    if data.startswith("[DONE]"):
+                        break
+                    yield data
+            except self.timeouts as e:
+                raise self.sdk.APITimeoutError(request=response.request) from e
+            except self.request_errors as e:
+                raise self.sdk.APIConnectionError(request=response.request) from e
+            # read the rest of the body, briefly, so that HTTP/1.1 can reuse the connection (as the SDK does)
+            with contextlib.suppress(Exception):  # the reply is complete: cleanup must not fail it
+                async with asyncio.timeout(0.1):
+                    async for _ in events:
+                        pass
+
+    def _stream_error(self, error: Any, response: Any) -> Exception:
+        """The SDK's APIError for an error event inside the stream."""
+        message = error.get("message") if isinstance(error, dict) else None
+        if not message or not isinstance(message, str):
+            message = "An error occurred during streaming"
+        return self.sdk.APIError(message, response.request, body=error)
 
     def _tool_call(self, call: dict[str, str]) -> ToolCall:
         try:

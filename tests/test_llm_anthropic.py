@@ -153,3 +153,50 @@ async def test_closing_the_stream_early_closes_it_at_the_server(fake_llm: FakeLL
         assert await anext(events) == "one"
         await events.aclose()
         await fake_llm.until(lambda: fake_llm.posts[0].closed_early)
+
+
+HISTORY = [  # non-ASCII on every path: caller text, tool use input, a tool result, the reply
+    user("Grüße aus Köln — habt ihr heute geöffnet? 今日は営業していますか"),
+    assistant("Ich schaue nach …", tool_calls=(ToolCall(id="toolu_ü", name="hours", arguments={"ort": "Köln ✓"}),)),
+    Message(role="tool", content="9–17 Uhr «geöffnet»", tool_call_id="toolu_ü"),
+    assistant("Ja, von neun bis siebzehn Uhr. 👋"),
+    user("Danke schön! \"Bis später\"\n\t\\ 😀"),
+]
+
+
+@pytest.mark.parametrize("tools", [(), (END_CALL,)], ids=["without tools", "with tools"])
+@pytest.mark.parametrize("settings", [{}, {"ANTHROPIC_MODEL": "claude-sonnet-5-5", "ANTHROPIC_MAX_TOKENS": "99",
+                                           "ANTHROPIC_THINKING": "adaptive"}], ids=["defaults", "chosen model"])
+async def test_the_wire_request_is_the_one_the_sdks_typed_create_sends(fake_llm: FakeLLM, tools: tuple[ToolSpec, ...],
+                                                                        settings: dict[str, str]) -> None:
+    async with opened(fake_llm, **settings) as provider:
+        await collect(provider, HISTORY, tools=tools)
+        client = await provider.ready()  # the oracle: the SDK's typed method, with the same arguments
+        body = provider.body(HISTORY, system="You are on a phone call.", tools=tools)
+        [event async for event in await client.messages.create(**body)]
+    ours, sdk = fake_llm.posts
+    assert ours.body == sdk.body and ours.path == sdk.path == "/v1/messages"
+    assert ours.body["messages"][0]["content"] == HISTORY[0].content  # non-ASCII arrives as itself
+    volatile = {"content-length"}  # the same JSON, spelt with other whitespace or escapes
+    assert {k: v for k, v in ours.headers.items() if k not in volatile} == {
+        k: v for k, v in sdk.headers.items() if k not in volatile}
+
+
+@pytest.mark.parametrize(("reply", "spoken", "message", "chained"), [
+    (Reply(status=529, ttft=2), [], "anthropic request timed out", "APITimeoutError"),  # no status line yet
+    (Reply("One two three.", ttft=2), [], "anthropic connection failed: ReadTimeout", "ReadTimeout"),
+    (Reply("One two three.", stall_after=2), ["One", " two"], "anthropic connection failed: ReadTimeout",
+     "ReadTimeout"),
+], ids=["before the response", "before the first event", "in the middle of the stream"])
+async def test_a_read_timeout_is_retryable(fake_llm: FakeLLM, reply: Reply, spoken: list[str], message: str,
+                                           chained: str) -> None:
+    fake_llm.script(reply)
+    got: list[Any] = []
+    async with opened(fake_llm, LLM_TOTAL_TIMEOUT="0.3") as provider:
+        with pytest.raises(ProviderError) as e:
+            async for event in provider.stream([user("hi")], system=""):
+                got.append(event)
+    assert got == spoken
+    assert str(e.value).startswith(message), str(e.value)
+    assert (e.value.provider, e.value.retryable) == ("anthropic", True)
+    assert type(e.value.__cause__).__name__ == chained

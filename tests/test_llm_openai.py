@@ -195,3 +195,51 @@ async def test_a_whole_call_through_the_app_with_openai(fake_llm: FakeLLM) -> No
     ]
     assert session.providers == ["openai"]  # the first turn is closed; the second is still current
     assert session.usage == {"openai": Usage(input_tokens=30, output_tokens=9)}
+
+
+HISTORY = [  # non-ASCII on every path: caller text, a tool call's arguments, a tool result, the reply
+    Message(role="user", content="Grüße aus Köln — habt ihr heute geöffnet? 今日は営業していますか"),
+    Message(role="assistant", content="Ich schaue nach …",
+            tool_calls=(ToolCall(id="call_ü", name="hours", arguments={"tag": "Montag", "ort": "Köln ✓"}),)),
+    Message(role="tool", content="9–17 Uhr «geöffnet»", tool_call_id="call_ü"),
+    Message(role="assistant", content="Ja, von neun bis siebzehn Uhr. 👋"),
+    Message(role="user", content="Danke schön! \"Bis später\"\n\t\\ 😀"),
+]
+
+
+@pytest.mark.parametrize("tools", [(), (TRANSFER,)], ids=["without tools", "with tools"])
+@pytest.mark.parametrize("settings", [{}, {"OPENAI_MODEL": "llama3.2", "OPENAI_MAX_TOKENS": "99",
+                                           "OPENAI_ORG_ID": "org-1", "OPENAI_PROJECT_ID": "proj_1"}],
+                         ids=["defaults", "chosen model, org and project"])
+async def test_the_wire_request_is_the_one_the_sdks_typed_create_sends(fake_llm: FakeLLM, tools: tuple[ToolSpec, ...],
+                                                                        settings: dict[str, str]) -> None:
+    async with opened(fake_llm, **settings) as provider:
+        await collect(provider, HISTORY, tools=tools)
+        client = await provider.ready()  # the oracle: the SDK's typed method, with the same arguments
+        typed = await client.chat.completions.create(**provider.body(HISTORY, system="Be brief.", tools=tools))
+        [chunk async for chunk in typed]
+    ours, sdk = fake_llm.posts
+    assert ours.body == sdk.body and ours.path == sdk.path == "/v1/chat/completions"
+    assert ours.body["messages"][1]["content"] == HISTORY[0].content  # non-ASCII arrives as itself
+    volatile = {"content-length"}  # the same JSON, spelt with other whitespace or escapes
+    assert {k: v for k, v in ours.headers.items() if k not in volatile} == {
+        k: v for k, v in sdk.headers.items() if k not in volatile}
+    if settings:
+        assert (ours.headers["openai-organization"], ours.headers["openai-project"]) == ("org-1", "proj_1")
+
+
+@pytest.mark.parametrize(("reply", "spoken"), [(Reply(status=503, ttft=2), []),  # no status line yet
+                                               (Reply("One two three.", ttft=2), []),
+                                               (Reply("One two three.", stall_after=2), ["One", " two"])],
+                         ids=["before the response", "before the first event", "in the middle of the stream"])
+async def test_a_read_timeout_is_a_retryable_timeout(fake_llm: FakeLLM, reply: Reply, spoken: list[str]) -> None:
+    fake_llm.script(reply)
+    got: list[Any] = []
+    async with opened(fake_llm, LLM_TOTAL_TIMEOUT="0.3") as provider:
+        with pytest.raises(ProviderError) as e:
+            async for event in provider.stream([Message(role="user", content="hi")], system=""):
+                got.append(event)
+    assert got == spoken
+    assert (str(e.value), e.value.provider, e.value.retryable) == ("openai request timed out", "openai", True)
+    assert type(e.value.__cause__).__name__ == "APITimeoutError"
+    assert type(e.value.__cause__.__cause__).__name__ == "ReadTimeout"
