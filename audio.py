@@ -19,7 +19,6 @@ import time
 from typing import Any, cast
 
 from litestar import asgi
-from litestar.types import Receive, Scope, Send
 
 from contract import (
     AudioVoice,
@@ -32,7 +31,7 @@ from contract import (
     say_voice,
 )
 from observe import audio_counts
-from webhooks import refuse_upgrade
+from webhooks import Receive, Scope, Send, refuse_upgrade
 
 EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav"}  # what <Play> gets from us, by content type
 _NAME = re.compile(r"([0-9a-f]{32})\.(mp3|wav)")

@@ -14,7 +14,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -81,7 +81,7 @@ class LLMChain:
 
     async def stream(
         self, messages: Sequence[Message], *, call: str, served: list[str], tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event]:
         """Stream a reply; `served` receives the name of the provider that answered."""
         s, last = self.settings, None
         for provider in self.providers:
@@ -176,7 +176,7 @@ class Calls:
         if threading.current_thread() is not threading.main_thread() or not callable(previous):
             return
 
-        server = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
+        server: Any = getattr(previous, "__self__", None)  # uvicorn's Server, when it installed the handler
         loop = asyncio.get_running_loop()
 
         async def drain_then_stop() -> None:
@@ -282,7 +282,7 @@ class Calls:
 
     async def reply(
         self, messages: Sequence[Message], *, call: CallInfo, served: list[str]
-    ) -> AsyncIterator[str | Usage | Segment]:
+    ) -> AsyncGenerator[str | Usage | Segment]:
         """The model's reply with its tool calls run: text tokens and usage, then a tool's action (hang up, dial).
 
         Text the model writes before a tool call is kept: a newline after it completes its sentence."""

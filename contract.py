@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
@@ -328,9 +328,11 @@ class Plugin(Protocol):
 
     async def aopen(self) -> None:
         """Open clients and pools."""
+        return None
 
     async def aclose(self) -> None:
         """Close clients and pools."""
+        return None
 
 
 class VendorSDK:
@@ -394,7 +396,7 @@ class LLMProvider(Plugin, Protocol):
 
     def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event]:
         """Yield the reply (text tokens, then any ToolCalls and a Usage); raise ProviderError on failure."""
         ...
 
@@ -512,7 +514,7 @@ class SessionBackend(Plugin, Protocol):
 
 
 async def begin_when_free(backend: SessionBackend, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot:
-    """begin(), waiting while another transition holds the call's lock (one round trip; ~2 s is plenty)."""
+    """begin(), waiting while another transition holds the call's lock (each try is one round trip)."""
     for _ in range(400):
         if (snap := await backend.begin(call_sid, keys, ttl)) is not None:
             return snap

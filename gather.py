@@ -199,7 +199,7 @@ class Gather:
                 return self.listen()
             if got == BUSY:
                 await asyncio.sleep(0.005)
-            elif got:
+            elif isinstance(got, list) and got:
                 return self.answer(turn, n, got)
             elif turn_age(turn) > self.settings.llm_total_timeout + 5:  # the replica generating it is gone
                 got = await self.backend.serve(sid, turn, [key], [await self.calls.phrase(self.settings.apology, base_url), END])

@@ -439,7 +439,7 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+def before_send(event: Any, hint: dict[str, Any]) -> Any:
     """Tag the event with its call and turn; drop request bodies, users and phone numbers."""
     fields = request_fields.get(None) or {}
     tags = event.setdefault("tags", {})
@@ -524,7 +524,7 @@ class LogFormatter(logging.Formatter):
     def line(self, level: str, message: str, created: float, fields: Mapping[str, Any]) -> str:
         if self.json_lines:
             line = {"ts": round(created, 3), "level": level, "msg": message}
-            return msgspec.json.encode(line | fields, enc_hook=str).decode()
+            return msgspec.json.encode({**line, **fields}, enc_hook=str).decode()
         extra = " ".join(f"{k}={v}" for k, v in fields.items() if k != "exception")
         text = f"{level} {message} {extra}".rstrip()
         return text + ("\n" + fields["exception"] if "exception" in fields else "")

@@ -90,7 +90,7 @@ class Phone:
             self.http.close()
 
     def _talk(self, say: Iterator[tuple[str, float | None]]) -> str:
-        next_url, extra = self.voice, {}
+        next_url, extra = self.voice, dict[str, str]()
         while True:
             response = self.post(next_url, extra)
             self.out(f"   [{self.timings[-1][0]} {response.status_code} {self.timings[-1][1]:.0f} ms]")

@@ -18,7 +18,6 @@ from typing import Any
 
 import msgspec
 from litestar import asgi
-from litestar.types import Receive, Scope, Send
 
 from calls import Calls, end_of_turn, new_turn_id
 from contract import (
@@ -36,7 +35,7 @@ from contract import (
 )
 from speech import TokenCleaner
 from twiml import document, esc, verb
-from webhooks import CALL_SID, Gate, webhook
+from webhooks import CALL_SID, Gate, Receive, Scope, Send, webhook
 
 RELAY_PATH, ACTION_PATH = "/relay", "/relay-action"
 QUEUE = 32  # messages waiting for a slow socket before tokens coalesce

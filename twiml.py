@@ -1,7 +1,7 @@
 """TwiML out: escaped text, one verb per segment, whole documents (each under Twilio's 64 KB).
 
 Small string templates rather than an XML builder: a document is built on every webhook request,
-and the twilio package's VoiceResponse stays a test oracle (see ../shared/DESIGN.md)."""
+and the twilio package's VoiceResponse stays a test oracle (DESIGN.md, "Performance notes")."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi
-from litestar.types import Receive, Scope, Send
+from litestar.types import ExceptionHandlersMap
 from prometheus_client.exposition import choose_encoder
 
 from contract import VERSION, BackendError, SessionBackend, Settings, TwilioForm, log
@@ -148,6 +148,12 @@ class Reject(Exception):
 
 
 CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
+# ASGI as the raw handlers use it: plain dicts (Litestar's TypedDicts tell HTTP and WebSocket events apart
+# only by their "type", which a handler checks at run time anyway)
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
 MISMATCH_HINT = "set PUBLIC_URL to the exact base URL Twilio calls (as in the Twilio console)"
 
 
@@ -345,7 +351,7 @@ class Switchboard(Litestar):
         self.direct = {path: h.fn for h in handlers for path in h.paths}
 
 
-def unrouted() -> dict[int, Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:
+def unrouted() -> ExceptionHandlersMap:
     """What the router refuses before any route (an unknown path, a malformed Host): a short 4xx and one log line."""
 
     def refused(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from main import CallRecord, CallRecorder, Settings, TurnRecord, hookimpl, log, mask
+from main import CallRecord, CallRecorder, Register, Settings, TurnRecord, hookimpl, log, mask
 
 
 class LogRecorder(CallRecorder):
@@ -31,5 +31,5 @@ class LogRecorder(CallRecorder):
 
 
 @hookimpl
-def register_call_recorders(register):  # type: ignore[no-untyped-def]
+def register_call_recorders(register: Register) -> None:
     register("log", LogRecorder)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from main import CallRecord, CallRecorder, ConfigError, Settings, TurnRecord, hookimpl, log
+from main import CallRecord, CallRecorder, ConfigError, Register, Settings, TurnRecord, hookimpl, log
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -80,12 +80,13 @@ class PostgresRecorder(CallRecorder):
         self.url = settings.require("DATABASE_URL", "CALL_RECORDERS=postgres")
         try:
             self.password = str(conninfo_to_dict(self.url).get("password") or "")
-            self.queue: asyncio.Queue[TurnRecord | CallRecord] = asyncio.Queue(int(settings.get("CALLS_QUEUE_SIZE", "10000")))
-            self.retries = int(settings.get("CALLS_RETRIES", "3"))
-            self.delay = float(settings.get("CALLS_RETRY_DELAY", "0.5"))
-            self.timeout = float(settings.get("CALLS_TIMEOUT", "3"))
         except Exception as e:  # never echo the URL: it may carry a password
-            raise ConfigError(f"DATABASE_URL or a CALLS_* setting is not valid: {type(e).__name__}") from None
+            raise ConfigError(f"DATABASE_URL is not valid: {type(e).__name__}") from None
+        size = settings.number("CALLS_QUEUE_SIZE", 10000)
+        self.queue: asyncio.Queue[TurnRecord | CallRecord] = asyncio.Queue(size)
+        self.retries = settings.number("CALLS_RETRIES", 3, inclusive=True)
+        self.delay = settings.number("CALLS_RETRY_DELAY", 0.5, inclusive=True, unit="seconds")
+        self.timeout = settings.number("CALLS_TIMEOUT", 3.0, unit="seconds")
         self.pool: Any = None
         self.writer: asyncio.Task[None] | None = None
         self.ready = False
@@ -185,5 +186,5 @@ class PostgresRecorder(CallRecorder):
 
 
 @hookimpl
-def register_call_recorders(register):  # type: ignore[no-untyped-def]
+def register_call_recorders(register: Register) -> None:
     register("postgres", PostgresRecorder)

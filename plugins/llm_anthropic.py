@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -26,6 +26,7 @@ from main import (
     LLMProvider,
     Message,
     ProviderError,
+    Register,
     Settings,
     ToolCall,
     ToolSpec,
@@ -105,19 +106,12 @@ async def sse_events(response: Any) -> AsyncGenerator[tuple[str, str]]:
             name = value
 
 
-def positive_int(settings: Settings, name: str, default: int) -> int:
-    """A plugin setting that must be a positive integer."""
-    value = settings.get(name, str(default))
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{name}={value!r} is not valid: expected a positive whole number (default {default})")
-    return int(value)
-
-
 def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """The history as the Messages API wants it: starts with a user turn, roles alternate, no empty text."""
     turns: list[tuple[str, list[dict[str, Any]]]] = []
     for m in messages:
         if m.role == "tool":
+            blocks: list[dict[str, Any]]
             role, blocks = "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
         else:
             role = m.role
@@ -147,7 +141,7 @@ class AnthropicProvider(VendorSDK, LLMProvider):
         self.key = settings.require("ANTHROPIC_API_KEY", "LLM_PROVIDER=anthropic")
         self.model = settings.get("ANTHROPIC_MODEL", DEFAULT_MODEL)
         self.base_url = settings.get("ANTHROPIC_BASE_URL", DEFAULT_URL).rstrip("/")
-        self.max_tokens = positive_int(settings, "ANTHROPIC_MAX_TOKENS", 400)
+        self.max_tokens = settings.number("ANTHROPIC_MAX_TOKENS", 400)
         # the default model answers at once with thinking off; other models keep their own default
         self.thinking = settings.get("ANTHROPIC_THINKING", "" if settings.get("ANTHROPIC_MODEL") else "disabled")
         if self.thinking not in ("", "disabled", "adaptive"):
@@ -180,7 +174,7 @@ class AnthropicProvider(VendorSDK, LLMProvider):
 
     async def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event]:
         client = await self.ready()
         body = ENCODER.encode(self.body(messages, system=system, tools=tools))
         uses: dict[int, dict[str, str]] = {}
@@ -286,5 +280,5 @@ class AnthropicProvider(VendorSDK, LLMProvider):
 
 
 @hookimpl
-def register_llm_providers(register):  # type: ignore[no-untyped-def]
+def register_llm_providers(register: Register) -> None:
     register("anthropic", AnthropicProvider)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
-from main import Event, LLMProvider, Message, Settings, ToolCall, ToolSpec, Usage, hookimpl
+from main import Event, LLMProvider, Message, Register, Settings, ToolCall, ToolSpec, Usage, hookimpl
 
 # fixed phrases that make the echo model call a tool (when the core offers it), so the dev phone can show tools
 TRIGGERS = {"transfer_call": ("transfer me", "talk to a person"), "end_call": ("goodbye", "that's all")}
@@ -19,12 +19,12 @@ class EchoProvider(LLMProvider):
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.get("ECHO_PREFIX", "You said:")
-        self.first_delay = float(settings.get("ECHO_FIRST_TOKEN_MS", "0")) / 1000  # to see fillers and streaming
-        self.delay = float(settings.get("ECHO_TOKEN_MS", "0")) / 1000
+        self.first_delay = settings.number("ECHO_FIRST_TOKEN_MS", 0.0, inclusive=True, unit="ms") / 1000  # to see fillers and streaming
+        self.delay = settings.number("ECHO_TOKEN_MS", 0.0, inclusive=True, unit="ms") / 1000
 
     async def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event]:
         used = sum(len(m.content.split()) for m in messages)
         last = messages[-1] if messages else None
         if last is not None and last.role == "tool":  # a tool has run: say what happens next
@@ -53,5 +53,5 @@ class EchoProvider(LLMProvider):
 
 
 @hookimpl
-def register_llm_providers(register):  # type: ignore[no-untyped-def]
+def register_llm_providers(register: Register) -> None:
     register("echo", EchoProvider)

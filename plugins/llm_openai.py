@@ -16,17 +16,17 @@ import asyncio
 import contextlib
 import importlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
 
 from main import (
-    ConfigError,
     Event,
     LLMProvider,
     Message,
     ProviderError,
+    Register,
     Settings,
     ToolCall,
     ToolSpec,
@@ -101,14 +101,6 @@ async def sse_data(response: Any) -> AsyncGenerator[str]:
                 data.append(value.removeprefix(" "))
 
 
-def positive_int(settings: Settings, name: str, default: int) -> int:
-    """A plugin setting that must be a positive integer."""
-    value = settings.get(name, str(default))
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{name}={value!r} is not valid: expected a positive whole number (default {default})")
-    return int(value)
-
-
 def openai_messages(messages: Sequence[Message], system: str) -> list[dict[str, Any]]:
     """The history in chat-completions form: system first, tool calls and tool results as the API wants them."""
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -135,7 +127,7 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         self.key = settings.require("OPENAI_API_KEY", "LLM_PROVIDER=openai")
         self.model = settings.get("OPENAI_MODEL", DEFAULT_MODEL)
         self.base_url = settings.get("OPENAI_BASE_URL", DEFAULT_URL).rstrip("/")
-        self.max_tokens = positive_int(settings, "OPENAI_MAX_TOKENS", 400)
+        self.max_tokens = settings.number("OPENAI_MAX_TOKENS", 400)
         # the default model answers at once with reasoning "none"; other models keep their own default
         self.effort = settings.get("OPENAI_REASONING_EFFORT", "" if settings.get("OPENAI_MODEL") else "none")
         self.organization = settings.get("OPENAI_ORG_ID") or None
@@ -173,7 +165,7 @@ class OpenAIProvider(VendorSDK, LLMProvider):
 
     async def stream(
         self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event]:
         client = await self.ready()
         body = ENCODER.encode(self.body(messages, system=system, tools=tools))
         calls: dict[int, dict[str, str]] = {}
@@ -287,5 +279,5 @@ class OpenAIProvider(VendorSDK, LLMProvider):
 
 
 @hookimpl
-def register_llm_providers(register):  # type: ignore[no-untyped-def]
+def register_llm_providers(register: Register) -> None:
     register("openai", OpenAIProvider)

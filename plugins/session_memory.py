@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from main import BUSY, SUPERSEDED, Segment, Session, SessionBackend, Settings, Snapshot, hookimpl
+from main import BUSY, SUPERSEDED, Register, Segment, Session, SessionBackend, Settings, Snapshot, hookimpl
 
 session_encoder = msgspec.msgpack.Encoder()
 session_decoder = msgspec.msgpack.Decoder(Session)
@@ -52,7 +52,7 @@ class MemoryBackend(SessionBackend):
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.sweeper: asyncio.Task[None] | None = None
         self.blobs: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self.blob_bytes, self.blob_limit = 0, int(settings.get("BLOB_CACHE_BYTES", str(32 * 1024 * 1024)))
+        self.blob_bytes, self.blob_limit = 0, settings.number("BLOB_CACHE_BYTES", 32 * 1024 * 1024, inclusive=True)
 
     async def aopen(self) -> None:
         self.sweeper = asyncio.create_task(self._sweep_forever())
@@ -205,5 +205,5 @@ class MemoryBackend(SessionBackend):
 
 
 @hookimpl
-def register_session_backends(register):  # type: ignore[no-untyped-def]
+def register_session_backends(register: Register) -> None:
     register("memory", MemoryBackend)

@@ -39,7 +39,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -49,6 +49,7 @@ from main import (
     SUPERSEDED,
     BackendError,
     ConfigError,
+    Register,
     Segment,
     Session,
     SessionBackend,
@@ -60,17 +61,17 @@ from main import (
     session_decoder,
 )
 
-T = TypeVar("T")
 LOCK_SECONDS = 5.0  # begin()'s lock: a transition holds it for one round trip; a dead holder frees it in 5 s
 
 encoder = msgspec.msgpack.Encoder()
+pack: Callable[[Sequence[tuple[Any, ...]]], bytes] | None = None
 try:  # libvalkey (valkey's C extension) packs commands and parses replies; the client uses it when present
     from libvalkey import pack_command
 
     def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
         return b"".join([pack_command(command) for command in commands])
 except ImportError:  # pragma: no cover - the pure-Python client packs them itself
-    pack = None  # type: ignore[assignment]
+    pass
 reply_decoder = msgspec.msgpack.Decoder(tuple[str, list[Segment]])
 
 # msgpack headers written by Lua (the replies are built server-side from already encoded segments)
@@ -167,17 +168,6 @@ return 0
 """
 
 
-def _number(settings: Settings, name: str, default: str, kind: Callable[[str], T]) -> T:
-    raw = settings.get(name, default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not value > 0:  # type: ignore[operator]
-        raise ConfigError(f"{name}={raw!r} must be above 0")
-    return value
-
-
 def server_name(url: str) -> str:
     """Where the URL points, fit for a log line: scheme, host, port and database, never credentials."""
     parts = urlsplit(url)
@@ -223,8 +213,8 @@ class ValkeyBackend(SessionBackend):
         self.unreachable = (ConnectionError, TimeoutError, OSError)
 
         self.prefix = settings.get("VALKEY_PREFIX", "sb")
-        self.timeout = _number(settings, "VALKEY_TIMEOUT", "1.0", float)
-        size = _number(settings, "VALKEY_MAX_CONNECTIONS", "64", int)
+        self.timeout = settings.number("VALKEY_TIMEOUT", 1.0, unit="seconds")
+        size = settings.number("VALKEY_MAX_CONNECTIONS", 64)
         self.where = server_name(url)
         try:
             self.pool = valkey.BlockingConnectionPool.from_url(url, **pool_options(url, self.timeout, size))
@@ -436,7 +426,7 @@ class ValkeyBackend(SessionBackend):
         self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
     ) -> list[Segment] | str:
         given = segments is not None
-        args = [turn, self.ttl_ms, len(keys), "1" if given else "", *keys]
+        args: list[Any] = [turn, self.ttl_ms, len(keys), "1" if given else "", *keys]
         if segments is not None:
             args += map(encoder.encode, segments)
         got = await self._do(self._script(SERVE, self._keys(call_sid, "c", "lock", "q", "v", "r"), args))
@@ -545,5 +535,5 @@ class ValkeyBackend(SessionBackend):
 
 
 @hookimpl
-def register_session_backends(register):  # type: ignore[no-untyped-def]
+def register_session_backends(register: Register) -> None:
     register("valkey", ValkeyBackend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from main import CallInfo, Segment, Settings, Tool, ToolResult, ToolSpec, hookimpl
+from main import CallInfo, Register, Segment, Settings, Tool, ToolResult, ToolSpec, hookimpl
 
 
 class EndCall(Tool):
@@ -26,5 +26,5 @@ class EndCall(Tool):
 
 
 @hookimpl
-def register_tools(register):  # type: ignore[no-untyped-def]
+def register_tools(register: Register) -> None:
     register("end_call", EndCall)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from main import CallInfo, ConfigError, Segment, Settings, Tool, ToolResult, ToolSpec, hookimpl
+from main import CallInfo, ConfigError, Register, Segment, Settings, Tool, ToolResult, ToolSpec, hookimpl
 
 E164 = re.compile(r"\+[1-9]\d{6,14}")
 
@@ -62,5 +62,5 @@ def transfer_call(settings: Settings) -> TransferCall | None:
 
 
 @hookimpl
-def register_tools(register):  # type: ignore[no-untyped-def]
+def register_tools(register: Register) -> None:
     register("transfer_call", transfer_call)

@@ -10,7 +10,7 @@ import asyncio
 import re
 from typing import Any
 
-from main import AudioVoice, ConfigError, ProviderError, Settings, hookimpl
+from main import AudioVoice, ConfigError, ProviderError, Register, Settings, hookimpl
 
 TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}  # output_format codec: content type; both play in <Play>
 
@@ -86,5 +86,5 @@ def detail(response: Any) -> str:
 
 
 @hookimpl
-def register_tts_voices(register):  # type: ignore[no-untyped-def]
+def register_tts_voices(register: Register) -> None:
     register("elevenlabs", ElevenLabsVoice)

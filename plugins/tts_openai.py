@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from main import AudioVoice, ConfigError, ProviderError, Settings, VendorSDK, hookimpl, log
+from main import AudioVoice, ConfigError, ProviderError, Register, Settings, VendorSDK, hookimpl, log
 
 FORMATS = {"mp3": "audio/mpeg", "wav": "audio/wav"}  # response_format: content type; both play in <Play>
 # ConversationRelay speaks with Google, Amazon or ElevenLabs voices only; this one stands in there.
@@ -60,5 +60,5 @@ class OpenAIVoice(VendorSDK, AudioVoice):
 
 
 @hookimpl
-def register_tts_voices(register):  # type: ignore[no-untyped-def]
+def register_tts_voices(register: Register) -> None:
     register("openai", OpenAIVoice)

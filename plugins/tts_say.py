@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from main import Segment, Settings, TTSVoice, hookimpl, log, say_voice
+from main import Register, Segment, Settings, TTSVoice, hookimpl, log, say_voice
 
 PROVIDERS = {"Polly": "Amazon", "Google": "Google"}  # <Say> prefix: ConversationRelay ttsProvider
 LEGACY = {"man": "Matthew-Neural", "woman": "Joanna-Neural", "alice": "Joanna-Neural"}  # their Amazon stand-ins
@@ -40,5 +40,5 @@ class SayVoice(TTSVoice):
 
 
 @hookimpl
-def register_tts_voices(register):  # type: ignore[no-untyped-def]
+def register_tts_voices(register: Register) -> None:
     register("say", SayVoice)

@@ -1,5 +1,6 @@
 """Shared test helpers: a signed Twilio stand-in for the test client, TwiML as comparable trees,
-scripted in-process models, and real server processes started with the Procfile's command."""
+scripted in-process models, hosted audio from the fake OpenAI voice, and real server processes
+started with the Procfile's command."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fake_llm import fake_llm  # noqa: E402,F401  (the fake OpenAI/Anthropic server fixture, for every test module)
+from fake_tts import KEY, FakeTTS  # noqa: E402
 
 import main  # noqa: E402
 import observe
@@ -40,6 +43,8 @@ GATHER = dict(
     method="POST", language="en-US",
 )
 VOICE = dict(voice="Polly.Joanna-Neural", language="en-US")
+GREETING = "Hello! You are talking to switchboard. How can I help?"
+AUDIO_URL = re.compile(re.escape(BASE) + r"/audio/[0-9a-f]{32}\.(mp3|wav)")
 
 
 def env(**overrides: str) -> dict[str, str]:
@@ -105,22 +110,60 @@ def redirect_of(xml: str | bytes) -> str | None:
     return None if el is None else (el.text or "")
 
 
+def voice_attrs(app: Litestar) -> dict[str, str]:
+    """The selected voice's ConversationRelay attributes (the TTS plugin's part of the document)."""
+    return app.state.calls.voice.relay_attrs()
+
+
+def connect_doc(url: str, *, greeting: str = GREETING, action: str = "/relay-action", attempt: str = "1",
+                **voice: str) -> tuple[Any, ...]:
+    """The expected document, built with the twilio package's VoiceResponse."""
+
+    def build(r: VoiceResponse) -> None:
+        relay_noun = r.connect(action=action).conversation_relay(
+            url=url, welcome_greeting=greeting, language="en-US", interruptible="any", dtmf_detection=True, **voice
+        )
+        relay_noun.parameter(name="attempt", value=attempt)
+
+    return twiml(build)
+
+
+def plays(xml: bytes) -> list[str]:
+    """Every <Play> URL of a document, in order."""
+    urls = [el.text or "" for el in ET.fromstring(xml).iter("Play")]
+    assert all(AUDIO_URL.fullmatch(u) for u in urls), urls
+    return urls
+
+
+def played(*urls: str, gather: dict[str, Any] = GATHER) -> tuple[Any, ...]:
+    """<Play>…<Gather><Play>last</Play></Gather>, built with the twilio package."""
+
+    def build(r: Any) -> None:
+        for url in urls[:-1]:
+            r.play(url)
+        r.gather(**gather).play(urls[-1])
+
+    return twiml(build)
+
+
 # -- the Twilio stand-in
 
 
 class Twilio:
     """Signs and posts webhooks the way Twilio does, against an AsyncTestClient."""
 
-    def __init__(self, client: AsyncTestClient[Litestar] | httpx.AsyncClient, *, token: str = TOKEN, call_sid: str | None = None) -> None:
+    def __init__(self, client: AsyncTestClient[Litestar] | httpx.AsyncClient, *, token: str = TOKEN, call_sid: str | None = None,
+                 base: str = BASE) -> None:
         self.client = client
         self.token = token
+        self.base = base  # the base URL Twilio calls (and signs), e.g. PUBLIC_URL
         self.call_sid = call_sid or new_call_sid()
         self.params = {"AccountSid": "AC" + "0" * 32, "CallSid": self.call_sid, "From": "+15005550006",
                        "To": "+15005550001", "Direction": "inbound", "CallStatus": "in-progress"}
 
     async def post(self, path: str, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
         data = self.params | params
-        signature = webhooks.twilio_signature(self.token, BASE + path, list(data.items()))
+        signature = webhooks.twilio_signature(self.token, self.base + path, list(data.items()))
         return await self.client.post(
             path, content=urlencode(data),
             headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature,
@@ -192,6 +235,11 @@ class Scripted(LLMProvider):
             self.closed += 1
 
 
+def words(reply: str) -> list[str]:
+    """How Scripted cuts a reply into tokens."""
+    return [w if i == 0 else " " + w for i, w in enumerate(reply.split(" "))]
+
+
 def plugin(**providers: Any) -> object:
     """A plugin object registering ready-made objects: llm=..., tts=..., session=... by their names."""
 
@@ -216,6 +264,17 @@ def plugin(**providers: Any) -> object:
 
 def scripted_app(model: Scripted, **overrides: str) -> Litestar:
     return main.create_app(env(LLM_PROVIDER=model.name, **overrides), plugins=[plugin(llm=[model])])
+
+
+# -- hosted audio, from the OpenAI voice against its fake speech endpoint (fake_tts)
+
+
+def openai_env(fake: FakeTTS, **extra: str) -> dict[str, str]:
+    return env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, OPENAI_BASE_URL=fake.url + "/v1", **extra)
+
+
+async def fetch(client: Any, url: str) -> httpx.Response:
+    return await client.get(url.removeprefix(BASE))
 
 
 # -- logs

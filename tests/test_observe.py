@@ -474,6 +474,18 @@ async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> 
     assert refused.call == "" and not hasattr(refused, "turn")
 
 
+def test_json_logs_are_one_object_per_line() -> None:
+    handler = Captured(json_lines=True)
+    main.log.addHandler(handler)
+    try:
+        main.log.info("request", extra={"route": "/voice", "status": 200, "call": "CA1"})
+    finally:
+        main.log.removeHandler(handler)
+    line = msgspec.json.decode(handler.lines[0])
+    assert {k: line[k] for k in ("level", "msg", "route", "status", "call")} == {
+        "level": "info", "msg": "request", "route": "/voice", "status": 200, "call": "CA1"}
+
+
 # ----------------------------------------------------------------------------- Sentry
 
 

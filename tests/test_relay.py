@@ -21,6 +21,7 @@ import websockets
 from conftest import (
     BASE,
     GATHER,
+    GREETING,
     TOKEN,
     VOICE,
     Captured,
@@ -28,6 +29,7 @@ from conftest import (
     Scripted,
     Twilio,
     concurrent,
+    connect_doc,
     env,
     new_call_sid,
     plugin,
@@ -36,22 +38,19 @@ from conftest import (
     server,
     tree,
     twiml,
+    voice_attrs,
+    words,
 )
-from hypothesis import given
-from hypothesis import settings as hsettings
-from hypothesis import strategies as st
 from litestar import Litestar
 from twilio.twiml.voice_response import VoiceResponse
 
 import main
 import phone
 import relay
-import speech
 import webhooks
 
 ROOT = Path(__file__).resolve().parent.parent
 WS_URL = BASE.replace("http://", "ws://") + "/relay"
-GREETING = "Hello! You are talking to switchboard. How can I help?"
 
 
 # ----------------------------------------------------------------------------- Twilio's side of the socket
@@ -222,11 +221,6 @@ def streamed(got: list[dict[str, Any]]) -> list[str]:
     return [m["token"] for m in got if m["token"]]
 
 
-def words(reply: str) -> list[str]:
-    """How Scripted cuts a reply into tokens."""
-    return [w if i == 0 else " " + w for i, w in enumerate(reply.split(" "))]
-
-
 # ----------------------------------------------------------------------------- smoke
 
 
@@ -241,24 +235,6 @@ async def test_a_relay_call_streams_the_reply_token_by_token() -> None:
 
 
 # ----------------------------------------------------------------------------- the <Connect> document
-
-
-def voice_attrs(app: Litestar) -> dict[str, str]:
-    """The selected voice's ConversationRelay attributes (the TTS plugin's part of the document)."""
-    return app.state.calls.voice.relay_attrs()
-
-
-def connect_doc(url: str, *, greeting: str = GREETING, action: str = "/relay-action", attempt: str = "1",
-                **voice: str) -> tuple[Any, ...]:
-    """The expected document, built with the twilio package's VoiceResponse."""
-
-    def build(r: VoiceResponse) -> None:
-        relay_noun = r.connect(action=action).conversation_relay(
-            url=url, welcome_greeting=greeting, language="en-US", interruptible="any", dtmf_detection=True, **voice
-        )
-        relay_noun.parameter(name="attempt", value=attempt)
-
-    return twiml(build)
 
 
 async def test_voice_in_relay_mode_answers_connect_conversation_relay() -> None:
@@ -750,66 +726,6 @@ async def test_a_reply_stops_at_max_reply_chars_and_its_stream_is_closed() -> No
         got = await peer.reply()
     assert text_of(got) == " ".join(["blah"] * 8) and got[-1]["last"] is True
     assert model.closed == 1
-
-
-# ----------------------------------------------------------------------------- cleaning tokens
-
-
-def clean(tokens: list[str]) -> str:
-    cleaner = speech.TokenCleaner()
-    return "".join(cleaner.feed(t) for t in tokens) + cleaner.flush()
-
-
-@pytest.mark.parametrize(
-    ("raw", "spoken"),
-    [
-        ("**Bold** and _plain_ text", "Bold and _plain_ text"),
-        ("## Heading", "Heading"),
-        ("- first item", "first item"),
-        ("See [the docs](https://example.com/docs) now", "See the docs now"),
-        ("Visit https://example.com/x?y=1 today", "Visit today"),
-        ("Great job 🎉👍", "Great job"),
-        ("Use `code` here", "Use code here"),
-        ("Steps:\n1. Mix\n2) Bake\n- Eat", "Steps: Mix Bake Eat"),
-        ("It is -5 degrees, 1.5 times\n10 apples", "It is -5 degrees, 1.5 times 10 apples"),
-        ("> quoted\n#tag and C# and a > b", "quoted tag and C# and a > b"),
-        ("~~old~~ new, ~5 min, snake_case, __strong__", "old new, ~5 min, snake_case, strong"),
-        ("what www.example.com hello http", "what hello http"),
-        ("Thumbs 👍🏽 up ❤️ ok", "Thumbs up ok"),
-    ],
-)
-def test_tokens_lose_markdown_urls_and_emoji_however_they_are_cut(raw: str, spoken: str) -> None:
-    assert clean([raw]) == spoken
-    assert clean(list(raw)) == spoken  # one character per token
-    assert clean(words(raw)) == spoken
-
-
-_markdownish = st.lists(st.sampled_from(list("ab .,1-#>*_~`[]()\n:/hw") + ["http", "www.", "🎉", "  "]), max_size=40).map("".join)
-
-
-@hsettings(max_examples=400, deadline=None)
-@given(_markdownish, st.lists(st.integers(min_value=0, max_value=60), max_size=12))
-def test_cleaning_does_not_depend_on_where_the_tokens_are_cut(text: str, cuts: list[int]) -> None:
-    points = sorted({min(c, len(text)) for c in cuts})
-    tokens = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
-    assert clean(tokens) == clean([text])
-
-
-@hsettings(max_examples=300, deadline=None)
-@given(st.lists(st.from_regex(r"[A-Za-z0-9',.?!]{1,10}", fullmatch=True), min_size=1, max_size=20))
-def test_plain_words_pass_through_untouched(ws: list[str]) -> None:
-    ws = [w for w in ws if not w.lower().startswith(("http", "www.", "ht", "w")) or w.isalpha() and len(w) > 4]
-    text = " ".join(ws)
-    if not text or text[0].isdigit():  # "1." at the start of a line is a list marker
-        return
-    assert clean(words(text)) == text
-
-
-@hsettings(max_examples=400, deadline=None)
-@given(st.text(st.sampled_from(list("ab *`#-1.)~_\t+•")), max_size=40))
-def test_token_cleaning_agrees_with_sentence_cleaning_on_a_line(text: str) -> None:
-    # (across newlines speakable's `\s*` runs into the next line; the examples above cover newlines)
-    assert clean(list(text)) == speech.speakable(text)
 
 
 # ----------------------------------------------------------------------------- logs

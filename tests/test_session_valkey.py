@@ -152,9 +152,9 @@ def test_bad_urls_and_numbers_are_config_errors_that_never_show_the_password() -
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://cache:6379/0?sockettimeout=3"))
     with pytest.raises(main.ConfigError, match="not a usable Valkey/Redis URL: .*Certificate Requirements"):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="rediss://cache:6379/0?ssl_cert_reqs=maybe"))
-    with pytest.raises(main.ConfigError, match="VALKEY_TIMEOUT='soon' is not a number"):
+    with pytest.raises(main.ConfigError, match="VALKEY_TIMEOUT='soon' is not valid: set it to a number of seconds above 0"):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_TIMEOUT="soon"))
-    with pytest.raises(main.ConfigError, match="VALKEY_MAX_CONNECTIONS='0' must be above 0"):
+    with pytest.raises(main.ConfigError, match="VALKEY_MAX_CONNECTIONS='0' is not valid: set it to a whole number above 0"):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_MAX_CONNECTIONS="0"))
     assert server_name("rediss://default:hunter2@red.example:6380") == "rediss://red.example:6380"
 

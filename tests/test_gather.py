@@ -1,13 +1,18 @@
-"""Streamed replies in Gather mode: first sentence at once, the rest by continuation, deadlines, barge-in."""
+"""Gather mode: the greeting, each turn streamed sentence by sentence through /continue, misses, retries, failures."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import httpx
+import msgspec
 from conftest import (
+    VOICE,
+    Captured,
+    ProviderError,
     Scripted,
     Twilio,
     concurrent,
@@ -19,11 +24,11 @@ from conftest import (
     says,
     scripted_app,
     tree,
+    twiml,
 )
 from fake_llm import FakeLLM, Reply
 from litestar import Litestar
 
-import calls
 import main
 
 LONG = "One is first. Two comes next. Three is here. Four is near. Five is the end."
@@ -39,6 +44,99 @@ async def timed_turn(app: Litestar) -> tuple[httpx.Response, float, list[httpx.R
         elapsed = time.perf_counter() - t0
         rest = await twilio.follow(first)
     return first, elapsed, rest
+
+
+# ----------------------------------------------------------------------------- a call
+
+
+async def test_a_whole_call_greets_answers_inside_gather_and_ends() -> None:
+    app = main.create_app(env(GREETING="Hi, this is the test line."))
+    async with running(app) as client:
+        twilio = Twilio(client)
+        greeting = await twilio.call()
+        answer = await twilio.say("What time is it")
+        status = await twilio.post("/status", CallStatus="completed")
+    assert greeting.headers["content-type"] == "text/xml"
+    assert tree(greeting.content) == listening("Hi, this is the test line.")
+    assert tree(answer.content) == listening("You said: What time is it.")
+    assert tree(status.content) == twiml(lambda r: None)
+    assert app.state.calls.backend.calls == {}
+
+
+async def test_silence_reprompts_low_confidence_asks_again_and_three_misses_hang_up() -> None:
+    model = Scripted()
+    app = scripted_app(model)
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        silence = await twilio.post("/process-speech", SpeechResult="")
+        low = await twilio.say("purple monkey", confidence="0.2")
+        third = await twilio.post("/process-speech")
+    settings = app.state.settings
+    assert tree(silence.content) == listening(settings.reprompt)
+    assert tree(low.content) == listening(settings.low_confidence)
+
+    def goodbye(r: Any) -> None:
+        r.say(settings.goodbye, **VOICE)
+        r.hangup()
+
+    assert tree(third.content) == twiml(goodbye)
+    assert model.calls == []  # the model was never asked, and the mumble was never stored
+    session = msgspec.msgpack.decode(app.state.calls.backend.calls[twilio.call_sid].session, type=main.Session)
+    assert session.history == [] and session.misses == 3
+
+
+async def test_a_missing_confidence_is_accepted_and_a_hit_resets_the_misses() -> None:
+    model = Scripted(replies=["Sure."])
+    app = scripted_app(model)
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        await twilio.post("/process-speech", SpeechResult="")
+        await twilio.post("/process-speech", SpeechResult="")
+        answer = await twilio.post("/process-speech", SpeechResult="book a table")
+        again = await twilio.post("/process-speech", SpeechResult="")
+    assert tree(answer.content) == listening("Sure.")
+    assert tree(again.content) == listening(app.state.settings.reprompt)  # not a hang-up: the count restarted
+
+
+async def test_a_retried_webhook_gets_the_same_twiml_without_asking_the_model_again() -> None:
+    model = Scripted(replies=["Once only. Really once."], ttft=0.2)
+    app = scripted_app(model)
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        during = await asyncio.gather(twilio.say("hello"), twilio.say("hello"))
+        after = await twilio.say("hello")
+    assert during[0].content == during[1].content == after.content
+    assert len(model.calls) == 1
+
+
+async def test_speech_inside_the_debounce_window_is_merged_and_answered_once() -> None:
+    model = Scripted(replies=["Merged answer."], ttft=0.3)
+    app = scripted_app(model)
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        first = asyncio.create_task(twilio.say("I would like"))
+        await asyncio.sleep(0.1)
+        second = await twilio.say("a table for two")
+        first_response = await first
+    assert first_response.content == second.content
+    assert tree(second.content) == listening("Merged answer.")
+    assert [m.content for m in model.calls[-1]] == ["I would like a table for two"]
+    assert model.closed == 2  # the first generation was cancelled, not left running
+
+
+async def test_handle_error_apologises_and_listens() -> None:
+    app = main.create_app(env())
+    async with running(app) as client:
+        twilio = Twilio(client)
+        answer = await twilio.post("/handle-error", ErrorCode="11200", ErrorUrl="https://x.example/voice")
+    assert tree(answer.content) == listening(app.state.settings.apology)
+
+
+# ----------------------------------------------------------------------------- streamed replies
 
 
 async def test_a_short_answer_is_one_document_nested_in_the_next_gather() -> None:
@@ -166,18 +264,54 @@ async def test_every_document_stays_under_64kb_whatever_the_model_writes() -> No
     assert all(ET.fromstring(d.content).tag == "Response" for d in docs)
 
 
-def test_turn_ids_carry_their_age() -> None:
-    turn = calls.new_turn_id()
-    assert 0 <= calls.turn_age(turn) < 1
-    assert calls.turn_age("zz") == float("inf")
-
-
 async def test_without_streaming_the_whole_reply_comes_in_one_document() -> None:
     app = scripted_app(Scripted(replies=[LONG], gap=0.02), STREAM_REPLIES="0")
     async with running(app) as client:
         twilio = Twilio(client)
         answer = await twilio.say("count to five")
     assert tree(answer.content) == listening(*SENTENCES)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_a_provider_failure_is_spoken_and_the_agent_keeps_listening() -> None:
+    model = Scripted(fail=ProviderError("vendor down", provider="scripted"))
+    app = scripted_app(model)
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        answer = await twilio.say("hello")
+    assert tree(answer.content) == listening(app.state.settings.apology)
+
+
+async def test_with_a_fallback_number_a_failure_transfers_to_a_person() -> None:
+    model = Scripted(fail=ProviderError("vendor down", provider="scripted"))
+    app = scripted_app(model, FALLBACK_NUMBER="+15005550009")
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        answer = await twilio.say("hello")
+
+    def expected(r: Any) -> None:
+        r.say(app.state.settings.apology, **VOICE)
+        r.dial("+15005550009")
+
+    assert tree(answer.content) == twiml(expected)
+
+
+async def test_a_plugin_bug_in_the_model_is_spoken_as_an_apology(logs: Captured) -> None:
+    class Broken(Scripted):
+        def stream(self, messages: Any, *, system: str, tools: Any = ()) -> Any:
+            raise RuntimeError("bug in a plugin")
+
+    app = scripted_app(Broken("broken"))
+    async with running(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        answer = await twilio.say("hello")
+    assert tree(answer.content) == listening(app.state.settings.apology)
+    assert any(line.startswith("error generation failed") and "bug in a plugin" in line for line in logs.lines)
 
 
 # ----------------------------------------------------------------------------- through a real SDK against the fake vendor
