@@ -59,14 +59,22 @@ class Hosted(TTSVoice):
         self.timeout = settings.number("TTS_TIMEOUT", 5.0, unit="seconds")
         token = settings.twilio_auth_token.encode()  # ALLOW_UNSIGNED without a token: keys hold for this process
         self.secret = hmac.digest(token, b"switchboard audio", "sha256") if token else secrets.token_bytes(32)
-        phrases = (settings.greeting, settings.filler, settings.reprompt, settings.low_confidence, settings.goodbye,
-                   settings.apology)
+        phrases = (
+            settings.greeting,
+            settings.filler,
+            settings.reprompt,
+            settings.low_confidence,
+            settings.goodbye,
+            settings.apology,
+        )
         self.fixed = {self.key(text): text for text in phrases}  # any replica can voice these on demand
         self.pinned: dict[str, bytes] = {}  # the fixed phrases' audio, kept in this process
         self.making: dict[str, asyncio.Future[bytes]] = {}
         if not settings.get("FALLBACK_SAY_VOICE") and not settings.language.lower().startswith("en"):
-            log.warning("FALLBACK_SAY_VOICE is an English voice; set it to a <Say> voice of LANGUAGE",
-                        extra={"language": settings.language, "fallback": self.fallback})
+            log.warning(
+                "FALLBACK_SAY_VOICE is an English voice; set it to a <Say> voice of LANGUAGE",
+                extra={"language": settings.language, "fallback": self.fallback},
+            )
 
     def key(self, text: str) -> str:
         """The audio's key: unguessable without the server secret, the same on every replica."""
@@ -93,8 +101,7 @@ class Hosted(TTSVoice):
         except Exception as e:  # a vendor failure, a timeout, the backend or a plugin bug: Twilio speaks it
             audio_counts["fallback"] += 1
             error = f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__
-            log.warning("voice failed, speaking with FALLBACK_SAY_VOICE",
-                        extra={"voice": self.name, "error": error})
+            log.warning("voice failed, speaking with FALLBACK_SAY_VOICE", extra={"voice": self.name, "error": error})
             return Segment(text=text, voice=self.fallback, language=self.language)
         return Segment(text=text, url=f"{base_url}/audio/{key}.{EXTENSIONS[content_type(blob)]}")
 

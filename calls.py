@@ -104,7 +104,9 @@ class LLMChain:
                         continue
                     break
                 served.append(provider.name)
-                self.obs.first_token(provider.name, time.perf_counter() - t0, fallback=provider is not self.providers[0])
+                self.obs.first_token(
+                    provider.name, time.perf_counter() - t0, fallback=provider is not self.providers[0]
+                )
                 try:
                     yield first
                     async for event in events:
@@ -152,7 +154,12 @@ class Calls:
     obs (metrics and records), draining (SIGTERM arrived)."""
 
     def __init__(
-        self, settings: Settings, llm: LLMChain, voice: TTSVoice, backend: SessionBackend, obs: Observer,
+        self,
+        settings: Settings,
+        llm: LLMChain,
+        voice: TTSVoice,
+        backend: SessionBackend,
+        obs: Observer,
         tools: Sequence[Tool] = (),
     ) -> None:
         self.settings, self.llm, self.voice, self.backend, self.obs = settings, llm, voice, backend, obs
@@ -255,7 +262,8 @@ class Calls:
         if end is not None and end.provider:
             session.providers.append(end.provider)
             session.usage[end.provider] = session.usage.get(end.provider, Usage()) + Usage(
-                input_tokens=end.input_tokens, output_tokens=end.output_tokens)
+                input_tokens=end.input_tokens, output_tokens=end.output_tokens
+            )
         del session.history[: -2 * self.settings.max_turns]
         self.obs.turn_closed(session, turn, said, end)
 
@@ -305,7 +313,9 @@ class Calls:
             results = [await self.run_tool(c, call) for c in calls]
             action = action or next((r.action for r in results if r.action is not None), None)
             history.append(Message(role="assistant", content="".join(text), tool_calls=tuple(calls)))
-            history += [Message(role="tool", content=r.content, tool_call_id=c.id) for c, r in zip(calls, results)]
+            history += [
+                Message(role="tool", content=r.content, tool_call_id=c.id) for c, r in zip(calls, results, strict=True)
+            ]
         if action is not None:
             yield action
 
@@ -317,7 +327,9 @@ class Calls:
             async with asyncio.timeout(TOOL_TIMEOUT):
                 result = await tool.run(request.arguments, call)
         except Exception as e:  # a tool's failure is the model's to explain, never the caller's traceback
-            log.warning("tool failed", extra={"call": call.call_sid, "tool": request.name, "error": f"{type(e).__name__}: {e}"})
+            log.warning(
+                "tool failed", extra={"call": call.call_sid, "tool": request.name, "error": f"{type(e).__name__}: {e}"}
+            )
             return ToolResult(content=f"The {request.name} tool failed ({e}). Tell the caller briefly and carry on.")
         log.info("tool called", extra={"call": call.call_sid, "tool": request.name})
         return result

@@ -104,8 +104,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = None
         if value is None or not (value >= minimum if inclusive else value > minimum):  # (NaN fails both)
             what = f"{'a whole' if isinstance(default, int) else 'a'} number{f' of {unit}' if unit else ''}"
-            raise ConfigError(f"{name}={raw!r} is not valid: set it to {what} {'at least' if inclusive else 'above'} "
-                              f"{minimum:g}")
+            raise ConfigError(
+                f"{name}={raw!r} is not valid: set it to {what} {'at least' if inclusive else 'above'} {minimum:g}"
+            )
         return value
 
 
@@ -167,8 +168,9 @@ class Usage(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     output_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(input_tokens=self.input_tokens + other.input_tokens,
-                     output_tokens=self.output_tokens + other.output_tokens)
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens, output_tokens=self.output_tokens + other.output_tokens
+        )
 
 
 Event = str | ToolCall | Usage  # what LLMProvider.stream yields: text tokens, tool calls, usage
@@ -587,8 +589,10 @@ def say_voice(var: str, name: str) -> str:
     """A Twilio <Say> voice name of the right shape (Twilio knows which exist), or a fix-it ConfigError."""
     if re.fullmatch(_SAY_VOICE, name):
         return name
-    hint = next((f"; did you mean {n!r}?" for n in (f"Polly.{name}", f"Google.{name}") if re.fullmatch(_SAY_VOICE, n)),
-                "; voice names are case-sensitive" if re.fullmatch(_SAY_VOICE, name, re.IGNORECASE) else "")
+    hint = next(
+        (f"; did you mean {n!r}?" for n in (f"Polly.{name}", f"Google.{name}") if re.fullmatch(_SAY_VOICE, n)),
+        "; voice names are case-sensitive" if re.fullmatch(_SAY_VOICE, name, re.IGNORECASE) else "",
+    )
     raise ConfigError(
         f"{var}={name!r} is not a Twilio <Say> voice name{hint}. Use man, woman, alice, Polly.<Name> with "
         "an optional -Neural or -Generative (e.g. Polly.Joanna-Neural), Google.<ll-CC>-<Standard|Wavenet|Neural2>-"
@@ -600,5 +604,3 @@ def say_voice(var: str, name: str) -> str:
 def mask(number: str) -> str:
     """A phone number fit for a log line: only its last four digits."""
     return f"…{number[-4:]}" if len(number) > 4 else "…"
-
-

@@ -46,8 +46,6 @@ def speech_key(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=9).hexdigest()
 
 
-
-
 class TurnRun:
     """A reply being generated on this replica; its first document goes to the request that began it."""
 
@@ -86,7 +84,6 @@ class TurnRun:
             return await backend.push(self.call_sid, self.turn.id, segments)
         except BackendError:  # the backend is down (it logs that once): stop here; /continue apologises meanwhile
             return False
-
 
 
 class Gather:
@@ -202,12 +199,13 @@ class Gather:
             elif isinstance(got, list) and got:
                 return self.answer(turn, n, got)
             elif turn_age(turn) > self.settings.llm_total_timeout + 5:  # the replica generating it is gone
-                got = await self.backend.serve(sid, turn, [key], [await self.calls.phrase(self.settings.apology, base_url), END])
+                got = await self.backend.serve(
+                    sid, turn, [key], [await self.calls.phrase(self.settings.apology, base_url), END]
+                )
                 return self.listen() if isinstance(got, str) else self.answer(turn, n, got)
             else:
                 await self.backend.wait(sid, turn, left)
         return document(f'<Pause length="1"/><Redirect method="POST">/continue?n={n}&amp;turn={turn}</Redirect>')
-
 
     async def handle_error(self, form: TwilioForm, base_url: str) -> bytes:
         """Twilio's fallback URL: apologise and listen again."""
@@ -314,11 +312,16 @@ class Gather:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a vendor failure, a timeout or a plugin bug: the caller hears an apology
-                what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
+                what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(
+                    type(e), "generation failed"
+                )
                 provider = served[-1] if served else "none"
                 self.calls.obs.turn_failed(what, provider)
-                log.error(what, extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
-                          exc_info=not isinstance(e, (ProviderError, TimeoutError)))
+                log.error(
+                    what,
+                    extra={"call": sid, "turn": number, "provider": provider, "error": str(e) or repr(e)},
+                    exc_info=not isinstance(e, (ProviderError, TimeoutError)),
+                )
                 rest = []
                 apology = [await self.calls.phrase(s.apology, base_url)]
                 if s.fallback_number:
@@ -337,8 +340,9 @@ class Gather:
             raise
         if run.taken:  # the reply outlived its first document, whose log line could not tell this
             ms = round((time.monotonic() - t0) * 1000)
-            log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms})
-
+            log.info(
+                "turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken, "ms": ms}
+            )
 
     async def _emit_in_order(self, run: TurnRun, pending: list[Any], more: asyncio.Event) -> None:
         """Emit voiced sentences in order, batching whatever is already done (the end included)."""
@@ -357,4 +361,3 @@ class Gather:
                 return
             if has_end(batch):
                 return
-

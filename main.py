@@ -88,8 +88,6 @@ def select(pm: pluggy.PluginManager, kind: str, names: Sequence[str], settings: 
     return [found[name](settings) for name in names]
 
 
-
-
 # ----------------------------------------------------------------------------- the app
 
 
@@ -177,9 +175,17 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
         *(route for mode in by_name.values() for route in mode.routes(gate)),
     ]
     app = Switchboard(
-        [*twilio, health(settings, backend, lambda: calls.draining, chosen), audio.route(speaker, backend),
-         metrics(obs)],
-        lifespan=[lifespan], openapi_config=None, logging_config=None, debug=False, exception_handlers=unrouted(),
+        [
+            *twilio,
+            health(settings, backend, lambda: calls.draining, chosen),
+            audio.route(speaker, backend),
+            metrics(obs),
+        ],
+        lifespan=[lifespan],
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+        exception_handlers=unrouted(),
     )
     app.answer_directly(twilio)  # Twilio's requests skip the router (it costs as much as the signature check)
     app.state.calls = calls

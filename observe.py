@@ -86,7 +86,6 @@ def note(**fields: Any) -> None:
         current.update(fields)
 
 
-
 class CallContext(logging.Filter):
     """Adds the call's CallSid and turn number to every log line about a call that lacks them."""
 
@@ -147,7 +146,11 @@ def install_log_hygiene(settings: Settings) -> None:
         log.addFilter(CallContext())
     if secrets := secrets_of(settings):
         for handler in log.handlers:
-            if handler.get_name() == "switchboard" and handler.formatter and not isinstance(handler.formatter, Redacting):
+            if (
+                handler.get_name() == "switchboard"
+                and handler.formatter
+                and not isinstance(handler.formatter, Redacting)
+            ):
                 handler.setFormatter(Redacting(handler.formatter, secrets))
 
 
@@ -181,7 +184,9 @@ class Prices:
         for p in providers:
             model = p.model
             self.rates[p.name] = (
-                _lookup(user, model) or _lookup(user, p.name) or _lookup(DEFAULT_PRICES, model)
+                _lookup(user, model)
+                or _lookup(user, p.name)
+                or _lookup(DEFAULT_PRICES, model)
                 or _lookup(DEFAULT_PRICES, p.name)
             )
         self.unpriced: set[str] = set()
@@ -192,8 +197,10 @@ class Prices:
         if rate is None:
             if (input_tokens or output_tokens) and provider not in self.unpriced:
                 self.unpriced.add(provider)
-                log.warning("no price for this provider's model; its cost counts as 0 (set PRICES)",
-                            extra={"provider": provider})
+                log.warning(
+                    "no price for this provider's model; its cost counts as 0 (set PRICES)",
+                    extra={"provider": provider},
+                )
             return 0.0
         return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
 
@@ -227,7 +234,8 @@ class RecorderLosses:
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         family = CounterMetricFamily(
-            "switchboard_call_records_dropped", "Call records a recorder gave up on (backend down, queue full).",
+            "switchboard_call_records_dropped",
+            "Call records a recorder gave up on (backend down, queue full).",
             labels=["recorder"],
         )
         for name, recorder in self.recorders.items():
@@ -239,10 +247,16 @@ class AudioCounts:
     """Publishes what hosted audio counted (audio.py reports to `audio_counts`): fallbacks and clips."""
 
     def collect(self) -> Iterable[CounterMetricFamily]:
-        yield CounterMetricFamily("switchboard_tts_fallbacks", "Sentences spoken with FALLBACK_SAY_VOICE because "
-                                  "the voice failed.", value=audio_counts["fallback"])
-        family = CounterMetricFamily("switchboard_tts_audio", "Hosted audio clips: synthesized, reused (from another "
-                                     "replica), served to Twilio, missing.", labels=["event"])
+        yield CounterMetricFamily(
+            "switchboard_tts_fallbacks",
+            "Sentences spoken with FALLBACK_SAY_VOICE because the voice failed.",
+            value=audio_counts["fallback"],
+        )
+        family = CounterMetricFamily(
+            "switchboard_tts_audio",
+            "Hosted audio clips: synthesized, reused (from another replica), served to Twilio, missing.",
+            labels=["event"],
+        )
         for event in ("synthesized", "reused", "served", "missing"):
             family.add_metric([event], audio_counts[event])
         yield family
@@ -276,29 +290,56 @@ class Observer:
         r.register(AudioCounts())
         route, provider = ["route"], ["provider"]
         self.request_seconds = Histogram("switchboard_request_seconds", "Webhook response time.", route, registry=r)
-        self.responses = Counter("switchboard_responses", "Webhook responses by status.", ["route", "status"], registry=r)
-        self.rejections = Counter("switchboard_signature_rejections", "Requests refused for a bad or missing "
-                                  "X-Twilio-Signature.", route, registry=r)
-        self.backend_errors = Counter("switchboard_session_backend_errors", "Requests the session backend failed.",
-                                      registry=r)
-        self.first_tokens = Histogram("switchboard_llm_first_token_seconds", "A model's time to its first token.",
-                                      provider, buckets=LATENCY_BUCKETS, registry=r)
-        self.first_audio = Histogram("switchboard_first_audio_seconds", "From /process-speech arriving to the first "
-                                     "document of the reply leaving.", buckets=LATENCY_BUCKETS, registry=r)
-        self.replies = Histogram("switchboard_reply_seconds", "A whole reply's generation time.", provider,
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.responses = Counter(
+            "switchboard_responses", "Webhook responses by status.", ["route", "status"], registry=r
+        )
+        self.rejections = Counter(
+            "switchboard_signature_rejections",
+            "Requests refused for a bad or missing X-Twilio-Signature.",
+            route,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "switchboard_session_backend_errors", "Requests the session backend failed.", registry=r
+        )
+        self.first_tokens = Histogram(
+            "switchboard_llm_first_token_seconds",
+            "A model's time to its first token.",
+            provider,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_audio = Histogram(
+            "switchboard_first_audio_seconds",
+            "From /process-speech arriving to the first document of the reply leaving.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.replies = Histogram(
+            "switchboard_reply_seconds",
+            "A whole reply's generation time.",
+            provider,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.active = Gauge("switchboard_active_calls", "Calls in progress (sum over replicas).", registry=r)
         self.started = Counter("switchboard_calls_started", "Calls started.", registry=r)
-        self.ended = Counter("switchboard_calls_ended", "Calls ended, by Twilio's final CallStatus.", ["outcome"],
-                             registry=r)
+        self.ended = Counter(
+            "switchboard_calls_ended", "Calls ended, by Twilio's final CallStatus.", ["outcome"], registry=r
+        )
         self.provider_errors = Counter("switchboard_provider_errors", "Failed model attempts.", provider, registry=r)
-        self.fallbacks = Counter("switchboard_provider_fallbacks", "Turns a fallback model served after an earlier "
-                                 "one failed.", provider, registry=r)
+        self.fallbacks = Counter(
+            "switchboard_provider_fallbacks",
+            "Turns a fallback model served after an earlier one failed.",
+            provider,
+            registry=r,
+        )
         self.failures = Counter("switchboard_turn_failures", "Turns answered with the apology.", ["reason"], registry=r)
         self.tokens = Counter("switchboard_llm_tokens", "Tokens used.", ["provider", "direction"], registry=r)
         self.llm_cost = Counter("switchboard_llm_cost_dollars", "What the models cost.", provider, registry=r)
-        self.call_cost = Histogram("switchboard_call_cost_dollars", "What a call cost (models and minutes).",
-                                   buckets=COST_BUCKETS, registry=r)
+        self.call_cost = Histogram(
+            "switchboard_call_cost_dollars", "What a call cost (models and minutes).", buckets=COST_BUCKETS, registry=r
+        )
         self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
         self.by_provider: dict[str, ProviderMetrics] = {}
         for p in providers:
@@ -377,10 +418,20 @@ class Observer:
         provider = end.provider if end is not None else ""
         tokens_in, tokens_out = (end.input_tokens, end.output_tokens) if end is not None else (0, 0)
         record = TurnRecord(
-            call_sid=session.call_sid, turn=session.turns, turn_id=turn.id, started=turn.started, speech=turn.user,
-            reply=said, interrupted=end is None, provider=provider, first_token_ms=_ms(lat.first_token),
-            first_audio_ms=_ms(lat.first_audio), reply_ms=_ms(lat.reply), input_tokens=tokens_in,
-            output_tokens=tokens_out, cost=round(self.prices.tokens(provider, tokens_in, tokens_out), 6),
+            call_sid=session.call_sid,
+            turn=session.turns,
+            turn_id=turn.id,
+            started=turn.started,
+            speech=turn.user,
+            reply=said,
+            interrupted=end is None,
+            provider=provider,
+            first_token_ms=_ms(lat.first_token),
+            first_audio_ms=_ms(lat.first_audio),
+            reply_ms=_ms(lat.reply),
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost=round(self.prices.tokens(provider, tokens_in, tokens_out), 6),
         )
         for recorder in self.recorders:
             try:
@@ -402,19 +453,35 @@ class Observer:
         llm = sum(self.prices.tokens(p, u.input_tokens, u.output_tokens) for p, u in session.usage.items())
         phone = self.prices.phone(seconds)
         record = CallRecord(
-            call_sid=session.call_sid, caller=session.caller, to=session.to, started=session.started, ended=now,
-            outcome=outcome, turns=session.turns, providers=list(dict.fromkeys(session.providers)),
-            usage=dict(session.usage), input_tokens=sum(u.input_tokens for u in session.usage.values()),
-            output_tokens=sum(u.output_tokens for u in session.usage.values()), llm_cost=round(llm, 6),
-            phone_cost=round(phone, 6), cost=round(llm + phone, 6),
+            call_sid=session.call_sid,
+            caller=session.caller,
+            to=session.to,
+            started=session.started,
+            ended=now,
+            outcome=outcome,
+            turns=session.turns,
+            providers=list(dict.fromkeys(session.providers)),
+            usage=dict(session.usage),
+            input_tokens=sum(u.input_tokens for u in session.usage.values()),
+            output_tokens=sum(u.output_tokens for u in session.usage.values()),
+            llm_cost=round(llm, 6),
+            phone_cost=round(phone, 6),
+            cost=round(llm + phone, 6),
         )
         (self.outcomes.get(outcome) or self.ended.labels(outcome)).inc()
         self.active.dec()
         self.call_cost.observe(record.cost)
-        log.info("call ended", extra={
-            "call": session.call_sid, "outcome": outcome, "turns": session.turns, "seconds": round(seconds, 1),
-            "tokens": record.input_tokens + record.output_tokens, "cost_usd": record.cost,
-        })
+        log.info(
+            "call ended",
+            extra={
+                "call": session.call_sid,
+                "outcome": outcome,
+                "turns": session.turns,
+                "seconds": round(seconds, 1),
+                "tokens": record.input_tokens + record.output_tokens,
+                "cost_usd": record.cost,
+            },
+        )
         for recorder in self.recorders:
             try:
                 recorder.call_finished(record)
@@ -451,7 +518,8 @@ def before_send(event: Any, hint: dict[str, Any]) -> Any:
     if isinstance(request := event.get("request"), dict):
         headers = request.get("headers") or {}
         event["request"] = {
-            "method": request.get("method"), "url": request.get("url"),
+            "method": request.get("method"),
+            "url": request.get("url"),
             "headers": {k: v for k, v in headers.items() if k.lower() in _KEEP_HEADERS},
         }
     for key in ("message", "logentry", "extra", "breadcrumbs"):
@@ -489,9 +557,13 @@ def start_sentry(settings: Settings) -> bool:
         # nothing personal (this SDK's successor to send_default_pii=False, which it deprecates): no users,
         # cookies, bodies (the form holds From and SpeechResult), query strings, prompts, or frame locals
         data_collection={
-            "user_info": False, "cookies": {"mode": "off"}, "http_bodies": [], "url_query_params": {"mode": "off"},
+            "user_info": False,
+            "cookies": {"mode": "off"},
+            "http_bodies": [],
+            "url_query_params": {"mode": "off"},
             "http_headers": {"request": {"mode": "allowlist", "terms": sorted(_KEEP_HEADERS)}},
-            "gen_ai": {"inputs": False, "outputs": False}, "database_query_data": False,
+            "gen_ai": {"inputs": False, "outputs": False},
+            "database_query_data": False,
             "stack_frame_variables": False,
         },
         max_request_body_size="never",
@@ -538,9 +610,15 @@ def request_line(fields: dict[str, Any]) -> None:
     formatter = redacting = getattr(handler, "formatter", None)
     if isinstance(redacting, Redacting):
         formatter = redacting.inner
-    if not isinstance(handler, logging.StreamHandler) or type(formatter) is not LogFormatter or handler.filters \
-            or handler.level > logging.INFO or log.disabled or not log.isEnabledFor(logging.INFO) \
-            or not all(type(f) is CallContext for f in log.filters):  # (it adds nothing a request line lacks)
+    if (
+        not isinstance(handler, logging.StreamHandler)
+        or type(formatter) is not LogFormatter
+        or handler.filters
+        or handler.level > logging.INFO
+        or log.disabled
+        or not log.isEnabledFor(logging.INFO)
+        or not all(type(f) is CallContext for f in log.filters)
+    ):  # (it adds nothing a request line lacks)
         log.info("request", extra=fields)
         return
     text = formatter.line("info", "request", time.time(), fields)

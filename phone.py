@@ -47,9 +47,17 @@ class Phone:
     """A Twilio stand-in for one call: signs requests, runs the TwiML it gets back."""
 
     def __init__(
-        self, base_url: str, token: str, *, caller: str = "+15005550006", to: str = "+15005550001",
-        confidence: float = 0.92, out: Callable[[str], None] = print, voice: str = "/voice",
-        write: Callable[[str], None] | None = None, typing: bool = False,
+        self,
+        base_url: str,
+        token: str,
+        *,
+        caller: str = "+15005550006",
+        to: str = "+15005550001",
+        confidence: float = 0.92,
+        out: Callable[[str], None] = print,
+        voice: str = "/voice",
+        write: Callable[[str], None] | None = None,
+        typing: bool = False,
     ) -> None:
         self.base = base_url.rstrip("/")
         self.voice = voice
@@ -62,9 +70,17 @@ class Phone:
         self.call_sid = "CA" + secrets.token_hex(16)
         self.started = time.monotonic()
         self.params = {
-            "AccountSid": "AC" + secrets.token_hex(16), "ApiVersion": "2010-04-01", "CallSid": self.call_sid,
-            "CallStatus": "ringing", "Called": to, "Caller": caller, "Direction": "inbound", "From": caller,
-            "To": to, "CallerCountry": "US", "ToCountry": "US",
+            "AccountSid": "AC" + secrets.token_hex(16),
+            "ApiVersion": "2010-04-01",
+            "CallSid": self.call_sid,
+            "CallStatus": "ringing",
+            "Called": to,
+            "Caller": caller,
+            "Direction": "inbound",
+            "From": caller,
+            "To": to,
+            "CallerCountry": "US",
+            "ToCountry": "US",
         }
         self.spoken: list[str] = []  # every <Say> text, in order
         self.timings: list[tuple[str, float]] = []  # (path, ms) of every request
@@ -74,8 +90,10 @@ class Phone:
         """A signed form POST, as Twilio sends it."""
         url = urljoin(self.base + "/", url)
         params = self.params | (extra or {})
-        headers = {"X-Twilio-Signature": twilio_signature(self.token, url, list(params.items())),
-                   "I-Twilio-Idempotency-Token": secrets.token_hex(16)}
+        headers = {
+            "X-Twilio-Signature": twilio_signature(self.token, url, list(params.items())),
+            "I-Twilio-Idempotency-Token": secrets.token_hex(16),
+        }
         t0 = time.perf_counter()
         response = self.http.post(url, data=params, headers=headers)
         ms = (time.perf_counter() - t0) * 1000
@@ -107,15 +125,23 @@ class Phone:
                 session = RelaySession(self, self.relay_noun)
                 callback = session.run(say)
                 if callback is None:  # the caller hung up: Twilio reports it to the action URL, then the status
-                    self.post(next_url, {"CallStatus": "completed", "SessionStatus": "completed",
-                                         "SessionDuration": session.duration()})
+                    self.post(
+                        next_url,
+                        {
+                            "CallStatus": "completed",
+                            "SessionStatus": "completed",
+                            "SessionDuration": session.duration(),
+                        },
+                    )
                     return self.hang_up("completed")
                 extra = callback
             if kind == "gather":
                 text, confidence = next(say, ("/bye", None))
                 if text == "/bye":
                     return self.hang_up("completed")
-                extra = {"SpeechResult": text} | ({"Confidence": f"{confidence}"} if text and confidence is not None else {})
+                extra = {"SpeechResult": text} | (
+                    {"Confidence": f"{confidence}"} if text and confidence is not None else {}
+                )
 
     def execute(self, root: ET.Element, url: str) -> tuple[str, str] | None:
         """Run one TwiML document; return what Twilio would request next, or None when the call ends."""
@@ -203,18 +229,32 @@ class RelaySession:
             ws = connect(self.url, additional_headers={"X-Twilio-Signature": signature}, open_timeout=10)
         except (OSError, InvalidHandshake) as e:
             phone.out(f"   (ConversationRelay could not open {self.url}: {e})")
-            return self.callback("failed", ErrorCode="39001",
-                                 ErrorMessage="Network connection to WebSocket server failed.")
+            return self.callback(
+                "failed", ErrorCode="39001", ErrorMessage="Network connection to WebSocket server failed."
+            )
         ms = (time.perf_counter() - t0) * 1000
         phone.timings.append((urlsplit(self.url).path, ms))
         phone.out(f"   [{self.url} connected {ms:.0f} ms]")
         with ws:
-            ws.send(json.dumps({
-                "type": "setup", "sessionId": "VX" + secrets.token_hex(16), "accountSid": phone.params["AccountSid"],
-                "parentCallSid": "", "callSid": phone.call_sid, "from": phone.params["From"], "to": phone.params["To"],
-                "forwardedFrom": "", "callType": "PSTN", "callerName": "", "direction": "inbound",
-                "callStatus": "IN-PROGRESS", "customParameters": self.custom,
-            }))
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "setup",
+                        "sessionId": "VX" + secrets.token_hex(16),
+                        "accountSid": phone.params["AccountSid"],
+                        "parentCallSid": "",
+                        "callSid": phone.call_sid,
+                        "from": phone.params["From"],
+                        "to": phone.params["To"],
+                        "forwardedFrom": "",
+                        "callType": "PSTN",
+                        "callerName": "",
+                        "direction": "inbound",
+                        "callStatus": "IN-PROGRESS",
+                        "customParameters": self.custom,
+                    }
+                )
+            )
             reader = threading.Thread(target=self.read, args=(ws,), daemon=True)
             self.idle.set()
             reader.start()
@@ -248,8 +288,9 @@ class RelaySession:
             self.first.wait(self.REPLY_WAIT)  # interrupt the agent once it has started talking
             heard, self.muted = "".join(self.heard), True
             since = round((time.monotonic() - self.asked) * 1000)
-            ws.send(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": heard,
-                                "durationUntilInterruptMs": since}))
+            ws.send(
+                json.dumps({"type": "interrupt", "utteranceUntilInterrupt": heard, "durationUntilInterruptMs": since})
+            )
             if heard:
                 self.phone.write("\n")
             self.phone.out(f"   (you interrupted after: {heard!r})")
@@ -374,10 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--token is required with a URL: the agent's TWILIO_AUTH_TOKEN")
     try:
         voice = "/voice?mode=relay" if args.relay else "/voice"
-        Phone(args.url, args.token, caller=args.caller, to=args.to, confidence=args.confidence, voice=voice,
-              typing=sys.stdin.isatty()).run(
-            typed_lines(args.confidence)
-        )
+        Phone(
+            args.url,
+            args.token,
+            caller=args.caller,
+            to=args.to,
+            confidence=args.confidence,
+            voice=voice,
+            typing=sys.stdin.isatty(),
+        ).run(typed_lines(args.confidence))
     except KeyboardInterrupt:
         print()
     finally:

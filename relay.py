@@ -210,8 +210,16 @@ class Conversation:
             await asyncio.wait([writer])
             if self.sid:
                 seconds = round(time.monotonic() - self.started, 1)
-                log.info("relay closed", extra={"call": self.sid, "code": code, "turns": self.turns, "seconds": seconds,
-                                                "coalesced": self.outbox.coalesced})
+                log.info(
+                    "relay closed",
+                    extra={
+                        "call": self.sid,
+                        "code": code,
+                        "turns": self.turns,
+                        "seconds": seconds,
+                        "coalesced": self.outbox.coalesced,
+                    },
+                )
 
     async def hand_over(self) -> None:
         """Finish the reply being spoken (within DRAIN_SECONDS), then end the session with a reconnect."""
@@ -320,9 +328,17 @@ class Conversation:
         self.outbox.clear()
         turn, self.turn = self.turn, ""  # the talk cycle is over: a second interrupt has nothing to trim
         trimmed = await self._trim(turn, heard) if turn else False
-        log.info("relay interrupted", extra={"call": self.sid, "turn": self.turns, "generating": running,
-                                             "trimmed": trimmed, "heard_chars": len(heard),
-                                             "after_ms": milliseconds(m.duration_until_interrupt_ms)})
+        log.info(
+            "relay interrupted",
+            extra={
+                "call": self.sid,
+                "turn": self.turns,
+                "generating": running,
+                "trimmed": trimmed,
+                "heard_chars": len(heard),
+                "after_ms": milliseconds(m.duration_until_interrupt_ms),
+            },
+        )
 
     # -- turns
 
@@ -391,8 +407,16 @@ class Conversation:
             filler.cancel()
             what = {TimeoutError: "reply timed out", ProviderError: "provider error"}.get(type(e), "generation failed")
             bug = not isinstance(e, (ProviderError, TimeoutError))
-            log.error(what, extra={"call": sid, "turn": number, "provider": served[-1] if served else "none",
-                                   "error": str(e) or repr(e)}, exc_info=bug)
+            log.error(
+                what,
+                extra={
+                    "call": sid,
+                    "turn": number,
+                    "provider": served[-1] if served else "none",
+                    "error": str(e) or repr(e),
+                },
+                exc_info=bug,
+            )
             self.gap = bool(self.sent)
             self._say(s.apology)
             handoff = bool(s.fallback_number)
@@ -404,8 +428,16 @@ class Conversation:
             self.outbox.end({"reasonCode": HANDOFF, "reason": "the assistant could not answer"})
         elif action is not None:  # end_call: a plain end, then <Hangup/>; transfer_call: a handoff, then <Dial>
             self.ended = True
-            self.outbox.end({"reasonCode": HANDOFF, "reason": "the caller asked for a person",
-                             "number": action.number, "callerId": action.caller_id} if action.kind == "dial" else None)
+            self.outbox.end(
+                {
+                    "reasonCode": HANDOFF,
+                    "reason": "the caller asked for a person",
+                    "number": action.number,
+                    "callerId": action.caller_id,
+                }
+                if action.kind == "dial"
+                else None
+            )
         provider = served[-1] if served else ""
         end = end_of_turn(provider, usage)
         try:
@@ -414,8 +446,18 @@ class Conversation:
             log.error("turn not stored", extra={"call": sid, "turn": number, "error": str(e) or repr(e)})
         ms = round((time.monotonic() - t0) * 1000)
         ttft = round((first - t0) * 1000) if first is not None else None
-        log.info("turn generated", extra={"call": sid, "turn": number, "provider": provider, "chars": spoken,
-                                          "ms": ms, "first_token_ms": ttft, "handoff": handoff})
+        log.info(
+            "turn generated",
+            extra={
+                "call": sid,
+                "turn": number,
+                "provider": provider,
+                "chars": spoken,
+                "ms": ms,
+                "first_token_ms": ttft,
+                "handoff": handoff,
+            },
+        )
 
     async def _cancel(self) -> bool:
         """Stop the reply being generated (its model stream is closed); True if one was running."""
@@ -559,8 +601,10 @@ class Relay:
         previous = query.get("retries", "")  # our own count, from the action URL we wrote: ASCII digits
         count = int(previous) if previous.isascii() and previous.isdigit() and len(previous) < 4 else 0
         retries = count + 1 if quick else 1
-        log.warning("relay session failed", extra={"call": sid, "status": status or "?", "error": form.error_code,
-                                                   "retries": retries})
+        log.warning(
+            "relay session failed",
+            extra={"call": sid, "status": status or "?", "error": form.error_code, "retries": retries},
+        )
         if retries > MAX_RETRIES:
             await self.calls.end_call(sid, "failed")
             apology = verb(await self.calls.phrase(self.settings.apology, base_url))

@@ -255,7 +255,6 @@ class Gate:
             raise Reject(400, "missing or malformed CallSid")
         return form, base, query
 
-
     async def upgrade(self, scope: Scope, receive: Receive, send: Send, route: str) -> bool:
         """Accept a Twilio WebSocket upgrade signed for its wss:// URL; refuse any other (a 403) with one log line."""
         if scope["type"] != "websocket":
@@ -271,8 +270,11 @@ class Gate:
         except Reject as r:
             url, why = "", str(r)
         else:
-            why = "" if self.unsigned or (signature and self.signer.check(url, [], signature)) else (
-                "signature mismatch" if signature else "missing X-Twilio-Signature")
+            why = (
+                ""
+                if self.unsigned or (signature and self.signer.check(url, [], signature))
+                else ("signature mismatch" if signature else "missing X-Twilio-Signature")
+            )
         if why:
             log.warning(why, extra={"route": route, "checked_url": url, "hint": MISMATCH_HINT})
             await send({"type": "websocket.close", "code": 1008})  # before accept: the upgrade gets a 403
@@ -342,7 +344,11 @@ class Switchboard(Litestar):
     direct: Mapping[str, Callable[..., Any]] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (fn := self.direct.get(scope["path"])) is not None and not scope.get("root_path"):
+        if (
+            scope["type"] == "http"
+            and (fn := self.direct.get(scope["path"])) is not None
+            and not scope.get("root_path")
+        ):
             return await fn(scope, receive, send)
         return await super().__call__(scope, receive, send)
 
@@ -363,7 +369,9 @@ def unrouted() -> ExceptionHandlersMap:
     return {400: refused, 404: refused, 405: refused}
 
 
-def health(settings: Settings, backend: SessionBackend, draining: Callable[[], bool], plugins: Mapping[str, Any]) -> Any:
+def health(
+    settings: Settings, backend: SessionBackend, draining: Callable[[], bool], plugins: Mapping[str, Any]
+) -> Any:
     """GET /health: 200 while the session backend answers, 503 when it does not or the process is draining."""
 
     @asgi("/health", copy_scope=False, name="health")
@@ -399,9 +407,17 @@ def metrics(obs: Observer) -> Any:
             log.info("request", extra={"route": "/metrics", "status": 405})
         elif protected and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
             body = b"401 set Authorization: Bearer <METRICS_TOKEN>\n"
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="metrics"')]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [
+                        (b"content-type", b"text/plain"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"www-authenticate", b'Bearer realm="metrics"'),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             log.info("request", extra={"route": "/metrics", "status": 401})
         else:

@@ -48,8 +48,10 @@ POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 def import_ms(module: str) -> float:
     """Import time of a module in a fresh interpreter (after the app's own imports, as in the server)."""
-    code = (f"import time, litestar, msgspec, pluggy; t = time.perf_counter(); import {module}; "
-            "print((time.perf_counter() - t) * 1000)")
+    code = (
+        f"import time, litestar, msgspec, pluggy; t = time.perf_counter(); import {module}; "
+        "print((time.perf_counter() - t) * 1000)"
+    )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -58,8 +60,15 @@ def one_run(env: dict[str, str]) -> tuple[float, float | None]:
     port = phone.free_port()
     command = (ROOT / "Procfile").read_text().split("web:", 1)[1].strip().replace("$PORT", str(port))
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    full_env = {**os.environ, "PATH": path, "TWILIO_AUTH_TOKEN": TOKEN, "TRUSTED_PROXIES": "127.0.0.1",
-                "PUBLIC_URL": f"http://127.0.0.1:{port}", "LOG_LEVEL": "WARNING", **env}
+    full_env = {
+        **os.environ,
+        "PATH": path,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "TRUSTED_PROXIES": "127.0.0.1",
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "LOG_LEVEL": "WARNING",
+        **env,
+    }
     caller = phone.Phone(f"http://127.0.0.1:{port}", TOKEN, out=lambda line: None)
     log = tempfile.TemporaryFile()
     t0 = time.perf_counter()
@@ -73,8 +82,9 @@ def one_run(env: dict[str, str]) -> tuple[float, float | None]:
             except httpx.TransportError:
                 if server.poll() is not None:
                     log.seek(0)
-                    raise SystemExit(f"the server exited with {server.returncode}:\n{log.read().decode()[-3000:]}") \
-                        from None
+                    raise SystemExit(
+                        f"the server exited with {server.returncode}:\n{log.read().decode()[-3000:]}"
+                    ) from None
                 time.sleep(0.002)
         voice = (time.perf_counter() - t0) * 1000
         if b"<Response>" not in first.content:
@@ -123,7 +133,9 @@ def delete_keys(prefix: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--only", default="", help="run only the cases whose names contain one of these |-separated words")
+    parser.add_argument(
+        "--only", default="", help="run only the cases whose names contain one of these |-separated words"
+    )
     args = parser.parse_args(argv)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.runs} runs each (median [min-max])\n")
     for module in ("openai", "anthropic", "valkey.asyncio", "psycopg_pool", "sentry_sdk"):
@@ -133,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     eager = Path(tempfile.mkdtemp())  # for comparison: the SDK imported at startup, as a factory import would
     (eager / "sitecustomize.py").write_text("import anthropic\n")
     prefix = "sbbench" + secrets.token_hex(4)
-    with (FakeLLM() as fake, fake_tts("openai") as openai_tts, fake_tts("elevenlabs") as eleven, database() as db):
+    with FakeLLM() as fake, fake_tts("openai") as openai_tts, fake_tts("elevenlabs") as eleven, database() as db:
         fake.default = Reply("Hello from the fake model.")
         valkey = {"SESSION_BACKEND": "valkey", "VALKEY_URL": VALKEY_URL, "VALKEY_PREFIX": prefix}
         postgres = {"CALL_RECORDERS": "postgres", "DATABASE_URL": db}
         sentry = {"SENTRY_DSN": "http://made-up-key@127.0.0.1:9/1"}  # nothing is sent: no error happens
-        voices = {"openai": {"TTS_VOICE": "openai", "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": openai_tts.url + "/v1"},
-                  "elevenlabs": {"TTS_VOICE": "elevenlabs", "ELEVENLABS_API_KEY": KEY, "ELEVENLABS_BASE_URL": eleven.url}}
+        voices = {
+            "openai": {"TTS_VOICE": "openai", "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": openai_tts.url + "/v1"},
+            "elevenlabs": {"TTS_VOICE": "elevenlabs", "ELEVENLABS_API_KEY": KEY, "ELEVENLABS_BASE_URL": eleven.url},
+        }
         cases: dict[str, dict[str, str]] = {
             "defaults (echo, say, memory, log, tools)": {},
             "llm=openai": {"LLM_PROVIDER": "openai", **fake.env("openai")},
@@ -156,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             "mode=relay": {"MODE": "relay"},
             "SENTRY_DSN set": sentry,
             "all: anthropic,elevenlabs,valkey,postgres,sentry": {
-                "LLM_PROVIDER": "anthropic", **fake.env("anthropic"), **voices["elevenlabs"], **valkey, **postgres,
-                **sentry, "TRANSFER_NUMBER": "+15551234567"},
+                "LLM_PROVIDER": "anthropic",
+                **fake.env("anthropic"),
+                **voices["elevenlabs"],
+                **valkey,
+                **postgres,
+                **sentry,
+                "TRANSFER_NUMBER": "+15551234567",
+            },
         }
         cases["(anthropic imported eagerly)"] = {**cases["llm=anthropic"], "PYTHONPATH": str(eager)}
         if args.only:
@@ -174,13 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in results.items():
         voice = [r[0] for r in runs]
         turns = [r[1] for r in runs if r[1] is not None]
-        turn = (f"{statistics.median(turns):>15.0f} ms [{min(turns):.0f}-{max(turns):.0f}]" if turns
-                else f"{'(relay: socket)':>27}")
+        turn = (
+            f"{statistics.median(turns):>15.0f} ms [{min(turns):.0f}-{max(turns):.0f}]"
+            if turns
+            else f"{'(relay: socket)':>27}"
+        )
         verdict = "" if name.startswith("(") else ("  ok" if statistics.median(voice) <= TARGET_MS else "  OVER")
         print(f"{name:<50}{statistics.median(voice):>15.0f} ms [{min(voice):.0f}-{max(voice):.0f}]{turn}{verdict}")
         if not name.startswith("("):
-            rows.append({"bench": "cold start", "case": name, "metric": "spawn to first /voice (median)",
-                         "value": round(statistics.median(voice)), "unit": "ms", "target": f"<= {TARGET_MS}"})
+            rows.append(
+                {
+                    "bench": "cold start",
+                    "case": name,
+                    "metric": "spawn to first /voice (median)",
+                    "value": round(statistics.median(voice)),
+                    "unit": "ms",
+                    "target": f"<= {TARGET_MS}",
+                }
+            )
     print(f"\ntarget: first /voice <= {TARGET_MS} ms (median of {args.runs}); the first turn is not part of the target")
     print("BENCH " + json.dumps(rows))
     return 0

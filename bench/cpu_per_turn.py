@@ -29,10 +29,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fake_llm import FakeLLM, Reply
+from fake_llm import FakeLLM, Reply  # noqa: E402  (from the paths just added)
 
-from phone import free_port, start_local
-from webhooks import twilio_signature
+from phone import free_port, start_local  # noqa: E402
+from webhooks import twilio_signature  # noqa: E402
 
 TOKEN = "bench-token-" + secrets.token_hex(8)
 REPLY = Reply("We are open from nine until five on weekdays, thanks.")  # ten word tokens
@@ -65,9 +65,14 @@ class Caller:
 
     def __init__(self, client: httpx.AsyncClient, base: str) -> None:
         self.client, self.base = client, base
-        self.params = {"AccountSid": "AC" + "0" * 32, "CallSid": "CA" + secrets.token_hex(16),
-                       "From": "+15005550006", "To": "+15005550001", "Direction": "inbound",
-                       "CallStatus": "in-progress"}
+        self.params = {
+            "AccountSid": "AC" + "0" * 32,
+            "CallSid": "CA" + secrets.token_hex(16),
+            "From": "+15005550006",
+            "To": "+15005550001",
+            "Direction": "inbound",
+            "CallStatus": "in-progress",
+        }
 
     async def post(self, path: str, **params: str) -> bytes:
         data = self.params | params
@@ -119,8 +124,9 @@ def measure(provider: str, max_turns: int, args: argparse.Namespace, fake: FakeL
         pin(server.pid, 0)
         posts = len(fake.posts)
         fill = max_turns + 2  # the history holds the last MAX_TURNS turns: full after this many
-        per_turn = asyncio.run(calls(f"http://127.0.0.1:{port}", args.calls, fill, args.turns, server.pid,
-                                     HEARD[provider]))
+        per_turn = asyncio.run(
+            calls(f"http://127.0.0.1:{port}", args.calls, fill, args.turns, server.pid, HEARD[provider])
+        )
         if provider != "echo" and len(fake.posts) - posts != args.calls * (fill + args.turns):
             raise SystemExit(f"{provider}: expected one model request per turn, got {len(fake.posts) - posts}")
         return per_turn
@@ -149,8 +155,10 @@ def main() -> int:
             for provider in providers:
                 results[provider, max_turns] = measure(provider, max_turns, args, fake, Path(tmp) / "server.log")
                 print(f"{provider:10} MAX_TURNS={max_turns:<3} {results[provider, max_turns]:7.3f} ms/turn", flush=True)
-    print(f"\nserver CPU per caller turn: {args.calls} calls, {args.turns} measured turns each after the history is "
-          f"full, a ten-chunk reply with no delays, server on {'one core' if pinned else 'any core'}\n")
+    print(
+        f"\nserver CPU per caller turn: {args.calls} calls, {args.turns} measured turns each after the history is "
+        f"full, a ten-chunk reply with no delays, server on {'one core' if pinned else 'any core'}\n"
+    )
     print(f"{'provider':10} " + " ".join(f"{f'MAX_TURNS={n}':>14} {'x echo':>7}" for n in lengths))
     rows = []
     for provider in providers:
@@ -160,11 +168,27 @@ def main() -> int:
             ratio = value / echo if echo else None
             cells.append(f"{value:11.3f} ms {'' if ratio is None else f'{ratio:6.1f}x':>7}")
             case = f"{provider}, MAX_TURNS={n}, {args.calls} calls"
-            rows.append({"bench": "cpu_per_turn", "case": case, "metric": "server CPU per turn",
-                         "value": round(value, 3), "unit": "ms", "target": None})
+            rows.append(
+                {
+                    "bench": "cpu_per_turn",
+                    "case": case,
+                    "metric": "server CPU per turn",
+                    "value": round(value, 3),
+                    "unit": "ms",
+                    "target": None,
+                }
+            )
             if ratio is not None and provider != "echo":
-                rows.append({"bench": "cpu_per_turn", "case": case, "metric": "CPU per turn, times echo's",
-                             "value": round(ratio, 2), "unit": "x", "target": f"<= {TARGET:g}"})
+                rows.append(
+                    {
+                        "bench": "cpu_per_turn",
+                        "case": case,
+                        "metric": "CPU per turn, times echo's",
+                        "value": round(ratio, 2),
+                        "unit": "x",
+                        "target": f"<= {TARGET:g}",
+                    }
+                )
         print(f"{provider:10} " + " ".join(cells))
     print("BENCH " + json.dumps(rows))
     return 0

@@ -62,7 +62,9 @@ def first_audio(base: str, runs: int, fake: FakeLLM, k: int) -> tuple[list[float
             call = {"CallSid": "CA" + secrets.token_hex(16), "From": "+15005550006", "To": "+15005550001"}
             post(client, base, "/voice", call)
             t0 = time.perf_counter()
-            response = post(client, base, "/process-speech", call | {"SpeechResult": "When are you open?", "Confidence": "0.9"})
+            response = post(
+                client, base, "/process-speech", call | {"SpeechResult": "When are you open?", "Confidence": "0.9"}
+            )
             t1 = time.perf_counter()
             if response.status_code != 200 or b"<Say" not in response.content:
                 raise SystemExit(f"unexpected answer: {response.status_code} {response.text[:200]}")
@@ -98,25 +100,40 @@ def main() -> int:
                     p50, p95 = statistics.median(got), got[int(len(got) * 0.95) - 1]
                     late50, late95 = statistics.median(after), after[int(len(after) * 0.95) - 1]
                     rows.append((answer, mode, k, n, sentence_at, reply_at, p50, p95, late50, late95))
-                    bench_rows.append({"bench": "first_audio", "case": f"{answer} answer, {mode}",
-                                       "metric": "first <Say> after the first sentence was written, p50",
-                                       "value": round(late50 * 1000, 1), "unit": "ms",
-                                       "target": 20 if mode == "streamed" else None})
+                    bench_rows.append(
+                        {
+                            "bench": "first_audio",
+                            "case": f"{answer} answer, {mode}",
+                            "metric": "first <Say> after the first sentence was written, p50",
+                            "value": round(late50 * 1000, 1),
+                            "unit": "ms",
+                            "target": 20 if mode == "streamed" else None,
+                        }
+                    )
         finally:
             for _, proc in servers.values():
                 proc.terminate()
                 proc.wait(10)
-    print(f"\ntime to first audio: fake model TTFT {args.ttft * 1000:.0f} ms, {1 / args.gap:.0f} tokens/s, {args.runs} runs\n")
-    print(f"{'answer':7} {'server':12} {'tokens':>10} {'schedule ms':>12} {'first audio ms':>15} "
-          f"{'after the sentence ms':>22}")
+    print(
+        f"\ntime to first audio: fake model TTFT {args.ttft * 1000:.0f} ms, {1 / args.gap:.0f} tokens/s, "
+        f"{args.runs} runs\n"
+    )
+    print(
+        f"{'answer':7} {'server':12} {'tokens':>10} {'schedule ms':>12} {'first audio ms':>15} "
+        f"{'after the sentence ms':>22}"
+    )
     print(f"{'':7} {'':12} {'sentence':>10} {'sentence/reply':>12} {'p50':>7} {'p95':>7} {'p50':>11} {'p95':>10}")
     for answer, mode, k, n, sentence_at, reply_at, p50, p95, late50, late95 in rows:
-        print(f"{answer:7} {mode:12} {f'{k} of {n}':>10} {f'{sentence_at * 1000:.0f}/{reply_at * 1000:.0f}':>12} "
-              f"{p50 * 1000:7.1f} {p95 * 1000:7.1f} {late50 * 1000:11.1f} {late95 * 1000:10.1f}")
-    print("\n'schedule': when the model is due to have written the first sentence and the whole reply (TTFT + tokens "
-          "x gap); 'after the sentence': from the fake model actually sending the first sentence's last token to "
-          "the first <Say> arriving. Target (streamed): <= 20 ms. It includes the next token's gap, which tells a "
-          "sentence end from an abbreviation and keeps a one-sentence reply whole.")
+        print(
+            f"{answer:7} {mode:12} {f'{k} of {n}':>10} {f'{sentence_at * 1000:.0f}/{reply_at * 1000:.0f}':>12} "
+            f"{p50 * 1000:7.1f} {p95 * 1000:7.1f} {late50 * 1000:11.1f} {late95 * 1000:10.1f}"
+        )
+    print(
+        "\n'schedule': when the model is due to have written the first sentence and the whole reply (TTFT + tokens "
+        "x gap); 'after the sentence': from the fake model actually sending the first sentence's last token to "
+        "the first <Say> arriving. Target (streamed): <= 20 ms. It includes the next token's gap, which tells a "
+        "sentence end from an abbreviation and keeps a one-sentence reply whole."
+    )
     print("BENCH " + json.dumps(bench_rows))
     return 0
 

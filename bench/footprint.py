@@ -45,8 +45,11 @@ print(json.dumps({"site": site, "dists": out}))
 
 def du_bytes(path: Path) -> int:
     """Disk usage of a directory, as `du -s` counts it."""
-    return int(subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True,
-                              check=True).stdout.split()[0])
+    return int(
+        subprocess.run(
+            ["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
 
 
 def main() -> int:
@@ -59,12 +62,16 @@ def main() -> int:
         venv = tmp / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         python = venv / "bin" / "python"
-        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
-                              args.requirements], capture_output=True, text=True)
+        pip = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", args.requirements],
+            capture_output=True,
+            text=True,
+        )
         if pip.returncode:
             raise SystemExit(f"pip install failed:\n{pip.stdout}{pip.stderr}")
-        found = json.loads(subprocess.run([str(python), "-c", PER_DISTRIBUTION], capture_output=True, text=True,
-                                          check=True).stdout)
+        found = json.loads(
+            subprocess.run([str(python), "-c", PER_DISTRIBUTION], capture_output=True, text=True, check=True).stdout
+        )
         site = Path(found["site"])
         total = du_bytes(site)
         dists = found["dists"]
@@ -80,8 +87,16 @@ def main() -> int:
         print(f"runtime dependencies (without pip):  {runtime / mib:7.1f} MiB   target <= {TARGET_MIB} MiB")
         if args.keep:
             print(f"\nkept: {venv}")
-        rows = [{"bench": "footprint", "case": "pip install -r requirements.txt", "metric": "runtime dependencies",
-                 "value": round(runtime / mib, 1), "unit": "MiB", "target": f"<= {TARGET_MIB}"}]
+        rows = [
+            {
+                "bench": "footprint",
+                "case": "pip install -r requirements.txt",
+                "metric": "runtime dependencies",
+                "value": round(runtime / mib, 1),
+                "unit": "MiB",
+                "target": f"<= {TARGET_MIB}",
+            }
+        ]
         print("BENCH " + json.dumps(rows))
     finally:
         if not args.keep:

@@ -54,12 +54,16 @@ async def drive(base: str, requests: list[tuple[str, dict[str, str]]], concurren
     """Send signed form POSTs like Twilio, `concurrency` at a time; every answer must be 200 TwiML."""
     queue = list(reversed(requests))
     async with httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as http:
+
         async def worker() -> None:
             while queue:
                 path, params = queue.pop()
                 signature = twilio_signature(TOKEN, base + path, list(params.items()))
-                r = await http.post(path, content=urlencode(params), headers={
-                    "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature})
+                r = await http.post(
+                    path,
+                    content=urlencode(params),
+                    headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature},
+                )
                 if r.status_code != 200 or b"<Response>" not in r.content:
                     raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
 
@@ -67,8 +71,14 @@ async def drive(base: str, requests: list[tuple[str, dict[str, str]]], concurren
 
 
 def call_params(sid: str, **extra: str) -> dict[str, str]:
-    return {"AccountSid": "AC" + "0" * 32, "CallSid": sid, "From": "+15005550006", "To": "+15005550001",
-            "Direction": "inbound", **extra}
+    return {
+        "AccountSid": "AC" + "0" * 32,
+        "CallSid": sid,
+        "From": "+15005550006",
+        "To": "+15005550001",
+        "Direction": "inbound",
+        **extra,
+    }
 
 
 def main() -> int:
@@ -83,18 +93,41 @@ def main() -> int:
     try:
         started = settled(server.pid)
         warm = "CA" + secrets.token_hex(16)
-        asyncio.run(drive(base, [("/voice", call_params(warm, CallStatus="ringing")),
-                                 ("/process-speech", call_params(warm, SpeechResult="warming up", Confidence="0.9")),
-                                 ("/status", call_params(warm, CallStatus="completed"))], 1))
+        asyncio.run(
+            drive(
+                base,
+                [
+                    ("/voice", call_params(warm, CallStatus="ringing")),
+                    ("/process-speech", call_params(warm, SpeechResult="warming up", Confidence="0.9")),
+                    ("/status", call_params(warm, CallStatus="completed")),
+                ],
+                1,
+            )
+        )
         idle = settled(server.pid)
         sids = [f"CA{secrets.token_hex(4)}{i:024x}" for i in range(args.calls)]
         t0 = time.perf_counter()
         asyncio.run(drive(base, [("/voice", call_params(s, CallStatus="ringing")) for s in sids], args.concurrency))
         created = time.perf_counter() - t0
         calls = settled(server.pid)
-        asyncio.run(drive(base, [("/process-speech", call_params(s, CallStatus="in-progress", Confidence="0.92",
-                                                                 SpeechResult=f"What are your opening hours on day {i}?"))
-                                 for i, s in enumerate(sids)], args.concurrency))
+        asyncio.run(
+            drive(
+                base,
+                [
+                    (
+                        "/process-speech",
+                        call_params(
+                            s,
+                            CallStatus="in-progress",
+                            Confidence="0.92",
+                            SpeechResult=f"What are your opening hours on day {i}?",
+                        ),
+                    )
+                    for i, s in enumerate(sids)
+                ],
+                args.concurrency,
+            )
+        )
         turned = settled(server.pid)
     finally:
         server.terminate()
@@ -104,18 +137,40 @@ def main() -> int:
     print(f"{'':44}{'RSS MiB':>9}{'added MiB':>11}{'per call':>11}")
     print(f"{'started':44}{started:9.1f}")
     print(f"{'idle (after one warm-up call)':44}{idle:9.1f}{'':11}{'':11}  target <= {IDLE_TARGET} MiB")
-    print(f"{f'{n} idle calls (POST /voice each)':44}{calls:9.1f}{calls - idle:11.1f}"
-          f"{(calls - idle) * 1024 * 1024 / n:9.0f} B  target <= {CALLS_TARGET} MiB added")
-    print(f"{'... then one turn on each (/process-speech)':44}{turned:9.1f}{turned - idle:11.1f}"
-          f"{(turned - idle) * 1024 * 1024 / n:9.0f} B")
+    print(
+        f"{f'{n} idle calls (POST /voice each)':44}{calls:9.1f}{calls - idle:11.1f}"
+        f"{(calls - idle) * 1024 * 1024 / n:9.0f} B  target <= {CALLS_TARGET} MiB added"
+    )
+    print(
+        f"{'... then one turn on each (/process-speech)':44}{turned:9.1f}{turned - idle:11.1f}"
+        f"{(turned - idle) * 1024 * 1024 / n:9.0f} B"
+    )
     scale = 10_000 / n  # the target is stated for 10,000 calls
     rows = [
-        {"bench": "memory", "case": "idle, default plugins", "metric": "RSS", "value": round(idle, 1), "unit": "MiB",
-         "target": f"<= {IDLE_TARGET}"},
-        {"bench": "memory", "case": "10,000 idle Gather calls", "metric": "RSS added", "unit": "MiB",
-         "value": round((calls - idle) * scale, 1), "target": f"<= {CALLS_TARGET}"},
-        {"bench": "memory", "case": "10,000 Gather calls, one turn each", "metric": "RSS added", "unit": "MiB",
-         "value": round((turned - idle) * scale, 1), "target": None},
+        {
+            "bench": "memory",
+            "case": "idle, default plugins",
+            "metric": "RSS",
+            "value": round(idle, 1),
+            "unit": "MiB",
+            "target": f"<= {IDLE_TARGET}",
+        },
+        {
+            "bench": "memory",
+            "case": "10,000 idle Gather calls",
+            "metric": "RSS added",
+            "unit": "MiB",
+            "value": round((calls - idle) * scale, 1),
+            "target": f"<= {CALLS_TARGET}",
+        },
+        {
+            "bench": "memory",
+            "case": "10,000 Gather calls, one turn each",
+            "metric": "RSS added",
+            "unit": "MiB",
+            "value": round((turned - idle) * scale, 1),
+            "target": None,
+        },
     ]
     print("BENCH " + json.dumps(rows))
     return 0

@@ -12,8 +12,10 @@ from urllib.parse import parse_qsl
 TOKEN = os.environ["TWILIO_AUTH_TOKEN"].encode()
 PUBLIC = os.environ["PUBLIC_URL"].rstrip("/")
 ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
-GATHER = ('<Gather input="speech" speechTimeout="auto" actionOnEmptyResult="true" action="/process-speech" '
-          'method="POST" language="en-US">')
+GATHER = (
+    '<Gather input="speech" speechTimeout="auto" actionOnEmptyResult="true" action="/process-speech" '
+    'method="POST" language="en-US">'
+)
 HEADERS = [(b"content-type", b"text/xml")]
 
 
@@ -40,7 +42,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     form = dict(params)
     text = f"You said: {form.get('SpeechResult', '')}." if scope["path"] == "/process-speech" else "Hello!"
-    doc = (f'<?xml version="1.0" encoding="UTF-8"?><Response>{GATHER}'
-           f'<Say voice="Polly.Joanna-Neural" language="en-US">{text.translate(ESCAPES)}</Say></Gather></Response>')
+    doc = (
+        f'<?xml version="1.0" encoding="UTF-8"?><Response>{GATHER}'
+        f'<Say voice="Polly.Joanna-Neural" language="en-US">{text.translate(ESCAPES)}</Say></Gather></Response>'
+    )
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": doc.encode()})

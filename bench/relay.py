@@ -94,10 +94,23 @@ def rss_kib(pid: int) -> int:
 
 
 def setup(call_sid: str) -> str:
-    return json.dumps({"type": "setup", "sessionId": "VX" + secrets.token_hex(16), "accountSid": "AC" + "0" * 32,
-                       "parentCallSid": "", "callSid": call_sid, "from": "+15005550006", "to": "+15005550001",
-                       "forwardedFrom": "", "callType": "PSTN", "callerName": "", "direction": "inbound",
-                       "callStatus": "RINGING", "customParameters": {"attempt": "1"}})
+    return json.dumps(
+        {
+            "type": "setup",
+            "sessionId": "VX" + secrets.token_hex(16),
+            "accountSid": "AC" + "0" * 32,
+            "parentCallSid": "",
+            "callSid": call_sid,
+            "from": "+15005550006",
+            "to": "+15005550001",
+            "forwardedFrom": "",
+            "callType": "PSTN",
+            "callerName": "",
+            "direction": "inbound",
+            "callStatus": "RINGING",
+            "customParameters": {"attempt": "1"},
+        }
+    )
 
 
 SEQ = re.compile(r"w(\d+)")
@@ -105,8 +118,12 @@ PROMPT = json.dumps({"type": "prompt", "voicePrompt": "go", "lang": "en-US", "la
 
 
 async def open_session(url: str, compression: str | None = "deflate") -> websockets.ClientConnection:
-    ws = await websockets.connect(url, additional_headers={"X-Twilio-Signature": twilio_signature(TOKEN, url, [])},
-                                  compression=compression, max_queue=None)
+    ws = await websockets.connect(
+        url,
+        additional_headers={"X-Twilio-Signature": twilio_signature(TOKEN, url, [])},
+        compression=compression,
+        max_queue=None,
+    )
     await ws.send(setup("CA" + secrets.token_hex(16)))
     return ws
 
@@ -151,8 +168,16 @@ async def in_process(streams: int, tokens: int, gap: float, rounds: int) -> list
         def register_llm_providers(self, register):  # type: ignore[no-untyped-def]
             register("clock", lambda settings: Clock())
 
-    app = main.create_app({"TWILIO_AUTH_TOKEN": TOKEN, "LLM_PROVIDER": "clock", "MODE": "relay",
-                           "LOG_LEVEL": "WARNING", "MAX_REPLY_CHARS": "100000"}, plugins=[Plugin()])
+    app = main.create_app(
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "LLM_PROVIDER": "clock",
+            "MODE": "relay",
+            "LOG_LEVEL": "WARNING",
+            "MAX_REPLY_CHARS": "100000",
+        },
+        plugins=[Plugin()],
+    )
     url = "ws://bench.local/relay"
 
     async def session() -> None:
@@ -168,11 +193,21 @@ async def in_process(streams: int, tokens: int, gap: float, rounds: int) -> list
                 if '"last":true' in text:
                     done.set()
 
-        scope = {"type": "websocket", "scheme": "ws", "path": "/relay", "raw_path": b"/relay", "query_string": b"",
-                 "headers": [(b"host", b"bench.local"),
-                             (b"x-twilio-signature", twilio_signature(TOKEN, url, []).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("bench.local", 80), "root_path": "", "subprotocols": [],
-                 "asgi": {"version": "3.0"}, "state": {}, "extensions": {}}
+        scope = {
+            "type": "websocket",
+            "scheme": "ws",
+            "path": "/relay",
+            "raw_path": b"/relay",
+            "query_string": b"",
+            "headers": [(b"host", b"bench.local"), (b"x-twilio-signature", twilio_signature(TOKEN, url, []).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("bench.local", 80),
+            "root_path": "",
+            "subprotocols": [],
+            "asgi": {"version": "3.0"},
+            "state": {},
+            "extensions": {},
+        }
         await inbox.put({"type": "websocket.connect"})
         await inbox.put({"type": "websocket.receive", "text": setup("CA" + secrets.token_hex(16))})
         task = asyncio.create_task(app(scope, inbox.get, send))  # type: ignore[arg-type]
@@ -230,25 +265,43 @@ async def memory(url: str, pid: int, sessions: int, compression: str | None) -> 
 
 async def run(args: argparse.Namespace) -> None:
     stamps = Path(tempfile.mkdtemp(prefix="sb-bench-")) / "stamps"
-    env = {"PYTHONPATH": str(plugin_dir()), "LLM_PROVIDER": "clock", "MODE": "relay", "LOG_LEVEL": "WARNING",
-           "CLOCK_TOKENS": str(args.tokens), "CLOCK_GAP": str(args.gap), "MAX_REPLY_CHARS": "100000",
-           "CLOCK_LOG": str(stamps)}
+    env = {
+        "PYTHONPATH": str(plugin_dir()),
+        "LLM_PROVIDER": "clock",
+        "MODE": "relay",
+        "LOG_LEVEL": "WARNING",
+        "CLOCK_TOKENS": str(args.tokens),
+        "CLOCK_GAP": str(args.gap),
+        "MAX_REPLY_CHARS": "100000",
+        "CLOCK_LOG": str(stamps),
+    }
     log = Path(tempfile.gettempdir()) / "sb-bench-relay.log"
     port = phone.free_port()
     server = phone.start_local(port, TOKEN, env, log)
     url = f"ws://127.0.0.1:{port}/relay"
     rows: list[dict[str, object]] = []  # for bench/run; the target is issue 7's: token delay <= 5 ms at p99
     try:
-        print(f"model: {args.tokens} tokens per reply, {args.gap * 1000:.0f} ms apart; "
-              f"{args.rounds} replies per stream")
+        print(
+            f"model: {args.tokens} tokens per reply, {args.gap * 1000:.0f} ms apart; {args.rounds} replies per stream"
+        )
         print("\nin process: model yields a token -> the app hands it to the ASGI server (ms)")
         print(f"{'streams':>12} {'tokens':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
         for streams in args.streams:
             delays = await in_process(streams, args.tokens, args.gap, args.rounds)
-            print(f"{streams:>12} {len(delays):>8} {pct(delays, .5):7.3f} {pct(delays, .9):7.3f} "
-                  f"{pct(delays, .99):7.3f} {max(delays) / 1e6:7.3f}")
-            rows.append({"bench": "relay", "case": f"in process, {streams} streams", "metric": "token delay p99",
-                         "value": round(pct(delays, .99), 3), "unit": "ms", "target": None})
+            print(
+                f"{streams:>12} {len(delays):>8} {pct(delays, 0.5):7.3f} {pct(delays, 0.9):7.3f} "
+                f"{pct(delays, 0.99):7.3f} {max(delays) / 1e6:7.3f}"
+            )
+            rows.append(
+                {
+                    "bench": "relay",
+                    "case": f"in process, {streams} streams",
+                    "metric": "token delay p99",
+                    "value": round(pct(delays, 0.99), 3),
+                    "unit": "ms",
+                    "target": None,
+                }
+            )
         print(f"\nreal sockets: the Procfile command (pid {server.pid}); model emits a token -> client reads it (ms)")
         print(f"{'streams':>12} {'tokens':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}  server CPU/token")
         runs = [(n, False) for n in args.streams] + [(max(args.streams), True)]
@@ -257,10 +310,20 @@ async def run(args: argparse.Namespace) -> None:
             delays = await latency(url, streams, args.rounds, args.gap, stamps, lockstep)
             per_token = (cpu_seconds(server.pid) - cpu) / len(delays) * 1e6
             label = f"{streams}{' lockstep' if lockstep else ''}"
-            print(f"{label:>12} {len(delays):>8} {pct(delays, .5):7.3f} {pct(delays, .9):7.3f} "
-                  f"{pct(delays, .99):7.3f} {max(delays) / 1e6:7.3f}  {per_token:.0f} µs")
-            rows.append({"bench": "relay", "case": f"real sockets, {label} streams", "metric": "token delay p99",
-                         "value": round(pct(delays, .99), 3), "unit": "ms", "target": None if lockstep else "<= 5"})
+            print(
+                f"{label:>12} {len(delays):>8} {pct(delays, 0.5):7.3f} {pct(delays, 0.9):7.3f} "
+                f"{pct(delays, 0.99):7.3f} {max(delays) / 1e6:7.3f}  {per_token:.0f} µs"
+            )
+            rows.append(
+                {
+                    "bench": "relay",
+                    "case": f"real sockets, {label} streams",
+                    "metric": "token delay p99",
+                    "value": round(pct(delays, 0.99), 3),
+                    "unit": "ms",
+                    "target": None if lockstep else "<= 5",
+                }
+            )
         server.terminate()
         server.wait(15)
         port = phone.free_port()
@@ -269,11 +332,21 @@ async def run(args: argparse.Namespace) -> None:
         before, during, after = await memory(url, server.pid, args.sessions, "deflate")
         per = (during - before) / args.sessions
         print(f"\nmemory of a fresh server process (pid {server.pid}) with {args.sessions} relay sessions open")
-        print(f"  RSS before {before / 1024:.1f} MiB, with sessions {during / 1024:.1f} MiB, "
-              f"after they closed {after / 1024:.1f} MiB")
+        print(
+            f"  RSS before {before / 1024:.1f} MiB, with sessions {during / 1024:.1f} MiB, "
+            f"after they closed {after / 1024:.1f} MiB"
+        )
         print(f"  per open session: {per:.1f} KiB")
-        rows.append({"bench": "relay", "case": f"{args.sessions} open relay sessions", "metric": "RSS per open session",
-                     "value": round(per, 1), "unit": "KiB", "target": None})
+        rows.append(
+            {
+                "bench": "relay",
+                "case": f"{args.sessions} open relay sessions",
+                "metric": "RSS per open session",
+                "value": round(per, 1),
+                "unit": "KiB",
+                "target": None,
+            }
+        )
         print("BENCH " + json.dumps(rows))
     finally:
         server.terminate()

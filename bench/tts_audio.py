@@ -73,15 +73,28 @@ async def asgi_get(app: object, path: str) -> tuple[int, bytes]:
     async def send(message: dict) -> None:
         out.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
-             "client": ("127.0.0.1", 5000), "server": ("bench.local", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": ("127.0.0.1", 5000),
+        "server": ("bench.local", 80),
+    }
     await app(scope, receive, send)  # type: ignore[operator]
     return out[0]["status"], out[1]["body"]
 
 
 async def serve_cost() -> float:
-    app = main.create_app({"TWILIO_AUTH_TOKEN": TOKEN, "TTS_VOICE": "instant"}, plugins=[plugin_of("instant", Instant())])
+    app = main.create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "TTS_VOICE": "instant"}, plugins=[plugin_of("instant", Instant())]
+    )
     quiet()
     best = []
     async with app.lifespan():
@@ -111,16 +124,24 @@ async def first_document_ms(environ: dict[str, str], turns: int = 60) -> float:
     app = main.create_app({"TWILIO_AUTH_TOKEN": TOKEN, "GREETING": "Hi.", **environ})
     quiet()
     times = []
-    async with app.lifespan(), httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://bench.local") as c:
+    async with (
+        app.lifespan(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://bench.local") as c,
+    ):
         for n in range(turns):
             sid = f"CA{n:032x}"
-            for path, extra in (("/voice", {}), ("/process-speech", {"SpeechResult": f"hello number {n}",
-                                                                     "Confidence": "0.9"})):
+            for path, extra in (
+                ("/voice", {}),
+                ("/process-speech", {"SpeechResult": f"hello number {n}", "Confidence": "0.9"}),
+            ):
                 params = {"CallSid": sid, "From": "+15005550006", "To": "+15005550001", **extra}
                 sig = webhooks.twilio_signature(TOKEN, "http://bench.local" + path, list(params.items()))
                 t0 = time.perf_counter()
-                r = await c.post(path, content=urlencode(params), headers={
-                    "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sig})
+                r = await c.post(
+                    path,
+                    content=urlencode(params),
+                    headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sig},
+                )
                 assert r.status_code == 200
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times[5:])
@@ -134,16 +155,34 @@ async def run() -> None:
     print(f"GET /audio/{{key}}.mp3, 20 kB, in process:               {served:7.1f} µs")
     say = await first_document_ms({})
     with fake_tts("openai", size=20_000) as fake:
-        voiced = await first_document_ms({"TTS_VOICE": "openai", "OPENAI_API_KEY": KEY,
-                                          "OPENAI_BASE_URL": fake.url + "/v1"})
+        voiced = await first_document_ms(
+            {"TTS_VOICE": "openai", "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": fake.url + "/v1"}
+        )
     print(f"/process-speech to first document, <Say> voice:         {say:7.2f} ms (median)")
     print(f"/process-speech to first document, openai voice (fake): {voiced:7.2f} ms (median)")
-    rows = [("Hosted.render, new text", "time", new, "µs"), ("Hosted.render, stored text", "time", stored, "µs"),
-            ("GET /audio/{key}.mp3, 20 kB", "time", served, "µs"),
-            ("/process-speech, <Say> voice", "to the first document (median)", say, "ms"),
-            ("/process-speech, openai voice (fake vendor)", "to the first document (median)", voiced, "ms")]
-    print("BENCH " + json.dumps([{"bench": "tts audio", "case": case, "metric": metric, "value": round(value, 2),
-                                  "unit": unit, "target": None} for case, metric, value, unit in rows]))
+    rows = [
+        ("Hosted.render, new text", "time", new, "µs"),
+        ("Hosted.render, stored text", "time", stored, "µs"),
+        ("GET /audio/{key}.mp3, 20 kB", "time", served, "µs"),
+        ("/process-speech, <Say> voice", "to the first document (median)", say, "ms"),
+        ("/process-speech, openai voice (fake vendor)", "to the first document (median)", voiced, "ms"),
+    ]
+    print(
+        "BENCH "
+        + json.dumps(
+            [
+                {
+                    "bench": "tts audio",
+                    "case": case,
+                    "metric": metric,
+                    "value": round(value, 2),
+                    "unit": unit,
+                    "target": None,
+                }
+                for case, metric, value, unit in rows
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

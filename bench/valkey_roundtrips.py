@@ -45,12 +45,14 @@ from plugins import session_valkey  # noqa: E402
 from webhooks import twilio_signature  # noqa: E402
 
 TOKEN = "bench-token-" + secrets.token_hex(8)
-SCRIPTS = {hashlib.sha1(getattr(session_valkey, name).encode()).hexdigest(): name.lower()
-           for name in ("BEGIN", "COMMIT", "PUSH", "SERVE", "UNLOCK")}
+SCRIPTS = {
+    hashlib.sha1(getattr(session_valkey, name).encode()).hexdigest(): name.lower()
+    for name in ("BEGIN", "COMMIT", "PUSH", "SERVE", "UNLOCK")
+}
 SETUP = {"CLIENT", "SCRIPT", "HELLO", "AUTH", "SELECT"}
 CALL_IN_KEY = re.compile(rb"\{(CA[0-9a-f]+)\}")
 
-PACED = '''
+PACED = """
 import asyncio
 from main import LLMProvider, hookimpl
 
@@ -72,7 +74,7 @@ class Paced(LLMProvider):
 @hookimpl
 def register_llm_providers(register):
     register("paced", Paced)
-'''
+"""
 
 
 # ----------------------------------------------------------------------------- the counting proxy
@@ -120,12 +122,12 @@ def parse_commands(buf: bytearray) -> list[list[bytes]]:
         count, pos, parts = int(buf[1:pos]), pos + 2, []
         for _ in range(count):
             end = buf.find(b"\r\n", pos)
-            if end < 0 or buf[pos:pos + 1] != b"$":
+            if end < 0 or buf[pos : pos + 1] != b"$":
                 return out
-            size = int(buf[pos + 1:end])
+            size = int(buf[pos + 1 : end])
             if len(buf) < end + 2 + size + 2:
                 return out
-            parts.append(bytes(buf[end + 2:end + 2 + size]))
+            parts.append(bytes(buf[end + 2 : end + 2 + size]))
             pos = end + 2 + size + 2
         del buf[:pos]
         out.append(parts)
@@ -195,16 +197,25 @@ class Caller:
     def __init__(self, http: httpx.Client, base: str, meter: Meter) -> None:
         self.http, self.base, self.meter = http, base, meter
         self.sid = "CA" + secrets.token_hex(16)
-        self.params = {"AccountSid": "AC" + "0" * 32, "CallSid": self.sid, "From": "+15005550006",
-                       "To": "+15005550001", "Direction": "inbound", "CallStatus": "in-progress"}
+        self.params = {
+            "AccountSid": "AC" + "0" * 32,
+            "CallSid": self.sid,
+            "From": "+15005550006",
+            "To": "+15005550001",
+            "Direction": "inbound",
+            "CallStatus": "in-progress",
+        }
 
     def post(self, path: str, window: str, **extra: str) -> str:
         params = self.params | extra
         url = self.base + path
         signature = twilio_signature(TOKEN, url, list(params.items()))
         self.meter.set(window)
-        r = self.http.post(url, content=urlencode(params), headers={
-            "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature})
+        r = self.http.post(
+            url,
+            content=urlencode(params),
+            headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature},
+        )
         self.meter.set("between")
         if r.status_code != 200 or b"<Response>" not in r.content:
             raise SystemExit(f"{path}: {r.status_code} {r.text[:300]}")
@@ -229,8 +240,9 @@ def main() -> int:
     args = parser.parse_args()
     target = urlsplit(args.valkey_url)
     meter, ready, port_box = Meter(), threading.Event(), []
-    threading.Thread(target=lambda: asyncio.run(proxy(meter, (target.hostname, target.port or 6379), ready, port_box)),
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: asyncio.run(proxy(meter, (target.hostname, target.port or 6379), ready, port_box)), daemon=True
+    ).start()
     ready.wait(5)
     prefix = "bench-rt-" + secrets.token_hex(4)
     proxied = f"redis://127.0.0.1:{port_box[0]}{target.path or '/0'}"
@@ -242,8 +254,15 @@ def main() -> int:
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sb-paced\nVersion: 1.0\n")
         (dist / "entry_points.txt").write_text("[switchboard]\npaced = sb_paced\n")
         port = phone.free_port()
-        env = {"SESSION_BACKEND": "valkey", "VALKEY_URL": proxied, "VALKEY_PREFIX": prefix, "LLM_PROVIDER": "paced",
-               "PYTHONPATH": str(package), "PUBLIC_URL": f"http://127.0.0.1:{port}", "LOG_LEVEL": "WARNING"}
+        env = {
+            "SESSION_BACKEND": "valkey",
+            "VALKEY_URL": proxied,
+            "VALKEY_PREFIX": prefix,
+            "LLM_PROVIDER": "paced",
+            "PYTHONPATH": str(package),
+            "PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "LOG_LEVEL": "WARNING",
+        }
         server = phone.start_local(port, TOKEN, env, package / "server.log")
         base = f"http://127.0.0.1:{port}"
         try:
@@ -309,13 +328,25 @@ def main() -> int:
         print(f"{label:32} {len(values):8d} {summary(values):>29}   {shape} ({seen / len(values):.0%})")
     per_long = [pushes[c] for c in long_calls]
     print(f"\nordinary turns answered in one document: {sum(d == 1 for d in one_doc)} of {len(one_doc)}")
-    print(f"long replies (6 sentences, 0.1 s apart): {statistics.mean(long_docs):.2f} documents each; "
-          f"pushes per long reply (background, off the request path): {summary(per_long)}")
-    print(f"connection setup flights after warm-up: {setup}; pub/sub connection flights (subscribe, pings): "
-          f"{meter.pubsub_flights}")
-    bench = [{"bench": "valkey round trips", "case": label, "metric": "round trips per request, max", "unit": "",
-              "value": max(values), "target": "<= 3" if label == "/process-speech (one document)" else None}
-             for label, values in rows.items()]  # issue 5: <= 3 round trips for an ordinary turn
+    print(
+        f"long replies (6 sentences, 0.1 s apart): {statistics.mean(long_docs):.2f} documents each; "
+        f"pushes per long reply (background, off the request path): {summary(per_long)}"
+    )
+    print(
+        f"connection setup flights after warm-up: {setup}; pub/sub connection flights (subscribe, pings): "
+        f"{meter.pubsub_flights}"
+    )
+    bench = [
+        {
+            "bench": "valkey round trips",
+            "case": label,
+            "metric": "round trips per request, max",
+            "unit": "",
+            "value": max(values),
+            "target": "<= 3" if label == "/process-speech (one document)" else None,
+        }
+        for label, values in rows.items()
+    ]  # issue 5: <= 3 round trips for an ordinary turn
     print("BENCH " + json.dumps(bench))
     return 0
 

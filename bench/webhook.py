@@ -72,8 +72,14 @@ def requests_file(path: str, port: int, n: int, directory: Path) -> Path:
     with out.open("w") as f:
         for i in range(n):
             call = f"CA{run}{(i if path == '/voice' else i % CALLS):024x}"
-            params = {"AccountSid": "AC" + "0" * 32, "CallSid": call, "From": "+15005550006", "To": "+15005550001",
-                      "CallStatus": "in-progress", "Direction": "inbound"}
+            params = {
+                "AccountSid": "AC" + "0" * 32,
+                "CallSid": call,
+                "From": "+15005550006",
+                "To": "+15005550001",
+                "CallStatus": "in-progress",
+                "Direction": "inbound",
+            }
             if path == "/process-speech":
                 params |= {"SpeechResult": f"question number {i} about the opening hours", "Confidence": "0.93"}
             f.write(f"{path}\t{urlencode(params)}\t{twilio_signature(TOKEN, url, list(params.items()))}\n")
@@ -82,8 +88,19 @@ def requests_file(path: str, port: int, n: int, directory: Path) -> Path:
 
 def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, float]:
     """Run wrk and parse req/s, p50, p99 and errors."""
-    argv = pin(1) + ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench/webhook.lua"),
-                     f"http://127.0.0.1:{port}", "--", str(data), "1"]
+    argv = pin(1) + [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(ROOT / "bench/webhook.lua"),
+        f"http://127.0.0.1:{port}",
+        "--",
+        str(data),
+        "1",
+    ]
     text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
@@ -93,9 +110,13 @@ def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, floa
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     socket_errors = re.search(r"Socket errors: (.*)", text)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
-            "p50": pct("50"), "p99": pct("99"), "errors": int(errors.group(1)) if errors else 0,
-            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
+        "p50": pct("50"),
+        "p99": pct("99"),
+        "errors": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
 
 
 @contextlib.contextmanager
@@ -106,8 +127,23 @@ def private_valkey(directory: Path) -> Iterator[str]:
     if binary is None:
         raise SystemExit("no valkey-server or redis-server: apt-get install redis-server")
     port = free_port()
-    proc = subprocess.Popen(pin(1) + [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                       "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        pin(1)
+        + [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -123,8 +159,11 @@ def check(port: int, path: str, data: Path) -> None:
     """One request by hand first: the server must answer 200 with TwiML, or the numbers mean nothing."""
     line = data.read_text().splitlines()[-1]
     p, body, sig = line.split("\t")
-    r = httpx.post(f"http://127.0.0.1:{port}{p}", content=body,
-                   headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sig})
+    r = httpx.post(
+        f"http://127.0.0.1:{port}{p}",
+        content=body,
+        headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sig},
+    )
     if r.status_code != 200 or b"<Response>" not in r.content:
         raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
 
@@ -164,8 +203,10 @@ def main() -> int:
     print(f"\nwebhook throughput: {args.connections} connections, {args.seconds} s, signatures on, echo model\n")
     print(f"{'server':24} {'route':16} {'req/s':>9} {'of floor':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, path, r in rows:
-        print(f"{name:24} {path:16} {r['rps']:9.0f} {r['rps'] / floor[path]:9.0%} {r['p50']:8.2f} {r['p99']:8.2f} "
-              f"{r['errors']:8d}{'  ' + r['socket_errors'] if r['socket_errors'] else ''}")
+        print(
+            f"{name:24} {path:16} {r['rps']:9.0f} {r['rps'] / floor[path]:9.0%} {r['p50']:8.2f} {r['p99']:8.2f} "
+            f"{r['errors']:8d}{'  ' + r['socket_errors'] if r['socket_errors'] else ''}"
+        )
     print("BENCH " + json.dumps(bench_rows(rows, floor, args.connections)))
     return 0
 
@@ -180,13 +221,34 @@ def bench_rows(rows: list[tuple[str, str, dict[str, Any]]], floor: dict[str, flo
         row = {"bench": "webhook", "case": case, "unit": "req/s", "metric": "req/s", "value": round(r["rps"])}
         out.append(row | {"target": None})
         if name == "switchboard (memory)":
-            out.append(row | {"metric": "req/s, % of the raw ASGI floor", "unit": "%",
-                              "value": round(100 * r["rps"] / floor[path], 1), "target": ">= 60"})
+            out.append(
+                row
+                | {
+                    "metric": "req/s, % of the raw ASGI floor",
+                    "unit": "%",
+                    "value": round(100 * r["rps"] / floor[path], 1),
+                    "target": ">= 60",
+                }
+            )
         elif name != "raw ASGI floor" and path in memory:
-            out.append(row | {"metric": "req/s, % of the memory backend", "unit": "%",
-                              "value": round(100 * r["rps"] / memory[path], 1), "target": ">= 75"})
-        out.append(row | {"metric": "p99", "unit": "ms", "value": round(r["p99"], 2),
-                          "target": "<= 6" if name == "switchboard (memory)" else None})
+            out.append(
+                row
+                | {
+                    "metric": "req/s, % of the memory backend",
+                    "unit": "%",
+                    "value": round(100 * r["rps"] / memory[path], 1),
+                    "target": ">= 75",
+                }
+            )
+        out.append(
+            row
+            | {
+                "metric": "p99",
+                "unit": "ms",
+                "value": round(r["p99"], 2),
+                "target": "<= 6" if name == "switchboard (memory)" else None,
+            }
+        )
         if name != "raw ASGI floor":
             out.append(row | {"metric": "non-2xx responses", "unit": "", "value": r["errors"], "target": "<= 0"})
     return out

@@ -17,6 +17,7 @@ request. Log lines go to /dev/null.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -43,11 +44,24 @@ async def bench(root: str) -> dict[str, float]:
     def request(path: str, params: dict[str, str]) -> tuple[dict, bytes]:
         body = urlencode(params).encode()
         signature = webhooks.twilio_signature(TOKEN, "http://bench.local" + path, list(params.items()))
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "client": ("127.0.0.1", 5000), "server": ("bench.local", 80),
-                 "headers": [(b"host", b"bench.local"), (b"content-type", b"application/x-www-form-urlencoded"),
-                             (b"x-twilio-signature", signature.encode())]}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 5000),
+            "server": ("bench.local", 80),
+            "headers": [
+                (b"host", b"bench.local"),
+                (b"content-type", b"application/x-www-form-urlencoded"),
+                (b"x-twilio-signature", signature.encode()),
+            ],
+        }
         return scope, body
 
     async def drive(requests: list[tuple[dict, bytes]]) -> float:
@@ -57,8 +71,10 @@ async def bench(root: str) -> dict[str, float]:
 
         t0 = time.perf_counter()
         for scope, body in requests:
+
             async def receive(body: bytes = body) -> dict:
                 return {"type": "http.request", "body": body, "more_body": False}
+
             await app(scope, receive, send)
         return (time.perf_counter() - t0) / len(requests) * 1e6
 
@@ -68,20 +84,29 @@ async def bench(root: str) -> dict[str, float]:
             base = {"AccountSid": "AC" + "0" * 32, "From": "+15005550006", "To": "+15005550001"}
             batches = {
                 "/voice": [request("/voice", base | {"CallSid": s, "CallStatus": "ringing"}) for s in sids],
-                "/process-speech": [request("/process-speech", base | {"CallSid": s, "SpeechResult": f"question {r} {i}",
-                                                                      "Confidence": "0.9"}) for i, s in enumerate(sids)],
+                "/process-speech": [
+                    request(
+                        "/process-speech",
+                        base | {"CallSid": s, "SpeechResult": f"question {r} {i}", "Confidence": "0.9"},
+                    )
+                    for i, s in enumerate(sids)
+                ],
                 "/status ringing": [request("/status", base | {"CallSid": s, "CallStatus": "ringing"}) for s in sids],
-                "/status completed": [request("/status", base | {"CallSid": s, "CallStatus": "completed"}) for s in sids],
+                "/status completed": [
+                    request("/status", base | {"CallSid": s, "CallStatus": "completed"}) for s in sids
+                ],
             }
             for name, requests in batches.items():
                 us = await drive(requests)
                 best[name] = min(best.get(name, us), us)
             # the Gather mode alone, without the ASGI call, signature check, log line or metrics
-            forms = [msgspec.convert(dict(webhooks.parse_form(body)), main.TwilioForm, strict=False)
-                     for _, body in batches["/process-speech"]]
+            forms = [
+                msgspec.convert(dict(webhooks.parse_form(body)), main.TwilioForm, strict=False)
+                for _, body in batches["/process-speech"]
+            ]
             if hasattr(app.state, "modes"):
                 gather = app.state.modes["gather"]
-                voice = lambda form, base: gather.voice(form, base, {})  # noqa: E731
+                voice = functools.partial(gather.voice, query={})
             else:  # a checkout from before the layered core (its Engine), for a side-by-side run
                 gather = app.state.engine
                 voice = gather.voice
@@ -95,8 +120,10 @@ async def bench(root: str) -> dict[str, float]:
         import observe
 
         fields = {"route": "/process-speech", "status": 200, "call": sids[0], "turn": 3, "provider": "echo", "ms": 0.42}
-        for name, line in (("request line: written straight", lambda: observe.request_line(dict(fields))),
-                           ("request line: through logging", lambda: main.log.info("request", extra=dict(fields)))):
+        for name, line in (
+            ("request line: written straight", lambda: observe.request_line(dict(fields))),
+            ("request line: through logging", lambda: main.log.info("request", extra=dict(fields))),
+        ):
             for _ in range(ROUNDS):
                 t0 = time.perf_counter()
                 for _ in range(N):
@@ -116,13 +143,26 @@ def main_() -> None:
     print(f"µs per request, best of {ROUNDS} rounds of {N} (in process, logs to /dev/null)")
     rows = []
     for root in roots:
-        out = subprocess.run([sys.executable, __file__], env={**os.environ, "BENCH_CHILD": root, "BENCH_ENV": extra},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__],
+            env={**os.environ, "BENCH_CHILD": root, "BENCH_ENV": extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(f"{root}: {out.stdout.strip()}")
         label = "" if len(roots) == 1 else f"{root}: "
-        rows += [{"bench": "webhook overhead", "case": label + name.replace("_", " "), "metric": "in process, per request",
-                  "value": float(us), "unit": "µs", "target": None}
-                 for name, us in (pair.split("=") for pair in out.stdout.split())]
+        rows += [
+            {
+                "bench": "webhook overhead",
+                "case": label + name.replace("_", " "),
+                "metric": "in process, per request",
+                "value": float(us),
+                "unit": "µs",
+                "target": None,
+            }
+            for name, us in (pair.split("=") for pair in out.stdout.split())
+        ]
     print("BENCH " + json.dumps(rows))
 
 

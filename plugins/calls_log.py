@@ -21,13 +21,22 @@ class LogRecorder(CallRecorder):
 
     def call_finished(self, record: CallRecord) -> None:
         total, n = self.first_audio.pop(record.call_sid, (0.0, 0))
-        log.info("call record", extra={
-            "call": record.call_sid, "caller": mask(record.caller), "to": mask(record.to),
-            "outcome": record.outcome, "seconds": round(record.ended - record.started, 1), "turns": record.turns,
-            "providers": ",".join(record.providers) or "-", "input_tokens": record.input_tokens,
-            "output_tokens": record.output_tokens, "cost_usd": record.cost,
-            "first_audio_ms": round(total / n, 1) if n else None,
-        })
+        log.info(
+            "call record",
+            extra={
+                "call": record.call_sid,
+                "caller": mask(record.caller),
+                "to": mask(record.to),
+                "outcome": record.outcome,
+                "seconds": round(record.ended - record.started, 1),
+                "turns": record.turns,
+                "providers": ",".join(record.providers) or "-",
+                "input_tokens": record.input_tokens,
+                "output_tokens": record.output_tokens,
+                "cost_usd": record.cost,
+                "first_audio_ms": round(total / n, 1) if n else None,
+            },
+        )
 
 
 @hookimpl

@@ -96,7 +96,12 @@ class PostgresRecorder(CallRecorder):
         from psycopg_pool import AsyncConnectionPool
 
         self.pool = AsyncConnectionPool(
-            self.url, min_size=1, max_size=2, open=False, timeout=self.timeout, name="switchboard-calls",
+            self.url,
+            min_size=1,
+            max_size=2,
+            open=False,
+            timeout=self.timeout,
+            name="switchboard-calls",
             reconnect_timeout=60,
         )
         await self.pool.open(wait=False)  # a database that is down must not stop the agent starting
@@ -173,16 +178,44 @@ class PostgresRecorder(CallRecorder):
 
     @staticmethod
     def _turn_row(r: TurnRecord) -> tuple[Any, ...]:
-        return (r.call_sid, r.turn, r.turn_id, _time(r.started), r.speech, r.reply, r.interrupted, r.provider,
-                r.first_token_ms, r.first_audio_ms, r.reply_ms, r.input_tokens, r.output_tokens, r.cost)
+        return (
+            r.call_sid,
+            r.turn,
+            r.turn_id,
+            _time(r.started),
+            r.speech,
+            r.reply,
+            r.interrupted,
+            r.provider,
+            r.first_token_ms,
+            r.first_audio_ms,
+            r.reply_ms,
+            r.input_tokens,
+            r.output_tokens,
+            r.cost,
+        )
 
     @staticmethod
     def _call_row(r: CallRecord) -> tuple[Any, ...]:
         from psycopg.types.json import Jsonb
 
-        return (r.call_sid, r.caller, r.to, _time(r.started), _time(r.ended), round(r.ended - r.started, 3), r.outcome,
-                r.turns, list(r.providers), Jsonb(msgspec.to_builtins(r.usage)), r.input_tokens, r.output_tokens,
-                r.llm_cost, r.phone_cost, r.cost)
+        return (
+            r.call_sid,
+            r.caller,
+            r.to,
+            _time(r.started),
+            _time(r.ended),
+            round(r.ended - r.started, 3),
+            r.outcome,
+            r.turns,
+            list(r.providers),
+            Jsonb(msgspec.to_builtins(r.usage)),
+            r.input_tokens,
+            r.output_tokens,
+            r.llm_cost,
+            r.phone_cost,
+            r.cost,
+        )
 
 
 @hookimpl

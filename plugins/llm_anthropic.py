@@ -126,8 +126,10 @@ def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             last.extend(blocks)
         elif turns or m.role == "user":  # the history must start with a caller's turn
             turns.append((role, blocks))
-    return [{"role": role, "content": blocks[0]["text"] if len(blocks) == 1 and blocks[0]["type"] == "text" else blocks}
-            for role, blocks in turns]
+    return [
+        {"role": role, "content": blocks[0]["text"] if len(blocks) == 1 and blocks[0]["type"] == "text" else blocks}
+        for role, blocks in turns
+    ]
 
 
 class AnthropicProvider(VendorSDK, LLMProvider):
@@ -206,8 +208,11 @@ class AnthropicProvider(VendorSDK, LLMProvider):
                         yield self._tool_call(uses.pop(event.index))
                     elif kind == "message_start":
                         u = event.message.usage
-                        input_tokens = ((u.input_tokens or 0) + (u.cache_creation_input_tokens or 0)
-                                        + (u.cache_read_input_tokens or 0))
+                        input_tokens = (
+                            (u.input_tokens or 0)
+                            + (u.cache_creation_input_tokens or 0)
+                            + (u.cache_read_input_tokens or 0)
+                        )
                         output_tokens = u.output_tokens or 0
                     elif kind == "message_delta":
                         output_tokens = event.usage.output_tokens or output_tokens  # cumulative
@@ -221,14 +226,17 @@ class AnthropicProvider(VendorSDK, LLMProvider):
         except Exception as e:
             raise self._failure(e) from e
         if not stopped:
-            raise ProviderError(f"{self.name} reply stream ended before message_stop",
-                                provider=self.name, retryable=True)
+            raise ProviderError(
+                f"{self.name} reply stream ended before message_stop", provider=self.name, retryable=True
+            )
         yield Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
     def body(self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()) -> dict[str, Any]:
         """The request body: the arguments the SDK's typed `messages.create` would take."""
         params: dict[str, Any] = {
-            "model": self.model, "max_tokens": self.max_tokens, "messages": anthropic_messages(messages),
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": anthropic_messages(messages),
             "stream": True,
         }
         if system:
@@ -236,8 +244,9 @@ class AnthropicProvider(VendorSDK, LLMProvider):
         if self.thinking:
             params["thinking"] = {"type": self.thinking}
         if tools:
-            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters}
-                               for t in tools]
+            params["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.parameters} for t in tools
+            ]
         return params
 
     def _stream_error(self, data: str, response: Any) -> Exception:

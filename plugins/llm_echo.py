@@ -19,7 +19,9 @@ class EchoProvider(LLMProvider):
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.get("ECHO_PREFIX", "You said:")
-        self.first_delay = settings.number("ECHO_FIRST_TOKEN_MS", 0.0, inclusive=True, unit="ms") / 1000  # to see fillers and streaming
+        self.first_delay = (
+            settings.number("ECHO_FIRST_TOKEN_MS", 0.0, inclusive=True, unit="ms") / 1000
+        )  # to see fillers and streaming
         self.delay = settings.number("ECHO_TOKEN_MS", 0.0, inclusive=True, unit="ms") / 1000
 
     async def stream(

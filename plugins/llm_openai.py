@@ -108,9 +108,20 @@ def openai_messages(messages: Sequence[Message], system: str) -> list[dict[str, 
         if m.role == "tool":
             out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
         elif m.role == "assistant" and m.tool_calls:
-            out.append({"role": "assistant", "content": m.content or None, "tool_calls": [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
-                for c in m.tool_calls]})
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": m.content or None,
+                    "tool_calls": [
+                        {
+                            "id": c.id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+                        }
+                        for c in m.tool_calls
+                    ],
+                }
+            )
         elif m.content:
             out.append({"role": m.role, "content": m.content})
     return out
@@ -146,8 +157,12 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         self.raw = httpx2.Response  # as cast_to, the SDK hands back the response unread
         self.timeouts, self.request_errors = httpx2.TimeoutException, httpx2.RequestError
         return sdk.AsyncOpenAI(
-            api_key=self.key, base_url=self.base_url, organization=self.organization, project=self.project,
-            max_retries=0, http_client=http,
+            api_key=self.key,
+            base_url=self.base_url,
+            organization=self.organization,
+            project=self.project,
+            max_retries=0,
+            http_client=http,
         )
 
     async def warm(self) -> None:
@@ -173,8 +188,13 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         try:
             # the SDK's own request path (auth and organisation headers, timeouts, status errors as its
             # types) with a body encoded here, handing back the response unread: see the module docstring
-            response = await client.post("/chat/completions", cast_to=self.raw, content=body,
-                                         stream=True, options={"security": {"bearer_auth": True}})
+            response = await client.post(
+                "/chat/completions",
+                cast_to=self.raw,
+                content=body,
+                stream=True,
+                options={"security": {"bearer_auth": True}},
+            )
             events = self._events(response)
             try:
                 async for data in events:
@@ -182,8 +202,10 @@ class OpenAIProvider(VendorSDK, LLMProvider):
                     if chunk.error:
                         raise self._stream_error(chunk.error, response)
                     if chunk.usage is not None:
-                        usage = Usage(input_tokens=chunk.usage.prompt_tokens or 0,
-                                      output_tokens=chunk.usage.completion_tokens or 0)
+                        usage = Usage(
+                            input_tokens=chunk.usage.prompt_tokens or 0,
+                            output_tokens=chunk.usage.completion_tokens or 0,
+                        )
                     for choice in chunk.choices:
                         delta = choice.delta
                         if delta.content:
@@ -206,8 +228,9 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         except Exception as e:
             raise self._failure(e) from e
         if not finished:
-            raise ProviderError(f"{self.name} reply stream ended before the model finished",
-                                provider=self.name, retryable=True)
+            raise ProviderError(
+                f"{self.name} reply stream ended before the model finished", provider=self.name, retryable=True
+            )
         yield usage or Usage()
 
     def body(self, messages: Sequence[Message], *, system: str, tools: Sequence[ToolSpec] = ()) -> dict[str, Any]:
@@ -215,14 +238,22 @@ class OpenAIProvider(VendorSDK, LLMProvider):
         # OpenAI's own models want max_completion_tokens; compatible servers know max_tokens
         limit = "max_completion_tokens" if self.base_url == DEFAULT_URL else "max_tokens"
         params: dict[str, Any] = {
-            "model": self.model, "messages": openai_messages(messages, system), "stream": True,
-            "stream_options": {"include_usage": True}, limit: self.max_tokens,
+            "model": self.model,
+            "messages": openai_messages(messages, system),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            limit: self.max_tokens,
         }
         if self.effort:
             params["reasoning_effort"] = self.effort
         if tools:
-            params["tools"] = [{"type": "function", "function": {
-                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in tools]
+            params["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                }
+                for t in tools
+            ]
         return params
 
     async def _events(self, response: Any) -> AsyncGenerator[str]:

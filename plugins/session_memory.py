@@ -129,7 +129,9 @@ class MemoryBackend(SessionBackend):
         else:
             call.session = session_encoder.encode(session)
             if turn_changed:  # keep the replies of the turn just finished, for late retries
-                call.replies = {k: v for k, v in call.replies.items() if v.turn == call.current} if call.replies else None
+                call.replies = (
+                    {k: v for k, v in call.replies.items() if v.turn == call.current} if call.replies else None
+                )
                 call.current = session.current.id if session.current else ""
                 call.served, call.queues = (), None
             call.lock = ""

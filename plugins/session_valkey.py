@@ -98,7 +98,9 @@ return out
 """
 
 # KEYS lock s c v q r | ARGV token session('' deletes) changed current ttl_ms channel cancel-message
-COMMIT = _MSGPACK + """
+COMMIT = (
+    _MSGPACK
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local ttl = ARGV[5]
 if ARGV[2] == '' then
@@ -123,6 +125,7 @@ end
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 return 1
 """
+)
 
 # KEYS c q | ARGV turn ttl_ms channel message segment...
 PUSH = """
@@ -134,7 +137,9 @@ return 1
 """
 
 # KEYS c lock q v r | ARGV turn ttl_ms nkeys given key... segment...
-SERVE = _MSGPACK + """
+SERVE = (
+    _MSGPACK
+    + """
 local turn = ARGV[1]
 if redis.call('GET', KEYS[1]) ~= turn then return 'superseded' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
@@ -160,6 +165,7 @@ redis.call('PEXPIRE', KEYS[5], ARGV[2])
 if given then return 1 end
 return items
 """
+)
 
 # KEYS lock | ARGV token
 UNLOCK = """
@@ -246,8 +252,10 @@ class ValkeyBackend(SessionBackend):
         if not self.subscribed.is_set():
             with contextlib.suppress(BackendError):
                 await self.ping()
-            log.warning("starting without valkey: /health answers 503 and callers hear an apology until it answers",
-                        extra={"server": self.where})
+            log.warning(
+                "starting without valkey: /health answers 503 and callers hear an apology until it answers",
+                extra={"server": self.where},
+            )
 
     async def aclose(self) -> None:
         if self.listener is not None:
@@ -312,7 +320,7 @@ class ValkeyBackend(SessionBackend):
         if missing:  # the server forgot our scripts (a restart): load them and run those again, one more flight
             loads = [("SCRIPT", "LOAD", self.scripts[sha]) for sha in {batch[i][0][1] for i in missing}]
             try:
-                again = (await self._round_trip([*loads, *(batch[i][0] for i in missing)]))[-len(missing):]
+                again = (await self._round_trip([*loads, *(batch[i][0] for i in missing)]))[-len(missing) :]
             except Exception as e:
                 again = [e] * len(missing)
             for i, reply in zip(missing, again, strict=True):
@@ -332,8 +340,9 @@ class ValkeyBackend(SessionBackend):
 
         connection = await self.pool.get_connection("pipeline")
         try:
-            await connection.send_packed_command(pack(commands) if pack else connection.pack_commands(commands),
-                                                 check_health=False)
+            await connection.send_packed_command(
+                pack(commands) if pack else connection.pack_commands(commands), check_health=False
+            )
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -395,7 +404,9 @@ class ValkeyBackend(SessionBackend):
 
     async def create(self, call_sid: str, session: Session, ttl: float) -> bool:
         (key,) = self._keys(call_sid, "s")  # one plain command: the call has no other keys yet
-        return bool(await self._do(self._send("SET", key, encoder.encode(session), "NX", "PX", max(1, int(ttl * 1000)))))
+        return bool(
+            await self._do(self._send("SET", key, encoder.encode(session), "NX", "PX", max(1, int(ttl * 1000))))
+        )
 
     async def commit(
         self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""

@@ -32,10 +32,18 @@ class TransferCall(Tool):
         if self.caller_id not in ("caller", "number") and not E164.fullmatch(self.caller_id):
             raise ConfigError(f"TRANSFER_CALLER_ID={self.caller_id!r}: use caller, number or an E.164 number")
         names = sorted(numbers)
-        parameters: dict[str, Any] = {"type": "object", "properties": {
-            "reason": {"type": "string", "description": "Why the caller wants a person, in a few words."}}}
+        parameters: dict[str, Any] = {
+            "type": "object",
+            "properties": {
+                "reason": {"type": "string", "description": "Why the caller wants a person, in a few words."}
+            },
+        }
         if names != ["default"]:
-            parameters["properties"]["destination"] = {"type": "string", "enum": names, "description": "Who to transfer to."}
+            parameters["properties"]["destination"] = {
+                "type": "string",
+                "enum": names,
+                "description": "Who to transfer to.",
+            }
             parameters["required"] = ["destination"]
         self.spec = ToolSpec(
             name="transfer_call",
@@ -49,7 +57,9 @@ class TransferCall(Tool):
     async def run(self, arguments: dict[str, Any], call: CallInfo) -> ToolResult:
         name = str(arguments.get("destination") or "default").lower()
         if name not in self.numbers:
-            return ToolResult(content=f"There is no destination {name!r}; choose one of {', '.join(sorted(self.numbers))}.")
+            return ToolResult(
+                content=f"There is no destination {name!r}; choose one of {', '.join(sorted(self.numbers))}."
+            )
         caller_id = {"caller": call.caller, "number": call.to}.get(self.caller_id, self.caller_id)
         dial = Segment(kind="dial", number=self.numbers[name], caller_id=caller_id if E164.fullmatch(caller_id) else "")
         return ToolResult(content="The caller is transferred after your reply. Tell them to hold.", action=dial)

@@ -25,11 +25,15 @@ class ElevenLabsVoice(AudioVoice):
         self.model = settings.get("ELEVENLABS_MODEL", "eleven_flash_v2_5")
         self.output_format = settings.get("ELEVENLABS_OUTPUT_FORMAT", "mp3_22050_32")
         if not re.fullmatch(r"[A-Za-z0-9]{8,64}", self.voice_id):
-            raise ConfigError(f"ELEVENLABS_VOICE_ID={self.voice_id!r} is not a voice id; copy the ID from the "
-                              "voice's page in ElevenLabs (20 letters and digits, e.g. JBFqnCBsd6RMkjVDRZzb)")
+            raise ConfigError(
+                f"ELEVENLABS_VOICE_ID={self.voice_id!r} is not a voice id; copy the ID from the "
+                "voice's page in ElevenLabs (20 letters and digits, e.g. JBFqnCBsd6RMkjVDRZzb)"
+            )
         if not re.fullmatch(r"(mp3|wav)_\d+(_\d+)?", self.output_format):
-            raise ConfigError(f"ELEVENLABS_OUTPUT_FORMAT={self.output_format!r} is not playable by Twilio; "
-                              "use an mp3_* or wav_* format, e.g. mp3_22050_32 or wav_8000")
+            raise ConfigError(
+                f"ELEVENLABS_OUTPUT_FORMAT={self.output_format!r} is not playable by Twilio; "
+                "use an mp3_* or wav_* format, e.g. mp3_22050_32 or wav_8000"
+            )
         self.content_type = TYPES[self.output_format.split("_")[0]]
         self.settings_key = "\n".join(["elevenlabs", self.voice_id, self.model, self.output_format])
         self.client: Any = None
@@ -38,8 +42,12 @@ class ElevenLabsVoice(AudioVoice):
         import httpx
 
         # TTS_TIMEOUT bounds the caller's wait (audio.py); this bounds the synthesis finishing for the next caller
-        self.client = httpx.AsyncClient(base_url=self.base_url, headers={"xi-api-key": self.api_key}, timeout=20.0,
-                                        transport=httpx.AsyncHTTPTransport(retries=1))
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"xi-api-key": self.api_key},
+            timeout=20.0,
+            transport=httpx.AsyncHTTPTransport(retries=1),
+        )
 
     async def aclose(self) -> None:
         if self.client is not None:
@@ -47,8 +55,11 @@ class ElevenLabsVoice(AudioVoice):
 
     async def _post(self, text: str) -> Any:
         return await self.client.post(
-            f"/v1/text-to-speech/{self.voice_id}", params={"output_format": self.output_format},
-            json={"text": text, "model_id": self.model}, headers={"accept": self.content_type})
+            f"/v1/text-to-speech/{self.voice_id}",
+            params={"output_format": self.output_format},
+            json={"text": text, "model_id": self.model},
+            headers={"accept": self.content_type},
+        )
 
     async def synthesize(self, text: str) -> tuple[bytes, str]:
         import httpx
@@ -61,12 +72,16 @@ class ElevenLabsVoice(AudioVoice):
                 await asyncio.sleep(0.2)
                 response = await self._post(text)
         except httpx.HTTPError as e:
-            raise ProviderError(f"ElevenLabs unreachable: {type(e).__name__}: {e}", provider="elevenlabs",
-                                retryable=True) from e
+            raise ProviderError(
+                f"ElevenLabs unreachable: {type(e).__name__}: {e}", provider="elevenlabs", retryable=True
+            ) from e
         if not response.is_success or not response.headers.get("content-type", "").startswith("audio/"):
             status = response.status_code
-            raise ProviderError(f"ElevenLabs answered {status}: {detail(response)}", provider="elevenlabs",
-                                retryable=status in (408, 429) or status >= 500)
+            raise ProviderError(
+                f"ElevenLabs answered {status}: {detail(response)}",
+                provider="elevenlabs",
+                retryable=status in (408, 429) or status >= 500,
+            )
         return response.content, self.content_type
 
     def relay_attrs(self) -> dict[str, str]:

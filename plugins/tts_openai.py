@@ -41,7 +41,8 @@ class OpenAIVoice(VendorSDK, AudioVoice):
         extra = {"instructions": self.instructions} if self.instructions else {}
         try:
             response = await client.audio.speech.create(
-                model=self.model, voice=voice, input=text, response_format=self.format, **extra)
+                model=self.model, voice=voice, input=text, response_format=self.format, **extra
+            )
         except openai.APIError as e:
             status = getattr(e, "status_code", None)
             retryable = status is None or status in (408, 409, 429) or status >= 500
@@ -54,8 +55,10 @@ class OpenAIVoice(VendorSDK, AudioVoice):
     def relay_attrs(self) -> dict[str, str]:
         if not self.noted:
             self.noted = True
-            log.info("OpenAI voices are not available in ConversationRelay; relay mode speaks with an Amazon voice",
-                     extra={"relay_voice": RELAY_DEFAULT["voice"]})
+            log.info(
+                "OpenAI voices are not available in ConversationRelay; relay mode speaks with an Amazon voice",
+                extra={"relay_voice": RELAY_DEFAULT["voice"]},
+            )
         return dict(RELAY_DEFAULT)
 
 

@@ -20,8 +20,10 @@ class SayVoice(TTSVoice):
         self.language = settings.language
         locale = re.match(r"Google\.([a-z]+-[A-Za-z]+)-", self.voice)
         if locale and locale.group(1).lower() != self.language.lower():  # Twilio may refuse the pair
-            log.warning("SAY_VOICE is a voice of another language than LANGUAGE; Twilio may refuse it",
-                        extra={"voice": self.voice, "language": self.language})
+            log.warning(
+                "SAY_VOICE is a voice of another language than LANGUAGE; Twilio may refuse it",
+                extra={"voice": self.voice, "language": self.language},
+            )
         self.noted = False
 
     async def render(self, text: str, *, base_url: str) -> Segment:
@@ -34,8 +36,10 @@ class SayVoice(TTSVoice):
             return {"ttsProvider": PROVIDERS[prefix], "voice": name}
         if not self.noted:
             self.noted = True
-            log.info("ConversationRelay has no legacy <Say> voices; relay mode speaks with an Amazon voice",
-                     extra={"voice": self.voice, "relay_voice": LEGACY[self.voice]})
+            log.info(
+                "ConversationRelay has no legacy <Say> voices; relay mode speaks with an Amazon voice",
+                extra={"voice": self.voice, "relay_voice": LEGACY[self.voice]},
+            )
         return {"ttsProvider": "Amazon", "voice": LEGACY[self.voice]}
 
 
