@@ -261,9 +261,7 @@ class Calls:
             session.history.append(Message(role="assistant", content=said, interrupted=end is None))
         if end is not None and end.provider:
             session.providers.append(end.provider)
-            session.usage[end.provider] = session.usage.get(end.provider, Usage()) + Usage(
-                input_tokens=end.input_tokens, output_tokens=end.output_tokens
-            )
+            session.usage[end.provider] = session.usage.get(end.provider, Usage()) + end.usage
         del session.history[: -2 * self.settings.max_turns]
         self.obs.turn_closed(session, turn, said, end)
 

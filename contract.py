@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
@@ -49,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     session_backend: str = "memory"
     tools: tuple[str, ...] = ("end_call", "transfer_call")
     call_recorders: tuple[str, ...] = ("log",)
+    speech_model: str = "parrot"
     valkey_url: str = ""
     system_prompt: str = SYSTEM_PROMPT
     greeting: str = "Hello! You are talking to switchboard. How can I help?"
@@ -161,16 +162,22 @@ class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
     parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
-class Usage(msgspec.Struct, gc=False, frozen=True, kw_only=True):
-    """Tokens a model used for one reply."""
+class Usage(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaults=True):
+    """What a model used for one reply: text tokens, and for speech models audio tokens and transcription.
 
-    input_tokens: int = 0
+    Cached tokens are the part of the input the vendor served from its cache (billed lower); every field
+    has a default, so sessions stored before a field existed still decode."""
+
+    input_tokens: int = 0  # text
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens
+    audio_input_tokens: int = 0
+    cached_audio_input_tokens: int = 0  # of audio_input_tokens
+    audio_output_tokens: int = 0
+    transcription_ms: int = 0  # of the caller's audio, by a separate speech-to-text model
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            input_tokens=self.input_tokens + other.input_tokens, output_tokens=self.output_tokens + other.output_tokens
-        )
+        return Usage(**{f: getattr(self, f) + getattr(other, f) for f in self.__struct_fields__})
 
 
 Event = str | ToolCall | Usage  # what LLMProvider.stream yields: text tokens, tool calls, usage
@@ -186,9 +193,19 @@ class Segment(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaults
     url: str = ""
     number: str = ""  # on "dial": where to, and the caller ID the person called sees
     caller_id: str = ""
-    provider: str = ""  # on "end": which provider served the turn, and its usage
+    provider: str = ""  # on "end": which provider served the turn, and its usage (Usage's fields)
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0
+    audio_input_tokens: int = 0
+    cached_audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    transcription_ms: int = 0
+
+    @property
+    def usage(self) -> Usage:
+        """On an "end": the turn's usage."""
+        return Usage(**{f: getattr(self, f) for f in Usage.__struct_fields__})
 
 
 class CallInfo(msgspec.Struct, gc=False, frozen=True, kw_only=True):
@@ -228,6 +245,9 @@ class Session(msgspec.Struct, gc=False, kw_only=True):
     current: Turn | None = None
     providers: list[str] = []
     usage: dict[str, Usage] = {}
+    stream: str = ""  # media mode: the live stream's id (a second `start` takes the call over)
+    streams: list[float] = []  # media mode: when its recent streams started (for the retry limit)
+    ending: str = ""  # media mode: why we closed the stream ("hangup", "dial:<number>", "reconnect", "failed")
 
 
 class TurnRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -524,6 +544,74 @@ async def begin_when_free(backend: SessionBackend, call_sid: str, keys: Sequence
     raise BackendError(f"call {call_sid} stayed locked")
 
 
+class SpeechAudio(msgspec.Struct, gc=False, frozen=True, tag=True):
+    """Audio the model speaks, part of its reply item `item` (in the model's declared audio format)."""
+
+    item: str
+    data: bytes
+
+
+class CallerSpeaking(msgspec.Struct, gc=False, frozen=True, tag=True):
+    """The model heard the caller start speaking (over its own reply: a barge-in)."""
+
+
+class CallerDone(msgspec.Struct, gc=False, frozen=True, tag=True):
+    """The model heard the caller stop speaking: the end of the caller's turn."""
+
+
+class Transcript(msgspec.Struct, gc=False, frozen=True, tag=True):
+    """The final text of an item: what the caller said ("user"), or what the model's audio says."""
+
+    role: Literal["user", "assistant"]
+    item: str
+    text: str
+
+
+class ReplyDone(msgspec.Struct, gc=False, frozen=True, tag=True):
+    """The model finished (or abandoned) a reply; its usage, and whether it was cut off."""
+
+    usage: Usage = Usage()
+    interrupted: bool = False
+
+
+SpeechEvent = SpeechAudio | CallerSpeaking | CallerDone | Transcript | ReplyDone | ToolCall
+
+
+class SpeechSession(Protocol):
+    """One conversation with a speech model: audio in; audio, transcripts, turns and tool calls out."""
+
+    def send_audio(self, data: bytes) -> None:
+        """Queue the caller's audio (the model's format); never waits."""
+
+    async def send_text(self, text: str) -> None:
+        """Tell the model something the caller did not say aloud (keypad digits), and ask it to answer."""
+
+    async def tool_result(self, call_id: str, output: str) -> None:
+        """Give the model a tool's output and let it carry on."""
+
+    async def truncate(self, item: str, heard_ms: int) -> None:
+        """The caller heard only the first `heard_ms` of the reply item `item`: forget the rest."""
+
+    def events(self) -> AsyncIterator[SpeechEvent]:
+        """The model's events; ends when the session is over, raises ProviderError when it failed."""
+        ...
+
+    async def close(self) -> None:
+        """End the session."""
+
+
+class SpeechModel(Plugin, Protocol):
+    """A speech-to-speech model (media mode): opens a conversation per call stream."""
+
+    name: str
+    model: str = ""  # the vendor's model name, which prices its usage
+    audio_format: str = "pcmu"  # what send_audio takes and SpeechAudio carries: "pcmu" (8 kHz μ-law) or "pcm16"
+
+    async def open(self, *, instructions: str, tools: Sequence[ToolSpec], history: Sequence[Message]) -> SpeechSession:
+        """Start a conversation that knows the call so far; raise ProviderError on failure."""
+        ...
+
+
 class CallRecorder(Plugin, Protocol):
     """Keeps call records. Both methods run inside a call's request: never block (queue slow work)."""
 
@@ -566,6 +654,10 @@ class Hookspecs:
     def register_call_recorders(self, register: Register) -> None:
         """Register call recorder factories: register("postgres", PostgresRecorder)."""
 
+    @hookspec
+    def register_speech_models(self, register: Register) -> None:
+        """Register speech-to-speech model factories (media mode): register("openai", RealtimeModel)."""
+
 
 KINDS = {  # kind: (hook, env var)
     "llm": ("register_llm_providers", "LLM_PROVIDER"),
@@ -573,6 +665,7 @@ KINDS = {  # kind: (hook, env var)
     "session": ("register_session_backends", "SESSION_BACKEND"),
     "tool": ("register_tools", "TOOLS"),
     "recorder": ("register_call_recorders", "CALL_RECORDERS"),
+    "speech": ("register_speech_models", "SPEECH_MODEL"),
 }
 
 
