@@ -31,6 +31,7 @@ from contract import (
     SessionBackend,
     Settings,
     Snapshot,
+    SpeechModel,
     Tool,
     ToolCall,
     ToolResult,
@@ -151,7 +152,7 @@ class Calls:
     """The calls this replica serves, in every mode: sessions, turns, phrases, replies, background work.
 
     Public attributes a mode uses: settings, backend (the session backend), voice (the call's TTS voice),
-    obs (metrics and records), draining (SIGTERM arrived)."""
+    obs (metrics and records), speech (media mode's speech model), draining (SIGTERM arrived)."""
 
     def __init__(
         self,
@@ -160,9 +161,11 @@ class Calls:
         voice: TTSVoice,
         backend: SessionBackend,
         obs: Observer,
-        tools: Sequence[Tool] = (),
+        tools: Sequence[Tool],
+        speech: SpeechModel,
     ) -> None:
         self.settings, self.llm, self.voice, self.backend, self.obs = settings, llm, voice, backend, obs
+        self.speech = speech  # media mode's model (SPEECH_MODEL)
         self.tools = {tool.spec.name: tool for tool in tools}
         self.tool_specs = tuple(tool.spec for tool in tools)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -249,8 +252,9 @@ class Calls:
         self.obs.call_started()
         return Session(call_sid=call_sid, caller=caller, to=to, started=time.time())
 
-    def close_turn(self, session: Session, served: Sequence[Segment]) -> None:
-        """Move the current turn into history with what the caller was actually sent."""
+    def close_turn(self, session: Session, served: Sequence[Segment], *, interrupted: bool | None = None) -> None:
+        """Move the current turn into history with what the caller was actually sent (interrupted: cut off,
+        which a reply without its end segment is)."""
         turn, session.current = session.current, None
         if turn is None:
             return
@@ -258,7 +262,9 @@ class Calls:
         end = next((s for s in served if s.kind == "end"), None)
         session.history.append(Message(role="user", content=turn.user))
         if said:
-            session.history.append(Message(role="assistant", content=said, interrupted=end is None))
+            session.history.append(
+                Message(role="assistant", content=said, interrupted=end is None if interrupted is None else interrupted)
+            )
         if end is not None and end.provider:
             session.providers.append(end.provider)
             session.usage[end.provider] = session.usage.get(end.provider, Usage()) + end.usage

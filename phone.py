@@ -21,6 +21,8 @@ phone calls the <Connect action> URL like Twilio and follows its answer.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import json
 import os
 import secrets
@@ -31,7 +33,8 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -343,6 +346,127 @@ class RelaySession:
         finally:
             self.idle.set()
             self.first.set()
+
+
+class MediaPlayer:
+    """Twilio's side of a media stream: plays the agent's audio on a clock and echoes its marks as Twilio does.
+
+    A mark is echoed when the audio sent before it has played (at once when nothing is buffered); `clear`
+    drops the buffered audio and echoes every pending mark at once. `speed` > 1 plays faster than real time
+    (a simulated clock). `send` carries a message to the agent (JSON text)."""
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], stream_sid: str, *, speed: float = 1.0) -> None:
+        self.send_text, self.stream_sid, self.speed = send, stream_sid, speed
+        self.buffer: deque[bytes | str] = deque()  # audio not yet played, and marks waiting for it
+        self.played = bytearray()  # every byte of the agent's audio that played
+        self.heard_marks: list[tuple[str, int]] = []  # (mark, bytes played when it echoed), as echoed
+        self.flushed: list[str] = []  # marks echoed because of a `clear` (their audio never played)
+        self.sizes: dict[str, int] = {}  # mark -> bytes of audio sent between the previous mark and it
+        self.unmarked = 0
+        self.messages: list[dict[str, Any]] = []  # everything the agent sent, in order
+        self.clears = 0
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_text(json.dumps(message))
+
+    async def start(self, call_sid: str, **parameters: str) -> None:
+        """`connected` and `start`, as Twilio opens a stream; then play what comes back."""
+        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        start = {
+            "accountSid": "AC" + "0" * 32,
+            "streamSid": self.stream_sid,
+            "callSid": call_sid,
+            "tracks": ["inbound"],
+            "customParameters": {"attempt": "1", **parameters},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        await self.send({"event": "start", "sequenceNumber": "1", "start": start, "streamSid": self.stream_sid})
+        self.task = asyncio.create_task(self._play())
+
+    async def audio(self, data: bytes, *, realtime: bool = True) -> None:
+        """Send the caller's audio in 20 ms frames, paced like a phone line (divided by `speed`)."""
+        for n in range(0, len(data), 160):
+            payload = base64.b64encode(data[n : n + 160]).decode()
+            media = {"track": "inbound", "chunk": str(n // 160 + 1), "timestamp": str(n // 8), "payload": payload}
+            await self.send(
+                {"event": "media", "sequenceNumber": str(n // 160 + 2), "media": media, "streamSid": self.stream_sid}
+            )
+            if realtime:
+                await asyncio.sleep(0.02 / self.speed)
+
+    async def digit(self, digit: str) -> None:
+        await self.send(
+            {"event": "dtmf", "streamSid": self.stream_sid, "dtmf": {"track": "inbound_track", "digit": digit}}
+        )
+
+    async def stop(self, call_sid: str) -> None:
+        await self.send(
+            {
+                "event": "stop",
+                "streamSid": self.stream_sid,
+                "stop": {"accountSid": "AC" + "0" * 32, "callSid": call_sid},
+            }
+        )
+
+    async def received(self, text: str) -> None:
+        """A message from the agent: queue its audio and marks, or clear."""
+        message = json.loads(text)
+        self.messages.append(message)
+        event = message.get("event")
+        if event == "media":
+            audio = base64.b64decode(message["media"]["payload"])
+            self.unmarked += len(audio)
+            self.buffer.append(audio)
+        elif event == "mark":
+            self.sizes[message["mark"]["name"]], self.unmarked = self.unmarked, 0
+            self.buffer.append(message["mark"]["name"])
+        elif event == "clear":
+            self.clears += 1
+            pending = [item for item in self.buffer if isinstance(item, str)]
+            self.flushed += pending
+            self.buffer.clear()
+            for name in pending:
+                await self._echo(name)
+        self.wake.set()
+
+    async def _echo(self, name: str) -> None:
+        self.heard_marks.append((name, len(self.played)))
+        await self.send({"event": "mark", "sequenceNumber": "0", "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    async def _play(self) -> None:
+        while True:
+            while not self.buffer:
+                self.wake.clear()
+                await self.wake.wait()
+            item = self.buffer[0]
+            if isinstance(item, str):
+                self.buffer.popleft()
+                await self._echo(item)
+                continue
+            frame, rest = item[:160], item[160:]
+            await asyncio.sleep(len(frame) / 8000 / self.speed)
+            if self.buffer and self.buffer[0] is item:  # (not cleared meanwhile)
+                self.played += frame
+                if rest:
+                    self.buffer[0] = rest
+                else:
+                    self.buffer.popleft()
+
+    def heard(self) -> int:
+        """Bytes of audio in messages whose marks echoed because they played (not flushed by a `clear`)."""
+        return sum(self.sizes.get(name, 0) for name, _ in self.heard_marks if name not in self.flushed)
+
+    async def drained(self, timeout: float = 10.0) -> None:
+        """Wait until everything sent so far has played."""
+        async with asyncio.timeout(timeout):
+            while self.buffer:
+                await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 def typed_lines(confidence: float) -> Iterator[tuple[str, float | None]]:
