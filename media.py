@@ -170,7 +170,11 @@ class Bridge:
                             await self._start(m.start)
             except TimeoutError:
                 log.warning("media start never came", extra={"route": STREAM_PATH})
-                return await self._close()
+                return
+            except Exception:  # the backend is down: close, so Twilio calls the action URL (which retries)
+                log.exception("media start failed", extra={"call": self.sid, "route": STREAM_PATH})
+                self.sid = ""
+                return
             if not self.sid:
                 return
             model_task = asyncio.create_task(self._listen())
