@@ -202,7 +202,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     return app
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python main.py`: the app on PORT (8000), as the Procfile runs it
     import uvicorn
 
-    uvicorn.run("main:create_app", factory=True, host="0.0.0.0", port=8000)
+    uvicorn.run("main:create_app", factory=True, host="0.0.0.0", port=int(os.environ.get("PORT") or 8000))
