@@ -136,6 +136,41 @@ def end_of_turn(provider: str, usage: Usage) -> Segment:
     return msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
 
 
+class Keypad:
+    """A caller's key presses collected into one entry: ended by "#", by the 32nd key, or by a pause."""
+
+    def __init__(self, wait: float, entered: Callable[[str], Awaitable[None]]) -> None:
+        self.wait, self.entered = wait, entered  # entered: called with the entry a pause ended
+        self.digits = ""
+        self.timer: asyncio.Task[None] | None = None
+
+    def press(self, digit: str) -> str:
+        """Take one key (anything but 0-9 * # is ignored): the entry when this key ends it, else ""."""
+        if len(digit) != 1 or digit not in "0123456789*#":
+            return ""
+        self.cancel()
+        if digit != "#":
+            self.digits += digit
+        if digit == "#" or len(self.digits) >= 32:
+            digits, self.digits = self.digits, ""
+            return digits
+        self.timer = asyncio.create_task(self._pause())
+        return ""
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self.wait)
+        self.timer = None  # (a key pressed while the entry is being answered must not cancel the answer)
+        digits, self.digits = self.digits, ""
+        if digits:
+            await self.entered(digits)
+
+    def cancel(self) -> None:
+        """Stop waiting for a pause."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Mode(Protocol):
     """A call mode (main.modes): its answer to /voice, and its own routes."""
 

@@ -25,7 +25,7 @@ import msgspec
 from litestar import asgi
 
 import pcm
-from calls import Calls, end_of_turn, new_turn_id
+from calls import Calls, Keypad, end_of_turn, new_turn_id
 from contract import (
     TERMINAL_STATUSES,
     CallerDone,
@@ -147,8 +147,7 @@ class Bridge:
         self.ending = ""
         self.superseded = False
         self.unbilled = Usage()
-        self.digits = ""
-        self.dtmf_timer: asyncio.Task[None] | None = None
+        self.keypad = Keypad(DTMF_WAIT, self._keyed)
         self.heard_end: float | None = None  # when the caller stopped speaking, until the answer's first audio
         self.lock = asyncio.Lock()  # one history write at a time
         self.done = asyncio.Event()  # the socket should close
@@ -187,8 +186,7 @@ class Bridge:
             if model_task is not None:
                 model_task.cancel()
                 await asyncio.gather(model_task, return_exceptions=True)
-            if self.dtmf_timer is not None:
-                self.dtmf_timer.cancel()
+            self.keypad.cancel()
             if self.model is not None:
                 with contextlib.suppress(Exception):
                     await self.model.close()
@@ -207,8 +205,8 @@ class Bridge:
                 self._heard_audio(m.media.payload)
             elif m.event == "mark" and m.mark is not None:
                 await self._echoed(m.mark.name)
-            elif m.event == "dtmf" and m.dtmf is not None:
-                self._dtmf(m.dtmf.digit)
+            elif m.event == "dtmf" and m.dtmf is not None and (digits := self.keypad.press(m.dtmf.digit)):
+                await self._keyed(digits)
             elif m.event == "stop":
                 await self._finish_turn()
                 await self.calls.end_call(self.sid, "completed")  # the call (or its stream) is over
@@ -467,22 +465,8 @@ class Bridge:
         self.calls.obs.media_audio_in.inc(len(data) / pcm.RATE)
         self.model.send_audio(pcm.ulaw_to_pcm16(data) if self.pcm16 else data)
 
-    def _dtmf(self, digit: str) -> None:
-        if len(digit) != 1 or digit not in "0123456789*#":
-            return
-        if self.dtmf_timer is not None:
-            self.dtmf_timer.cancel()
-        if digit != "#":
-            self.digits += digit
-        if digit == "#" or len(self.digits) >= 32:
-            self.dtmf_timer = asyncio.create_task(self._keyed(0))
-        else:
-            self.dtmf_timer = asyncio.create_task(self._keyed(DTMF_WAIT))
-
-    async def _keyed(self, wait: float) -> None:
-        await asyncio.sleep(wait)
-        digits, self.digits = self.digits, ""
-        if digits and self.model is not None:
+    async def _keyed(self, digits: str) -> None:
+        if self.model is not None:
             log.info("media digits", extra={"call": self.sid, "count": len(digits)})
             self.turn = self.turn or Exchange()
             self.turn.user.append(f"(pressed {' '.join(digits)})")
