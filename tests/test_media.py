@@ -464,3 +464,20 @@ async def test_a_failing_model_gets_new_sessions_then_the_caller_hears_the_apolo
 
     assert tree(after.content) == twiml(build)
     assert Script.opened == 3
+
+
+async def test_draining_lets_the_reply_play_then_asks_twilio_to_reconnect() -> None:
+    app = main.create_app(env(MODE="media"))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        async with media_call(app, twilio) as (socket, player):
+            player.speed = 1.0
+            await player.audio(burst(600) + silence(600))
+            await until(lambda: len(player.played) > 0)  # the reply is playing
+            await app.state.modes["media"].drain()  # what SIGTERM runs
+            await asyncio.wait_for(socket.closed.wait(), 5)
+            assert len(player.played) == 600 * 8  # the whole reply played before the socket closed
+            session = session_of(app, twilio.call_sid)
+            assert session is not None and session.ending == "reconnect" and session.turns == 1
+        again = await twilio.post("/media-action", CallStatus="in-progress")
+    assert [el[0] for el in tree(again.content)[3]] == ["Connect"]
