@@ -571,7 +571,8 @@ class MediaMode:
         if why.startswith("dial:"):
             number, _, caller_id = why[5:].partition("|")
             await self.calls.end_call(sid, "handoff")
-            return document(verb(Segment(kind="dial", number=number, caller_id=caller_id)))
+            notice = verb(await self.calls.phrase(self.settings.transferring, base_url))  # in the call's voice
+            return document(notice + verb(Segment(kind="dial", number=number, caller_id=caller_id)))
         failing = len(streams) >= MAX_FAILURES and streams[-1] - streams[-MAX_FAILURES] < QUICK_FAILURE
         if why == "failed" or (not why and failing):
             log.warning("media stream failed", extra={"call": sid, "streams": len(streams), "why": why or "dropped"})

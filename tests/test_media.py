@@ -7,11 +7,14 @@ import base64
 import contextlib
 import math
 import secrets
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import httpx
 import msgspec
-from conftest import TOKEN, Captured, Twilio, concurrent, env, tree, twiml
+import websockets
+from conftest import TOKEN, VALKEY_URL, Captured, Twilio, concurrent, env, new_call_sid, server, tree, twiml
 from litestar import Litestar
 
 import main
@@ -35,6 +38,7 @@ from main import (
     hookimpl,
 )
 from plugins.speech_parrot import Parrot, ParrotSession
+from test_relay import webhook_post
 
 WS_URL = "ws://testserver.local/media"
 GREETING = "Hello! You are talking to switchboard. How can I help?"
@@ -481,3 +485,65 @@ async def test_draining_lets_the_reply_play_then_asks_twilio_to_reconnect() -> N
             assert session is not None and session.ending == "reconnect" and session.turns == 1
         again = await twilio.post("/media-action", CallStatus="in-progress")
     assert [el[0] for el in tree(again.content)[3]] == ["Connect"]
+
+
+async def test_a_crashed_replicas_call_continues_on_another_process_with_its_history_replayed() -> None:
+    prefix = "sb-media-test-" + secrets.token_hex(6)
+    shared = {"SESSION_BACKEND": "valkey", "VALKEY_URL": VALKEY_URL, "VALKEY_PREFIX": prefix, "MODE": "media"}
+    call_sid = new_call_sid()
+
+    async def stream(url: str, attempt: str) -> phone.MediaPlayer:
+        """One stream: an utterance, its echo played back, then the socket drops."""
+        async with websockets.connect(url, additional_headers=signed_for(url)) as ws:
+            player = phone.MediaPlayer(ws.send, "MZ" + secrets.token_hex(16), speed=SPEED)
+            reader = asyncio.create_task(read_into(ws, player))
+            await player.start(call_sid, attempt=attempt)
+            await player.audio(burst(300) + silence(700))
+            await until(lambda: len(player.played) >= 300 * 8)
+            await asyncio.sleep(0.3)  # the turn's last mark echoed: it is stored
+            reader.cancel()
+            player.close()
+            return player
+
+    with server(shared) as (base_a, proc_a, _), server(shared) as (base_b, _proc_b, log_b):
+        async with httpx.AsyncClient() as client:
+            answer = await webhook_post(client, base_a + "/voice?mode=media", call_sid, CallStatus="ringing")
+            url_a = ET.fromstring(answer.content).find("Connect/Stream").get("url")  # type: ignore[union-attr]
+            await stream(url_a, "1")
+            proc_a.kill()  # the replica dies; Twilio calls the action URL, the load balancer picks the other
+            again = await webhook_post(client, base_b + "/media-action", call_sid)
+            url_b = ET.fromstring(again.content).find("Connect/Stream").get("url")  # type: ignore[union-attr]
+            assert url_b == base_b.replace("http://", "ws://") + "/media"
+            await stream(url_b, "2")
+    text = log_b.read_text()
+    assert f"media connected call={call_sid} attempt=2 history=2" in text  # the first turn, both sides
+
+
+def signed_for(url: str) -> dict[str, str]:
+    return {"x-twilio-signature": webhooks.twilio_signature(TOKEN, url, [])}
+
+
+async def read_into(ws: Any, player: phone.MediaPlayer) -> None:
+    async for message in ws:
+        await player.received(message)
+
+
+async def test_a_transfer_says_so_in_the_calls_voice_then_dials() -> None:
+    Script.answers = [
+        [CallerSpeaking(), CallerDone(), ToolCall(id="t1", name="transfer_call", arguments={}), ReplyDone()],
+        [*spoken("a2", "Connecting you now.", 200), ReplyDone()],
+    ]
+    app = main.create_app(env(MODE="media", SPEECH_MODEL="scripted", TRANSFER_NUMBER="+15005550009"),
+                          plugins=[ScriptedPlugin()])
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        async with media_call(app, twilio) as (socket, player):
+            await player.audio(burst(300))
+            await asyncio.wait_for(socket.closed.wait(), 10)
+        after = await twilio.post("/media-action", CallStatus="in-progress")
+
+    def build(r: Any) -> None:
+        r.say("Please hold while I transfer your call.", voice="Polly.Joanna-Neural", language="en-US")
+        r.dial("+15005550009", caller_id="+15005550006")
+
+    assert tree(after.content) == twiml(build)
