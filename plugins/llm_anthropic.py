@@ -79,7 +79,7 @@ EVENT = msgspec.json.Decoder(StreamEvent)
 ENCODER = msgspec.json.Encoder()
 
 
-def decode_event(data: str) -> StreamEvent:
+def decode_event(data: bytes) -> StreamEvent:
     """One event's data as a StreamEvent."""
     try:
         return EVENT.decode(data)
@@ -88,22 +88,26 @@ def decode_event(data: str) -> StreamEvent:
         raise  # JSON of the wrong shape
 
 
-async def sse_events(response: Any) -> AsyncGenerator[tuple[str, str]]:
-    """Each server-sent event in a response body as (event name, data), as the SSE spec splits them."""
-    name = ""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:  # a blank line ends an event
+async def sse_events(response: Any) -> AsyncGenerator[tuple[bytes, bytes]]:
+    """Each server-sent event in a response body as (event name, data), as the SSE spec splits them, in bytes."""
+    # split in bytes rather than through httpx's text and line decoders, which cost more than the JSON
+    rest = b""
+    async for chunk in response.aiter_bytes():
+        rest += chunk
+        if b"\r" in rest:  # CRLF or CR line ends; a CR at the end may be the first half of a CRLF
+            held = b"\r" if rest.endswith(b"\r") else b""
+            rest = rest.removesuffix(held).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+        *events, rest = rest.split(b"\n\n")  # a blank line ends an event
+        for event in events:
+            name, data = b"", []
+            for line in event.split(b"\n"):
+                field, _, value = line.partition(b":")  # a line starting with ":" is a comment
+                if field == b"data":
+                    data.append(value.removeprefix(b" "))
+                elif field == b"event":
+                    name = value.removeprefix(b" ")
             if name or data:
-                yield name, "\n".join(data)
-            name, data = "", []
-            continue
-        field, _, value = line.partition(":")  # a line starting with ":" is a comment
-        value = value.removeprefix(" ")
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            name = value
+                yield name, b"\n".join(data)
 
 
 def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
@@ -189,9 +193,9 @@ class AnthropicProvider(VendorSDK, LLMProvider):
             events = sse_events(response)
             try:
                 async for name, data in events:
-                    if name in ("", "ping") or not data:  # what the SDK's stream skips
+                    if name in (b"", b"ping") or not data:  # what the SDK's stream skips
                         continue
-                    if name == "error":
+                    if name == b"error":
                         raise self._stream_error(data, response)
                     event = decode_event(data)
                     kind = event.type
@@ -249,13 +253,13 @@ class AnthropicProvider(VendorSDK, LLMProvider):
             ]
         return params
 
-    def _stream_error(self, data: str, response: Any) -> Exception:
+    def _stream_error(self, data: bytes, response: Any) -> Exception:
         """The SDK's status error (of the stream's status, 200) for an `error` event, as its own stream builds it."""
         try:
             body: Any = json.loads(data)
             message = f"{body}"
         except ValueError:
-            body, message = data, data
+            body = message = data.decode(errors="replace")
         return self.sdk.APIStatusError(message, response=response, body=body)
 
     def _tool_call(self, use: dict[str, str]) -> ToolCall:

@@ -78,7 +78,7 @@ CHUNK = msgspec.json.Decoder(Chunk)
 ENCODER = msgspec.json.Encoder()
 
 
-def decode_chunk(data: str) -> Chunk:
+def decode_chunk(data: bytes) -> Chunk:
     """One event's data as a Chunk."""
     try:
         return CHUNK.decode(data)
@@ -87,18 +87,24 @@ def decode_chunk(data: str) -> Chunk:
         raise  # JSON of the wrong shape
 
 
-async def sse_data(response: Any) -> AsyncGenerator[str]:
-    """The data of each server-sent event in a response body, as the SSE spec splits them."""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:  # a blank line ends an event
+async def sse_data(response: Any) -> AsyncGenerator[bytes]:
+    """The data of each server-sent event in a response body, as the SSE spec splits them, in bytes."""
+    # split in bytes rather than through httpx's text and line decoders, which cost more than the JSON
+    rest = b""
+    async for chunk in response.aiter_bytes():
+        rest += chunk
+        if b"\r" in rest:  # CRLF or CR line ends; a CR at the end may be the first half of a CRLF
+            held = b"\r" if rest.endswith(b"\r") else b""
+            rest = rest.removesuffix(held).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+        *events, rest = rest.split(b"\n\n")  # a blank line ends an event
+        for event in events:  # a line starting with ":" is a comment: its field is empty
+            data = [
+                v.removeprefix(b" ")
+                for f, _, v in (line.partition(b":") for line in event.split(b"\n"))
+                if f == b"data"
+            ]
             if data:
-                yield "\n".join(data)
-            data = []
-        else:
-            field, _, value = line.partition(":")  # a line starting with ":" is a comment
-            if field == "data":
-                data.append(value.removeprefix(" "))
+                yield b"\n".join(data)
 
 
 def openai_messages(messages: Sequence[Message], system: str) -> list[dict[str, Any]]:
@@ -256,12 +262,12 @@ class OpenAIProvider(VendorSDK, LLMProvider):
             ]
         return params
 
-    async def _events(self, response: Any) -> AsyncGenerator[str]:
+    async def _events(self, response: Any) -> AsyncGenerator[bytes]:
         """The events' data up to [DONE], with transport errors raised as the SDK's own streams raise them."""
         async with contextlib.aclosing(sse_data(response)) as events:
             try:
                 async for data in events:
-                    if data.startswith("[DONE]"):
+                    if data.startswith(b"[DONE]"):
                         break
                     yield data
             except self.timeouts as e:
