@@ -31,6 +31,7 @@ from contract import (
     SessionBackend,
     Settings,
     Snapshot,
+    SpeechModel,
     Tool,
     ToolCall,
     ToolResult,
@@ -135,6 +136,41 @@ def end_of_turn(provider: str, usage: Usage) -> Segment:
     return msgspec.structs.replace(END, provider=provider, **msgspec.structs.asdict(usage))
 
 
+class Keypad:
+    """A caller's key presses collected into one entry: ended by "#", by the 32nd key, or by a pause."""
+
+    def __init__(self, wait: float, entered: Callable[[str], Awaitable[None]]) -> None:
+        self.wait, self.entered = wait, entered  # entered: called with the entry a pause ended
+        self.digits = ""
+        self.timer: asyncio.Task[None] | None = None
+
+    def press(self, digit: str) -> str:
+        """Take one key (anything but 0-9 * # is ignored): the entry when this key ends it, else ""."""
+        if len(digit) != 1 or digit not in "0123456789*#":
+            return ""
+        self.cancel()
+        if digit != "#":
+            self.digits += digit
+        if digit == "#" or len(self.digits) >= 32:
+            digits, self.digits = self.digits, ""
+            return digits
+        self.timer = asyncio.create_task(self._pause())
+        return ""
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self.wait)
+        self.timer = None  # (a key pressed while the entry is being answered must not cancel the answer)
+        digits, self.digits = self.digits, ""
+        if digits:
+            await self.entered(digits)
+
+    def cancel(self) -> None:
+        """Stop waiting for a pause."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Mode(Protocol):
     """A call mode (main.modes): its answer to /voice, and its own routes."""
 
@@ -151,7 +187,7 @@ class Calls:
     """The calls this replica serves, in every mode: sessions, turns, phrases, replies, background work.
 
     Public attributes a mode uses: settings, backend (the session backend), voice (the call's TTS voice),
-    obs (metrics and records), draining (SIGTERM arrived)."""
+    obs (metrics and records), speech (media mode's speech model), draining (SIGTERM arrived)."""
 
     def __init__(
         self,
@@ -160,9 +196,11 @@ class Calls:
         voice: TTSVoice,
         backend: SessionBackend,
         obs: Observer,
-        tools: Sequence[Tool] = (),
+        tools: Sequence[Tool],
+        speech: SpeechModel,
     ) -> None:
         self.settings, self.llm, self.voice, self.backend, self.obs = settings, llm, voice, backend, obs
+        self.speech = speech  # media mode's model (SPEECH_MODEL)
         self.tools = {tool.spec.name: tool for tool in tools}
         self.tool_specs = tuple(tool.spec for tool in tools)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -249,8 +287,9 @@ class Calls:
         self.obs.call_started()
         return Session(call_sid=call_sid, caller=caller, to=to, started=time.time())
 
-    def close_turn(self, session: Session, served: Sequence[Segment]) -> None:
-        """Move the current turn into history with what the caller was actually sent."""
+    def close_turn(self, session: Session, served: Sequence[Segment], *, interrupted: bool | None = None) -> None:
+        """Move the current turn into history with what the caller was actually sent (interrupted: cut off,
+        which a reply without its end segment is)."""
         turn, session.current = session.current, None
         if turn is None:
             return
@@ -258,7 +297,9 @@ class Calls:
         end = next((s for s in served if s.kind == "end"), None)
         session.history.append(Message(role="user", content=turn.user))
         if said:
-            session.history.append(Message(role="assistant", content=said, interrupted=end is None))
+            session.history.append(
+                Message(role="assistant", content=said, interrupted=end is None if interrupted is None else interrupted)
+            )
         if end is not None and end.provider:
             session.providers.append(end.provider)
             session.usage[end.provider] = session.usage.get(end.provider, Usage()) + end.usage

@@ -321,6 +321,8 @@ class TwilioForm(msgspec.Struct, gc=False, kw_only=True, rename="pascal"):
     session_status: str = ""  # the <Connect action> callback after a ConversationRelay (relay.py)
     session_duration: str = ""
     handoff_data: str = ""
+    stream_event: str = ""  # the <Stream statusCallback> (media.py)
+    stream_error: str = ""
 
 
 TERMINAL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")  # CallStatus values that end a call

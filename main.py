@@ -36,13 +36,19 @@ from contract import (
     log,
 )
 from gather import Gather
+from media import MediaMode
+from pcm import FRAME, energy_db, pcm16_to_ulaw, ulaw_to_pcm16  # noqa: F401  (for plugins: `from main import ...`)
 from relay import Relay
 from twiml import document
 from webhooks import Gate, Reject, Switchboard, health, metrics, unrouted, webhook
 
 HERE = Path(__file__).resolve().parent
 
-modes: dict[str, Callable[[Calls], Mode]] = {"gather": Gather, "relay": Relay}  # a new call mode is one entry
+modes: dict[str, Callable[[Calls], Mode]] = {
+    "gather": Gather,
+    "relay": Relay,
+    "media": MediaMode,
+}  # a new call mode is one entry
 
 
 # ----------------------------------------------------------------------------- plugins
@@ -97,7 +103,8 @@ def voice(settings: Settings, by_name: Mapping[str, Mode]) -> Callable[[TwilioFo
     async def answer(form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
         name = query.get("mode") or settings.mode
         if (mode := by_name.get(name)) is None:
-            raise Reject(400, f"mode={name!r} on the voice URL must be {' or '.join(by_name)}")
+            *others, last = by_name
+            raise Reject(400, f"mode={name!r} on the voice URL must be {', '.join(others)} or {last}")
         return await mode.voice(form, base_url, query)
 
     return answer
@@ -142,7 +149,8 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     recorder_names = () if settings.call_recorders == ("none",) else settings.call_recorders
     recorders = select(pm, "recorder", recorder_names, settings)
     obs = observe.Observer(settings, providers, recorders)
-    calls = Calls(settings, LLMChain(providers, settings, obs), speaker, backend, obs, tools)
+    speech = select(pm, "speech", [settings.speech_model], settings)[0]
+    calls = Calls(settings, LLMChain(providers, settings, obs), speaker, backend, obs, tools, speech)
     by_name = {name: make(calls) for name, make in modes.items()}
     chosen = {"llm": list(settings.llm_provider), "tts": settings.tts_voice, "session": settings.session_backend}
 
@@ -150,7 +158,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         opened: list[Any] = []
         try:
-            for obj in (backend, speaker, *providers, *recorders):
+            for obj in (backend, speaker, *providers, *recorders, speech):
                 await obj.aopen()
                 opened.append(obj)
             calls.watch_for_sigterm()
@@ -194,7 +202,7 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     return app
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python main.py`: the app on PORT (8000), as the Procfile runs it
     import uvicorn
 
-    uvicorn.run("main:create_app", factory=True, host="0.0.0.0", port=8000)
+    uvicorn.run("main:create_app", factory=True, host="0.0.0.0", port=int(os.environ.get("PORT") or 8000))

@@ -415,6 +415,22 @@ class Observer:
         self.call_cost = Histogram(
             "switchboard_call_cost_dollars", "What a call cost (models and minutes).", buckets=COST_BUCKETS, registry=r
         )
+        self.media_first_audio = Histogram(
+            "switchboard_media_first_audio_seconds",
+            "Media mode: from the end of the caller's speech to the answer's first audio sent to Twilio.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        audio = Counter(
+            "switchboard_media_audio_seconds", "Media mode: seconds of audio, by direction.", ["direction"], registry=r
+        )
+        self.media_audio_in, self.media_audio_out = audio.labels("in"), audio.labels("out")
+        self.media_interruptions = Counter(
+            "switchboard_media_interruptions", "Media mode: replies the caller spoke over.", registry=r
+        )
+        self.media_reconnects = Counter(
+            "switchboard_media_reconnects", "Media mode: new model sessions after one failed or ended.", registry=r
+        )
         self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
         self.by_provider: dict[str, ProviderMetrics] = {}
         for p in providers:

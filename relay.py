@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from litestar import asgi
 
-from calls import Calls, end_of_turn, new_turn_id
+from calls import Calls, Keypad, end_of_turn, new_turn_id
 from contract import (
     END,
     TERMINAL_STATUSES,
@@ -165,8 +165,7 @@ class Conversation:
         self.sent: list[str] = []  # what the latest turn has sent so far
         self.gap = False  # the next text needs a space before it (after a filler)
         self.partial = ""
-        self.digits = ""
-        self.dtmf_timer: asyncio.Task[None] | None = None
+        self.keypad = Keypad(relay.dtmf_wait, self._paused)
         self.lock = asyncio.Lock()  # one backend transition at a time per socket
         self.ended = False
         self.started = time.monotonic()
@@ -276,7 +275,8 @@ class Conversation:
             elif m.type == "interrupt":
                 await self._interrupt(m)
             elif m.type == "dtmf":
-                await self._dtmf(m.digit)
+                if digits := self.keypad.press(m.digit):
+                    await self._keyed(digits)
             elif m.type == "error":
                 log.warning("twilio relay error", extra={"call": self.sid, "error": m.description})
             elif m.type == "info":
@@ -284,9 +284,12 @@ class Conversation:
             else:
                 log.debug("relay message ignored", extra={"call": self.sid, "type": m.type})
         except Exception:  # the backend or a plugin failed: say so rather than go quiet
-            log.exception("relay message failed", extra={"call": self.sid, "type": m.type})
-            self.outbox.text(self.settings.apology)
-            self.outbox.finish()
+            self._apologise(m.type)
+
+    def _apologise(self, what: str) -> None:
+        log.exception("relay message failed", extra={"call": self.sid, "type": what})
+        self.outbox.text(self.settings.apology)
+        self.outbox.finish()
 
     # -- what Twilio tells us
 
@@ -299,28 +302,15 @@ class Conversation:
         if text:
             await self._answer(text)
 
-    async def _dtmf(self, digit: str) -> None:
-        if len(digit) != 1 or digit not in "0123456789*#":
-            return
-        if self.dtmf_timer is not None:
-            self.dtmf_timer.cancel()
-        if digit != "#":
-            self.digits += digit
-        if digit == "#" or len(self.digits) >= 32:
-            await self._keyed()
-        else:
-            self.dtmf_timer = asyncio.create_task(self._keyed_later())
+    async def _paused(self, digits: str) -> None:
+        try:  # (a task of its own: a failure is said here)
+            await self._keyed(digits)
+        except Exception:
+            self._apologise("dtmf")
 
-    async def _keyed_later(self) -> None:
-        await asyncio.sleep(self.relay.dtmf_wait)
-        self.dtmf_timer = None
-        await self._handle(Inbound(type="dtmf", digit="#"))  # the pause ends the number
-
-    async def _keyed(self) -> None:
-        digits, self.digits = self.digits, ""
-        if digits:
-            log.info("relay digits", extra={"call": self.sid, "count": len(digits)})
-            await self._answer(f"(The caller pressed {' '.join(digits)} on the keypad.)")
+    async def _keyed(self, digits: str) -> None:
+        log.info("relay digits", extra={"call": self.sid, "count": len(digits)})
+        await self._answer(f"(The caller pressed {' '.join(digits)} on the keypad.)")
 
     async def _interrupt(self, m: Inbound) -> None:
         heard = " ".join(m.utterance_until_interrupt.split())
@@ -506,8 +496,7 @@ class Conversation:
 
     async def _hang_up(self) -> None:
         """The socket closed: stop everything; a reply cut off keeps what was sent, marked interrupted."""
-        if self.dtmf_timer is not None:
-            self.dtmf_timer.cancel()
+        self.keypad.cancel()
         if await self._cancel() and self.sid:
             with contextlib.suppress(Exception):
                 await self._record(self.turn, "".join(self.sent).strip(), complete=False)

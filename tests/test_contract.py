@@ -21,7 +21,7 @@ def test_bad_values_name_the_variable() -> None:
         main.load_settings({"MIN_CONFIDENCE": "lots"})
     with pytest.raises(main.ConfigError, match="MIN_CONFIDENCE=2.0 must be between 0 and 1"):
         main.load_settings({"MIN_CONFIDENCE": "2"})
-    with pytest.raises(main.ConfigError, match="^MODE='webhook' is not valid: use one of gather, relay$"):
+    with pytest.raises(main.ConfigError, match="^MODE='webhook' is not valid: use one of gather, relay, media$"):
         main.create_app(env(MODE="webhook"))  # checked against main.modes, where a new mode is one entry
 
 

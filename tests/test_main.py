@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
-from conftest import Captured, Scripted, Twilio, env, plugin, running
+import httpx
+from conftest import ROOT, TOKEN, Captured, Scripted, Twilio, env, plugin, running
 
 import main
+import phone
 
 # ----------------------------------------------------------------------------- startup
 
@@ -99,3 +105,27 @@ async def test_status_callbacks_end_the_session_only_when_the_call_is_over() -> 
         still = twilio.call_sid in app.state.calls.backend.calls
         await twilio.post("/status", CallStatus="no-answer")
     assert still and twilio.call_sid not in app.state.calls.backend.calls
+
+
+def test_python_main_py_serves_the_app_with_no_alias_for_plugins() -> None:
+    """`python main.py` runs this file as __main__; plugins' `from main import ...` load it again as `main`,
+    which works because the contract they share lives in contract.py."""
+    port = phone.free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PORT": str(port), "TWILIO_AUTH_TOKEN": TOKEN},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.stderr else ""
+                time.sleep(0.1)
+        assert health.status_code == 200
+        assert health.json()["plugins"] == {"llm": ["echo"], "tts": "say", "session": "memory"}
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)

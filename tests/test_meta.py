@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import re
@@ -74,3 +75,41 @@ def test_the_container_carries_every_module_the_app_imports() -> None:
     for path in sorted(ROOT.glob("*.py")):
         if path.stem not in ("phone",):
             assert f"!{path.name}" in allowed, f"{path.name} is not copied into the image"
+
+
+# The core, bottom to top (DESIGN.md): a module imports only modules listed before it.
+LAYERS = [
+    "contract", "twiml", "deadlines", "pcm", "speech", "observe", "webhooks", "audio", "calls", "gather", "relay", "media",
+    "main",
+]
+
+
+def _project_imports(path: Path, local: set[str]) -> set[str]:
+    """Every project module a file imports, wherever the import stands (TYPE_CHECKING and functions count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & local
+
+
+def test_each_core_module_imports_only_the_modules_below_it() -> None:
+    local = {p.stem for p in ROOT.glob("*.py")}
+    assert set(LAYERS) <= local, f"not a module: {set(LAYERS) - local}"
+    for n, name in enumerate(LAYERS):
+        above = _project_imports(ROOT / f"{name}.py", local) - {name} - set(LAYERS[:n])
+        assert not above, f"{name}.py imports {sorted(above)}, which are not below it in {LAYERS}"
+
+
+def test_the_layer_check_sees_imports_hidden_in_functions_and_type_checking(tmp_path: Path) -> None:
+    (tmp_path / "low.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import high\ndef f():\n    from top import x\n"
+    )
+    assert _project_imports(tmp_path / "low.py", {"low", "high", "top"}) == {"high", "top"}
+
+
+def test_every_core_module_has_its_own_test_module() -> None:
+    for name in LAYERS:
+        assert (ROOT / "tests" / f"test_{name}.py").exists(), f"{name}.py has no tests/test_{name}.py"

@@ -28,7 +28,8 @@ import observe
 import phone
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action")
+ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action", "/media-action",
+          "/media-status")
 CALLER = "+15005550006"
 
 
@@ -126,9 +127,9 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
 
     expected = {
         **{("switchboard_request_seconds_count", (("route", r),)): float(n)
-           for r, n in zip(ROUTES, (2, 1, 1, 1, 0, 0), strict=True)},
+           for r, n in zip(ROUTES, (2, 1, 1, 1, 0, 0, 0, 0), strict=True)},
         **{("switchboard_responses_total", (("route", r), ("status", "200"))): float(n)
-           for r, n in zip(ROUTES, (1, 1, 1, 1, 0, 0), strict=True)},
+           for r, n in zip(ROUTES, (1, 1, 1, 1, 0, 0, 0, 0), strict=True)},
         ("switchboard_responses_total", (("route", "/voice"), ("status", "403"))): 1.0,
         **counters("switchboard_signature_rejections", "route", {r: r == "/voice" for r in ROUTES}),
         ("switchboard_session_backend_errors_total", ()): 0.0,
@@ -152,6 +153,11 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
         ("switchboard_tts_fallbacks_total", ()): float(observe.audio_counts["fallback"]),
         **counters("switchboard_tts_audio", "event", {e: observe.audio_counts[e] for e in ("synthesized", "reused", "served",
                                                                               "missing")}),
+        # media mode's series exist from the start (this was a Gather call)
+        **counters("switchboard_media_audio_seconds", "direction", {"in": 0, "out": 0}),
+        **histogram("switchboard_media_first_audio_seconds", {}, 0, 0, LAT),
+        ("switchboard_media_interruptions_total", ()): 0.0,
+        ("switchboard_media_reconnects_total", ()): 0.0,
     }
     assert got == expected
     assert sums[("switchboard_call_cost_dollars_sum", ())] == pytest.approx(cost + 0.01)

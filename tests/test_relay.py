@@ -280,7 +280,7 @@ async def test_mode_is_overridable_per_number_on_the_voice_url() -> None:
     assert tree(default_gather.content) == tree(gather_number.content) == greeting
     expected = connect_doc("ws://testserver.local/relay", **voice_attrs(relay_app))
     assert tree(relay_number.content) == tree(default_relay.content) == expected
-    assert (bogus.status_code, bogus.text) == (400, "400 mode='webhook' on the voice URL must be gather or relay\n")
+    assert (bogus.status_code, bogus.text) == (400, "400 mode='webhook' on the voice URL must be gather, relay or media\n")
 
 
 def test_relay_settings_are_checked_at_startup() -> None:
