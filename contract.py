@@ -266,6 +266,11 @@ class TurnRecord(msgspec.Struct, frozen=True, kw_only=True):
     reply_ms: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # Usage's detail: cached and audio tokens, transcription
+    audio_input_tokens: int = 0
+    cached_audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    transcription_ms: int = 0
     cost: float = 0.0  # US dollars
 
 
@@ -283,6 +288,11 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     usage: dict[str, Usage] = {}
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # Usage's detail: cached and audio tokens, transcription
+    audio_input_tokens: int = 0
+    cached_audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    transcription_ms: int = 0
     llm_cost: float = 0.0
     phone_cost: float = 0.0
     cost: float = 0.0  # US dollars: llm_cost + phone_cost

@@ -34,6 +34,7 @@ from contract import (
     Segment,
     Session,
     Settings,
+    SpeechModel,
     Turn,
     TurnRecord,
     Usage,
@@ -41,6 +42,7 @@ from contract import (
     mask,
 )
 
+EMPTY = Usage()
 prometheus_client.disable_created_metrics()  # no `_created` twin for every series: half the scrape, nothing lost
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 25.0)
@@ -71,6 +73,57 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "claude-sonnet-4": (3.00, 15.00),
     "claude-opus-4": (15.00, 75.00),
     "claude-opus-4-5": (5.00, 25.00),
+}
+
+
+class Rate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """US dollars per million tokens of each kind (cached tokens are part of the input), and per minute of
+    the caller's audio transcribed."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cached_input: float | None = None  # None: as input
+    audio_input: float = 0.0
+    cached_audio_input: float | None = None  # None: as audio_input
+    audio_output: float = 0.0
+    transcription_per_minute: float = 0.0
+
+    def cost(self, u: Usage) -> float:
+        """What one usage costs at these rates."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        cached_audio = self.audio_input if self.cached_audio_input is None else self.cached_audio_input
+        tokens = (
+            (u.input_tokens - u.cached_input_tokens) * self.input
+            + u.cached_input_tokens * cached
+            + (u.audio_input_tokens - u.cached_audio_input_tokens) * self.audio_input
+            + u.cached_audio_input_tokens * cached_audio
+            + u.output_tokens * self.output
+            + u.audio_output_tokens * self.audio_output
+        )
+        return tokens / 1_000_000 + u.transcription_ms / 60_000 * self.transcription_per_minute
+
+
+# Speech models (media mode), by model name as above: OpenAI's list prices when written (model pages), with
+# input transcription at gpt-realtime-whisper's per-minute price (the plugin's default transcriber).
+SPEECH_PRICES: dict[str, Rate] = {
+    "gpt-realtime-2": Rate(
+        input=4.00,
+        cached_input=0.40,
+        output=24.00,
+        audio_input=32.00,
+        cached_audio_input=0.40,
+        audio_output=64.00,
+        transcription_per_minute=0.017,
+    ),
+    "gpt-realtime-2.1-mini": Rate(
+        input=0.60,
+        cached_input=0.06,
+        output=2.40,
+        audio_input=10.00,
+        cached_audio_input=0.30,
+        audio_output=20.00,
+        transcription_per_minute=0.017,
+    ),
 }
 
 
@@ -157,7 +210,7 @@ def install_log_hygiene(settings: Settings) -> None:
 # ----------------------------------------------------------------------------- cost
 
 
-def _lookup(table: Mapping[str, tuple[float, float]], name: str) -> tuple[float, float] | None:
+def _lookup(table: Mapping[str, Any], name: str) -> Any:
     """The price of `name`, exactly or by its longest listed prefix (model names carry dates)."""
     if not name:
         return None
@@ -167,42 +220,58 @@ def _lookup(table: Mapping[str, tuple[float, float]], name: str) -> tuple[float,
     return table[max(keys, key=len)] if keys else None
 
 
+def speech_key(name: str) -> str:
+    """Where a speech model's usage and rates are kept, apart from an LLM provider of the same name."""
+    return f"speech:{name}"
+
+
+def _rate(price: tuple[float, float] | Rate | None) -> Rate | None:
+    return Rate(input=price[0], output=price[1]) if isinstance(price, tuple) else price
+
+
 class Prices:
     """Turns tokens and minutes into US dollars."""
 
-    def __init__(self, settings: Settings, providers: Sequence[LLMProvider]) -> None:
+    def __init__(
+        self, settings: Settings, providers: Sequence[LLMProvider], speech: Sequence[SpeechModel] = ()
+    ) -> None:
         raw = settings.get("PRICES")
         try:
-            user = msgspec.json.decode(raw, type=dict[str, tuple[float, float]]) if raw else {}
+            user = msgspec.json.decode(raw, type=dict[str, tuple[float, float] | Rate]) if raw else {}
             self.per_minute = float(settings.get("CALL_PRICE_PER_MINUTE", "0"))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
             raise ConfigError(
                 f"PRICES or CALL_PRICE_PER_MINUTE is not valid ({e}); PRICES is JSON like "
-                '{"gpt-4o-mini": [0.15, 0.6]} in dollars per million input and output tokens'
+                '{"gpt-4o-mini": [0.15, 0.6]} in dollars per million input and output tokens, or for a speech '
+                'model {"gpt-realtime-2.1": {"input": 4, "cached_input": 0.4, "output": 24, "audio_input": 32, '
+                '"cached_audio_input": 0.4, "audio_output": 64, "transcription_per_minute": 0.017}}'
             ) from None
-        self.rates: dict[str, tuple[float, float] | None] = {}
+        self.rates: dict[str, Rate | None] = {}
         for p in providers:
             model = p.model
-            self.rates[p.name] = (
+            self.rates[p.name] = _rate(
                 _lookup(user, model)
                 or _lookup(user, p.name)
                 or _lookup(DEFAULT_PRICES, model)
                 or _lookup(DEFAULT_PRICES, p.name)
             )
+        for s in speech:
+            key = speech_key(s.name)
+            self.rates[key] = _rate(_lookup(user, s.model) or _lookup(user, key) or _lookup(SPEECH_PRICES, s.model))
         self.unpriced: set[str] = set()
 
-    def tokens(self, provider: str, input_tokens: int, output_tokens: int) -> float:
-        """What a model's tokens cost; unknown prices cost 0 and are logged once."""
+    def cost(self, provider: str, usage: Usage) -> float:
+        """What a model's usage costs; unknown prices cost 0 and are logged once."""
         rate = self.rates.get(provider)
         if rate is None:
-            if (input_tokens or output_tokens) and provider not in self.unpriced:
+            if usage != EMPTY and provider not in self.unpriced:
                 self.unpriced.add(provider)
                 log.warning(
                     "no price for this provider's model; its cost counts as 0 (set PRICES)",
                     extra={"provider": provider},
                 )
             return 0.0
-        return (input_tokens * rate[0] + output_tokens * rate[1]) / 1_000_000
+        return rate.cost(usage)
 
     def phone(self, seconds: float) -> float:
         """What the call's minutes cost (Twilio bills each started minute)."""
@@ -277,10 +346,16 @@ class ProviderMetrics:
 class Observer:
     """Metrics in a per-app registry, per-turn timings, cost, and the call recorders."""
 
-    def __init__(self, settings: Settings, providers: Sequence[LLMProvider], recorders: Sequence[CallRecorder]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Sequence[LLMProvider],
+        recorders: Sequence[CallRecorder],
+        speech: Sequence[SpeechModel] = (),
+    ) -> None:
         install_log_hygiene(settings)
         self.settings = settings
-        self.prices = Prices(settings, providers)
+        self.prices = Prices(settings, providers, speech)
         self.recorders = list(recorders)
         self.latencies: OrderedDict[tuple[str, int], Latency] = OrderedDict()
         self.registry = r = CollectorRegistry()
@@ -426,13 +501,13 @@ class Observer:
         bound.reply.observe(seconds)
         bound.tokens_in.inc(usage.input_tokens)
         bound.tokens_out.inc(usage.output_tokens)
-        bound.cost.inc(self.prices.tokens(provider, usage.input_tokens, usage.output_tokens))
+        bound.cost.inc(self.prices.cost(provider, usage))
 
     def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> None:
         """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost."""
         lat = self.latencies.pop((session.call_sid, session.turns), None) or Latency()
         provider = end.provider if end is not None else ""
-        tokens_in, tokens_out = (end.input_tokens, end.output_tokens) if end is not None else (0, 0)
+        usage = end.usage if end is not None else EMPTY
         record = TurnRecord(
             call_sid=session.call_sid,
             turn=session.turns,
@@ -445,9 +520,8 @@ class Observer:
             first_token_ms=_ms(lat.first_token),
             first_audio_ms=_ms(lat.first_audio),
             reply_ms=_ms(lat.reply),
-            input_tokens=tokens_in,
-            output_tokens=tokens_out,
-            cost=round(self.prices.tokens(provider, tokens_in, tokens_out), 6),
+            **msgspec.structs.asdict(usage),
+            cost=round(self.prices.cost(provider, usage), 6),
         )
         for recorder in self.recorders:
             try:
@@ -466,7 +540,8 @@ class Observer:
         """A call is over: log it with its cost, count it, tell the recorders."""
         now = time.time()
         seconds = now - session.started
-        llm = sum(self.prices.tokens(p, u.input_tokens, u.output_tokens) for p, u in session.usage.items())
+        llm = sum(self.prices.cost(p, u) for p, u in session.usage.items())
+        total = sum(session.usage.values(), EMPTY)
         phone = self.prices.phone(seconds)
         record = CallRecord(
             call_sid=session.call_sid,
@@ -478,8 +553,7 @@ class Observer:
             turns=session.turns,
             providers=list(dict.fromkeys(session.providers)),
             usage=dict(session.usage),
-            input_tokens=sum(u.input_tokens for u in session.usage.values()),
-            output_tokens=sum(u.output_tokens for u in session.usage.values()),
+            **msgspec.structs.asdict(total),
             llm_cost=round(llm, 6),
             phone_cost=round(phone, 6),
             cost=round(llm + phone, 6),

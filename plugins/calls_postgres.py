@@ -51,17 +51,28 @@ CREATE TABLE IF NOT EXISTS turns (
     cost numeric(14, 6) NOT NULL,
     PRIMARY KEY (call_sid, turn_id)
 );
-"""
-INSERT_CALL = """
+""" + "".join(  # usage detail, added after the first release: tables created before gain the columns, old rows 0
+    f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} integer NOT NULL DEFAULT 0;\n"
+    for table in ("calls", "turns")
+    for column in (
+        "cached_input_tokens",
+        "audio_input_tokens",
+        "cached_audio_input_tokens",
+        "audio_output_tokens",
+        "transcription_ms",
+    )
+)
+DETAIL = "cached_input_tokens, audio_input_tokens, cached_audio_input_tokens, audio_output_tokens, transcription_ms"
+INSERT_CALL = f"""
 INSERT INTO calls (call_sid, caller, callee, started, ended, seconds, outcome, turns, providers, usage,
-                   input_tokens, output_tokens, llm_cost, phone_cost, cost)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   input_tokens, output_tokens, llm_cost, phone_cost, cost, {DETAIL})
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (call_sid) DO NOTHING
 """
-INSERT_TURN = """
+INSERT_TURN = f"""
 INSERT INTO turns (call_sid, turn, turn_id, started, speech, reply, interrupted, provider, first_token_ms,
-                   first_audio_ms, reply_ms, input_tokens, output_tokens, cost)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   first_audio_ms, reply_ms, input_tokens, output_tokens, cost, {DETAIL})
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (call_sid, turn_id) DO NOTHING
 """
 LOCK = 0x5B_CA11  # an advisory lock id: replicas starting together create the tables once
@@ -69,6 +80,16 @@ LOCK = 0x5B_CA11  # an advisory lock id: replicas starting together create the t
 
 def _time(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def _detail(r: TurnRecord | CallRecord) -> tuple[int, ...]:
+    return (
+        r.cached_input_tokens,
+        r.audio_input_tokens,
+        r.cached_audio_input_tokens,
+        r.audio_output_tokens,
+        r.transcription_ms,
+    )
 
 
 class PostgresRecorder(CallRecorder):
@@ -193,6 +214,7 @@ class PostgresRecorder(CallRecorder):
             r.input_tokens,
             r.output_tokens,
             r.cost,
+            *_detail(r),
         )
 
     @staticmethod
@@ -215,6 +237,7 @@ class PostgresRecorder(CallRecorder):
             r.llm_cost,
             r.phone_cost,
             r.cost,
+            *_detail(r),
         )
 
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fake_llm import fake_llm  # noqa: E402,F401  (the fake OpenAI/Anthropic server fixture, for every test module)
+from fake_realtime import fake_realtime  # noqa: E402,F401  (the fake OpenAI Realtime server fixture)
 from fake_tts import KEY, FakeTTS  # noqa: E402
 
 import main  # noqa: E402

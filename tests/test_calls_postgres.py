@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from conftest import Captured, Scripted, Twilio, concurrent, env, plugin
@@ -17,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import main
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
+DETAIL = ("cached_input_tokens", "audio_input_tokens", "cached_audio_input_tokens", "audio_output_tokens",
+          "transcription_ms")
 
 
 @pytest.fixture
@@ -65,10 +68,12 @@ async def test_tables_are_created_on_first_start_and_rows_written_after_a_call(d
                              "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position")
     assert [(t, c) for t, c, _ in columns] == [
         ("calls", c) for c in ("call_sid", "caller", "callee", "started", "ended", "seconds", "outcome", "turns",
-                               "providers", "usage", "input_tokens", "output_tokens", "llm_cost", "phone_cost", "cost")
+                               "providers", "usage", "input_tokens", "output_tokens", "llm_cost", "phone_cost", "cost",
+                               *DETAIL)
     ] + [
         ("turns", c) for c in ("call_sid", "turn", "turn_id", "started", "speech", "reply", "interrupted", "provider",
-                               "first_token_ms", "first_audio_ms", "reply_ms", "input_tokens", "output_tokens", "cost")
+                               "first_token_ms", "first_audio_ms", "reply_ms", "input_tokens", "output_tokens", "cost",
+                               *DETAIL)
     ]
     sid, cost = twilio.call_sid, (200 * 1 + 50 * 4) / 1e6
     calls = rows(database, "SELECT call_sid, caller, callee, outcome, turns, providers, usage, input_tokens, "
@@ -110,6 +115,32 @@ async def test_shutdown_flushes_what_is_queued(database: str) -> None:
     await recorder.aclose()  # at once: the writer has not run yet
     assert (recorder.written, recorder.dropped) == (50, 0)
     assert rows(database, "SELECT count(*), min(seconds) >= 29 FROM calls") == [(50, True)]
+
+
+async def test_tables_from_before_the_usage_detail_gain_its_columns_and_keep_their_rows(database: str) -> None:
+    from plugins.calls_postgres import PostgresRecorder, SCHEMA
+
+    with psycopg.connect(database, autocommit=True) as conn:  # the first release's tables, with a call in them
+        conn.execute(SCHEMA.split("ALTER TABLE")[0])
+        conn.execute("INSERT INTO calls VALUES ('CAold', '+1', '+2', now(), now(), 1, 'completed', 1, '{}', '{}', "
+                     "10, 5, 0.1, 0, 0.1)")
+    recorder = PostgresRecorder(main.load_settings({"DATABASE_URL": database}))
+    await recorder.aopen()
+    speech = main.Usage(input_tokens=100, cached_input_tokens=60, audio_input_tokens=300, cached_audio_input_tokens=30,
+                        output_tokens=20, audio_output_tokens=400, transcription_ms=4500)
+    now = time.time()
+    recorder.turn_finished(main.TurnRecord(call_sid="CAnew", turn=1, turn_id="t1", started=now, speech="hi",
+                                           reply="hello", cost=0.5, **msgspec.structs.asdict(speech)))
+    recorder.call_finished(main.CallRecord(call_sid="CAnew", caller="+1", to="+2", started=now - 5, ended=now,
+                                           outcome="completed", turns=1, usage={"speech:openai": speech},
+                                           **msgspec.structs.asdict(speech)))
+    await recorder.aclose()
+    columns = ", ".join(("call_sid", "input_tokens", "output_tokens") + DETAIL)
+    assert rows(database, f"SELECT {columns} FROM calls ORDER BY call_sid") == [
+        ("CAnew", 100, 20, 60, 300, 30, 400, 4500),
+        ("CAold", 10, 5, 0, 0, 0, 0, 0),
+    ]
+    assert rows(database, f"SELECT {columns} FROM turns") == [("CAnew", 100, 20, 60, 300, 30, 400, 4500)]
 
 
 def test_postgres_needs_a_database_url() -> None:

@@ -290,17 +290,19 @@ class Modelled(Counted):
 )
 def test_prices_by_model_or_provider(prices: str, provider: Counted, expected: tuple[float, float] | None) -> None:
     got = observe.Prices(main.load_settings({"PRICES": prices}), [provider])
-    assert got.rates == {provider.name: expected}
+    assert got.rates == {provider.name: expected and observe.Rate(input=expected[0], output=expected[1])}
 
 
 def test_the_shipped_providers_default_models_have_prices() -> None:
     app = main.create_app(env(LLM_PROVIDER="openai,anthropic", OPENAI_API_KEY="sk-made-up", ANTHROPIC_API_KEY="made-up"))
-    assert app.state.calls.obs.prices.rates == {"openai": (0.75, 4.50), "anthropic": (0.10, 0.50)}
+    assert app.state.calls.obs.prices.rates == {
+        "openai": observe.Rate(input=0.75, output=4.50), "anthropic": observe.Rate(input=0.10, output=0.50)}
 
 
 def test_unknown_prices_cost_nothing_and_are_logged_once(logs: Captured) -> None:
     prices = observe.Prices(main.load_settings({}), [Counted("mystery")])
-    assert prices.tokens("mystery", 10, 10) == prices.tokens("mystery", 5, 5) == 0.0
+    assert prices.cost("mystery", main.Usage(input_tokens=10)) == 0.0
+    assert prices.cost("mystery", main.Usage(audio_output_tokens=5)) == 0.0
     assert [line for line in logs.lines if "no price" in line] == [
         "warning no price for this provider's model; its cost counts as 0 (set PRICES) provider=mystery"]
 
