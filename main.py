@@ -148,8 +148,8 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
     tools = [tool for tool in select(pm, "tool", tool_names, settings) if tool is not None]
     recorder_names = () if settings.call_recorders == ("none",) else settings.call_recorders
     recorders = select(pm, "recorder", recorder_names, settings)
-    obs = observe.Observer(settings, providers, recorders)
     speech = select(pm, "speech", [settings.speech_model], settings)[0]
+    obs = observe.Observer(settings, providers, recorders, [speech])
     calls = Calls(settings, LLMChain(providers, settings, obs), speaker, backend, obs, tools, speech)
     by_name = {name: make(calls) for name, make in modes.items()}
     chosen = {"llm": list(settings.llm_provider), "tts": settings.tts_voice, "session": settings.session_backend}

@@ -45,6 +45,7 @@ from contract import (
     Usage,
     log,
 )
+from observe import speech_key
 from twiml import document, esc, verb
 from webhooks import CALL_SID, Gate, Receive, Scope, Send, webhook
 
@@ -55,6 +56,7 @@ QUICK_FAILURE = 30.0
 DTMF_WAIT = 1.5  # seconds of keypad quiet that end a number
 GOODBYE_WAIT = 2.0  # seconds the last mark may take beyond the audio still to play
 GOODBYE_LIMIT = 15.0  # seconds from a hang-up or transfer tool to the socket's close, whatever the model does
+EARLY_LIMIT = 10 * pcm.RATE  # bytes of the caller's audio kept while a model session opens (10 s)
 UNHEARD = "(audio)"  # history text for speech without a transcript (a model like parrot)
 
 
@@ -152,6 +154,8 @@ class Bridge:
         self.lock = asyncio.Lock()  # one history write at a time
         self.done = asyncio.Event()  # the socket should close
         self.history: list[Message] = []
+        self.early = bytearray()  # the caller's audio from before the model session was open
+        self.muted = False
 
     # -- the socket
 
@@ -270,6 +274,9 @@ class Bridge:
                 self.model = await self.media.model.open(
                     instructions=self.settings.system_prompt, tools=self.calls.tool_specs, history=history
                 )
+                if self.early:  # what the caller said while the session opened
+                    self.model.send_audio(bytes(self.early))
+                    self.early.clear()
                 async for event in self.model.events():
                     await self._event(event)
                 raise ProviderError("the speech model ended its session", provider=self.media.model.name)
@@ -300,11 +307,12 @@ class Bridge:
 
     async def _event(self, event: Any) -> None:
         if isinstance(event, SpeechAudio):
-            await self._play(event.item, pcm.pcm16_to_ulaw(event.data) if self.pcm16 else event.data)
+            if not self.muted:
+                await self._play(event.item, pcm.pcm16_to_ulaw(event.data) if self.pcm16 else event.data)
         elif isinstance(event, CallerSpeaking):
             await self._barge_in()
         elif isinstance(event, CallerDone):
-            self.heard_end = time.monotonic()
+            self.heard_end, self.muted = time.monotonic(), False
             self.turn = self.turn or Exchange()
         elif isinstance(event, Transcript):
             if event.role == "user":
@@ -379,12 +387,15 @@ class Bridge:
 
     async def _barge_in(self) -> None:
         """The caller speaks over the reply: stop the audio and cut the model's reply at what was heard."""
+        for _ in range(3):  # let the reader take the mark echoes already received: they were played
+            await asyncio.sleep(0)
         turn = self.turn
         if turn is None or not self._playing():
             return
         await self._send(f'{{"event":"clear","streamSid":"{self.stream}"}}')
         self.marks.clear()  # what Twilio echoes now was flushed, not played
         self.rest.clear()
+        self.muted = True  # the interrupted reply's audio still on its way is not played, until the caller is done
         self.calls.obs.media_interruptions.inc()
         if self.model is not None:
             for item in turn.items:
@@ -410,7 +421,7 @@ class Bridge:
                     return
                 session.current = Turn(id=new_turn_id(), user=user, keys=[], started=turn.started)
                 session.turns += 1
-                end = end_of_turn(self.media.model.name, usage)
+                end = end_of_turn(speech_key(self.media.model.name), usage)  # priced at the model's rates
                 self.calls.close_turn(session, [*served, end], interrupted=not whole)
                 await self.calls.commit(self.sid, snap.token, session, turn_changed=True)
         except Exception as e:  # the caller heard the reply; only its place in history is lost
@@ -455,15 +466,19 @@ class Bridge:
         self.done.set()
 
     def _heard_audio(self, payload: str) -> None:
-        if self.model is None:
-            return
         try:
             data = base64.b64decode(payload, validate=True)
         except ValueError:
             log.warning("media frame is not base64", extra={"call": self.sid})
             return
         self.calls.obs.media_audio_in.inc(len(data) / pcm.RATE)
-        self.model.send_audio(pcm.ulaw_to_pcm16(data) if self.pcm16 else data)
+        if self.pcm16:
+            data = pcm.ulaw_to_pcm16(data)
+        if self.model is not None:
+            self.model.send_audio(data)
+        else:  # the model session is (re)opening: keep the caller's words for it, up to EARLY_LIMIT
+            self.early += data
+            del self.early[: -EARLY_LIMIT * (2 if self.pcm16 else 1)]
 
     async def _keyed(self, digits: str) -> None:
         if self.model is not None:

@@ -389,6 +389,7 @@ class MediaPlayer:
         self.buffer: deque[bytes | str] = deque()  # audio not yet played, and marks waiting for it
         self.played = bytearray()  # every byte of the agent's audio that played
         self.heard_marks: list[tuple[str, int]] = []  # (mark, bytes played when it echoed), as echoed
+        self.heard_at_clears: list[int] = []  # what heard() said when each `clear` came
         self.flushed: list[str] = []  # marks echoed because of a `clear` (their audio never played)
         self.sizes: dict[str, int] = {}  # mark -> bytes of audio sent between the previous mark and it
         self.unmarked = 0
@@ -466,6 +467,7 @@ class MediaPlayer:
         elif event == "clear":
             self.clears += 1
             pending = [item for item in self.buffer if isinstance(item, str)]
+            self.heard_at_clears.append(self.heard())
             self.flushed += pending
             self.buffer.clear()
             for name in pending:

@@ -37,6 +37,7 @@ from main import (
     Usage,
     hookimpl,
 )
+from fake_realtime import FakeRealtime, Response, Utterance
 from plugins.speech_parrot import Parrot, ParrotSession
 from test_relay import webhook_post
 
@@ -245,7 +246,7 @@ async def test_barge_in_clears_twilio_and_truncates_at_the_audio_the_marks_say_w
             await player.audio(burst(300), realtime=True)
             await until(lambda: player.clears == 1)
             await until(lambda: bool(Recording.sessions[0][0].truncated))
-            heard = player.heard()
+            heard = player.heard_at_clears[0]
             session = session_of(app, twilio.call_sid)
             assert session is not None and session.history[-1] == Message(
                 role="assistant", content="(audio)", interrupted=True
@@ -440,7 +441,7 @@ async def test_hang_up_waits_for_the_goodbye_to_play_then_the_action_url_hangs_u
                 Message(role="user", content="Bye now."),
                 Message(role="assistant", content="Goodbye!"),
             ]
-            assert session.usage == {"scripted": Usage(input_tokens=10, audio_output_tokens=30)}
+            assert session.usage == {"speech:scripted": Usage(input_tokens=10, audio_output_tokens=30)}
         after = await twilio.post("/media-action", CallStatus="in-progress")
     assert tree(after.content) == twiml(lambda r: r.hangup())
     assert Script.results and Script.results[0][0] == "call_1"
@@ -547,3 +548,52 @@ async def test_a_transfer_says_so_in_the_calls_voice_then_dials() -> None:
         r.dial("+15005550009", caller_id="+15005550006")
 
     assert tree(after.content) == twiml(build)
+
+
+# -- the OpenAI Realtime model, end to end (its fake server speaks the GA protocol strictly)
+
+
+async def test_a_realtime_call_stores_both_transcripts_and_prices_them_at_the_speech_rates(
+    fake_realtime: FakeRealtime,
+) -> None:
+    fake_realtime.hear(Utterance(start_ms=100, end_ms=500, transcript="what time is it"))
+    fake_realtime.script(Response("It is noon.", audio_ms=300, chunk_ms=100))
+    app = main.create_app(env(MODE="media", **fake_realtime.env()))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        async with media_call(app, twilio) as (socket, player):
+            await player.audio(burst(500) + silence(1000))
+            await until(lambda: (s := session_of(app, twilio.call_sid)) is not None and s.turns == 1)
+            session = session_of(app, twilio.call_sid)
+            assert session is not None
+            assert session.history == [Message(role="user", content="what time is it"),
+                                       Message(role="assistant", content="It is noon.")]
+            assert len(player.played) == 300 * 8
+            assert list(session.usage) == ["speech:openai"] and session.usage["speech:openai"].audio_output_tokens > 0
+        cost = app.state.calls.obs.prices.cost("speech:openai", session.usage["speech:openai"])
+    assert cost > 0
+
+
+async def test_a_realtime_barge_in_truncates_at_the_audio_twilio_played(fake_realtime: FakeRealtime) -> None:
+    fake_realtime.hear(Utterance(start_ms=100, end_ms=500, transcript="tell me a story"),
+                       Utterance(start_ms=2100, end_ms=2400, transcript="stop"))
+    fake_realtime.script(Response("Once upon a time there was a very long story about a phone.", audio_ms=3000,
+                                  chunk_ms=100), Response("Okay.", audio_ms=200))
+    app = main.create_app(env(MODE="media", **fake_realtime.env()))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        async with media_call(app, twilio) as (socket, player):
+            player.speed = 1.0
+            await player.audio(burst(500) + silence(1300) + burst(600) + silence(900))
+            await until(lambda: player.clears == 1)
+            await until(lambda: bool(fake_realtime.of_type("conversation.item.truncate")))
+            heard = player.heard_at_clears[0]
+            await until(lambda: (s := session_of(app, twilio.call_sid)) is not None and s.turns >= 1)
+            session = session_of(app, twilio.call_sid)
+    truncate = fake_realtime.of_type("conversation.item.truncate")[0]
+    assert truncate["audio_end_ms"] == heard // 8 > 0
+    story = "Once upon a time there was a very long story about a phone.".split()
+    assert session is not None and session.history[:2] == [
+        Message(role="user", content="tell me a story"),
+        Message(role="assistant", content=" ".join(story[: round(len(story) * heard / 24000)]), interrupted=True),
+    ], session.history
