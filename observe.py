@@ -356,6 +356,11 @@ class Observer:
         self.media_reconnects = Counter(
             "switchboard_media_reconnects", "Media mode: new model sessions after one failed or ended.", registry=r
         )
+        self.browser_calls = Counter(
+            "switchboard_browser_calls",
+            "Calls from the browser phone (their records and log lines say channel=browser).",
+            registry=r,
+        )
         self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
         self.by_provider: dict[str, ProviderMetrics] = {}
         for p in providers:
@@ -428,7 +433,12 @@ class Observer:
         bound.tokens_out.inc(usage.output_tokens)
         bound.cost.inc(self.prices.tokens(provider, usage.input_tokens, usage.output_tokens))
 
-    def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> None:
+    def turn_timed(self, call_sid: str, turn: int, *, first_audio: float | None) -> None:
+        """A mode that measures a turn's first audio itself (media: end of speech to first frame) says so."""
+        if first_audio is not None:
+            self._latency((call_sid, turn)).first_audio = first_audio
+
+    def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> TurnRecord:
         """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost."""
         lat = self.latencies.pop((session.call_sid, session.turns), None) or Latency()
         provider = end.provider if end is not None else ""
@@ -454,6 +464,7 @@ class Observer:
                 recorder.turn_finished(record)
             except Exception:  # a recorder's bug never breaks a call
                 log.exception("call recorder failed", extra={"recorder": type(recorder).__name__})
+        return record
 
     # -- calls
 
@@ -462,12 +473,16 @@ class Observer:
         self.started.inc()
         self.active.inc()
 
+    def costs(self, session: Session, seconds: float) -> tuple[float, float]:
+        """What a call has cost so far: (models, phone minutes); a browser call uses no phone network."""
+        llm = sum(self.prices.tokens(p, u.input_tokens, u.output_tokens) for p, u in session.usage.items())
+        return llm, 0.0 if session.channel == "browser" else self.prices.phone(seconds)
+
     def call_ended(self, session: Session, outcome: str) -> None:
         """A call is over: log it with its cost, count it, tell the recorders."""
         now = time.time()
         seconds = now - session.started
-        llm = sum(self.prices.tokens(p, u.input_tokens, u.output_tokens) for p, u in session.usage.items())
-        phone = self.prices.phone(seconds)
+        llm, phone = self.costs(session, seconds)
         record = CallRecord(
             call_sid=session.call_sid,
             caller=session.caller,
@@ -476,6 +491,7 @@ class Observer:
             ended=now,
             outcome=outcome,
             turns=session.turns,
+            channel=session.channel,
             providers=list(dict.fromkeys(session.providers)),
             usage=dict(session.usage),
             input_tokens=sum(u.input_tokens for u in session.usage.values()),
@@ -496,6 +512,7 @@ class Observer:
                 "seconds": round(seconds, 1),
                 "tokens": record.input_tokens + record.output_tokens,
                 "cost_usd": record.cost,
+                **({"channel": session.channel} if session.channel != "phone" else {}),
             },
         )
         for recorder in self.recorders:

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS calls (
     cost numeric(14, 6) NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started);
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS channel text NOT NULL DEFAULT 'phone';
 CREATE TABLE IF NOT EXISTS turns (
     call_sid text NOT NULL,
     turn integer NOT NULL,
@@ -54,8 +55,8 @@ CREATE TABLE IF NOT EXISTS turns (
 """
 INSERT_CALL = """
 INSERT INTO calls (call_sid, caller, callee, started, ended, seconds, outcome, turns, providers, usage,
-                   input_tokens, output_tokens, llm_cost, phone_cost, cost)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   input_tokens, output_tokens, llm_cost, phone_cost, cost, channel)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (call_sid) DO NOTHING
 """
 INSERT_TURN = """
@@ -215,6 +216,7 @@ class PostgresRecorder(CallRecorder):
             r.llm_cost,
             r.phone_cost,
             r.cost,
+            r.channel,
         )
 
 

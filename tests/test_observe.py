@@ -158,6 +158,7 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
         **histogram("switchboard_media_first_audio_seconds", {}, 0, 0, LAT),
         ("switchboard_media_interruptions_total", ()): 0.0,
         ("switchboard_media_reconnects_total", ()): 0.0,
+        ("switchboard_browser_calls_total", ()): 0.0,
     }
     assert got == expected
     assert sums[("switchboard_call_cost_dollars_sum", ())] == pytest.approx(cost + 0.01)
