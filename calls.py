@@ -272,7 +272,7 @@ class Calls:
             session.providers.append(end.provider)
             session.usage[end.provider] = session.usage.get(end.provider, Usage()) + end.usage
         del session.history[: -2 * self.settings.max_turns]
-        return self.obs.turn_closed(session, turn, said, end)
+        return self.obs.turn_closed(session, turn, said, end, interrupted=interrupted)
 
     async def open_call(self, form: TwilioForm, *, channel: str = "phone") -> None:
         """A call begins (/voice, any mode; or the browser phone's socket): store its session unless a retried

@@ -438,8 +438,11 @@ class Observer:
         if first_audio is not None:
             self._latency((call_sid, turn)).first_audio = first_audio
 
-    def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> TurnRecord:
-        """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost."""
+    def turn_closed(
+        self, session: Session, turn: Turn, said: str, end: Segment | None, *, interrupted: bool | None = None
+    ) -> TurnRecord:
+        """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost
+        (interrupted: cut off, which a reply without its end segment is unless the mode says)."""
         lat = self.latencies.pop((session.call_sid, session.turns), None) or Latency()
         provider = end.provider if end is not None else ""
         tokens_in, tokens_out = (end.input_tokens, end.output_tokens) if end is not None else (0, 0)
@@ -450,7 +453,7 @@ class Observer:
             started=turn.started,
             speech=turn.user,
             reply=said,
-            interrupted=end is None,
+            interrupted=end is None if interrupted is None else interrupted,
             provider=provider,
             first_token_ms=_ms(lat.first_token),
             first_audio_ms=_ms(lat.first_audio),
