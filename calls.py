@@ -37,6 +37,7 @@ from contract import (
     ToolResult,
     ToolSpec,
     TTSVoice,
+    TurnRecord,
     TwilioForm,
     Usage,
     begin_when_free,
@@ -287,12 +288,14 @@ class Calls:
         self.obs.call_started()
         return Session(call_sid=call_sid, caller=caller, to=to, started=time.time())
 
-    def close_turn(self, session: Session, served: Sequence[Segment], *, interrupted: bool | None = None) -> None:
+    def close_turn(
+        self, session: Session, served: Sequence[Segment], *, interrupted: bool | None = None
+    ) -> TurnRecord | None:
         """Move the current turn into history with what the caller was actually sent (interrupted: cut off,
-        which a reply without its end segment is)."""
+        which a reply without its end segment is); return its record, as the call recorders get it."""
         turn, session.current = session.current, None
         if turn is None:
-            return
+            return None
         said = " ".join(s.text for s in served if s.kind == "speech" and s.text)
         end = next((s for s in served if s.kind == "end"), None)
         session.history.append(Message(role="user", content=turn.user))
@@ -304,11 +307,12 @@ class Calls:
             session.providers.append(end.provider)
             session.usage[end.provider] = session.usage.get(end.provider, Usage()) + end.usage
         del session.history[: -2 * self.settings.max_turns]
-        self.obs.turn_closed(session, turn, said, end)
+        return self.obs.turn_closed(session, turn, said, end, interrupted=interrupted)
 
-    async def open_call(self, form: TwilioForm) -> None:
-        """A call begins (/voice, any mode): store its session unless a retried /voice did; warm the model."""
-        session = Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time())
+    async def open_call(self, form: TwilioForm, *, channel: str = "phone") -> None:
+        """A call begins (/voice, any mode; or the browser phone's socket): store its session unless a retried
+        /voice did; warm the model."""
+        session = Session(call_sid=form.call_sid, caller=form.caller, to=form.to, started=time.time(), channel=channel)
         if await self.backend.create(form.call_sid, session, self.settings.session_ttl):
             self.obs.call_started()
         for provider in self.warm:

@@ -76,6 +76,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     farewell: str = "Thank you for calling. Goodbye!"
     transferring: str = "Please hold while I transfer your call."
     fallback_number: str = ""
+    browser_phone_token: str = ""  # enables GET /phone (browser.py); empty: 404
+    browser_phone_max_calls: int = 2  # browser calls at once, per replica
+    browser_phone_max_minutes: float = 10.0
     drain_seconds: float = 15.0
     web_concurrency: int = 1
     log_format: Literal["text", "json"] = "text"
@@ -248,6 +251,7 @@ class Session(msgspec.Struct, gc=False, kw_only=True):
     stream: str = ""  # media mode: the live stream's id (a second `start` takes the call over)
     streams: list[float] = []  # media mode: when its recent streams started (for the retry limit)
     ending: str = ""  # media mode: why we closed the stream ("hangup", "dial:<number>", "reconnect", "failed")
+    channel: str = "phone"  # "browser": a call from the browser phone (browser.py), no phone network involved
 
 
 class TurnRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,6 +288,7 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     ended: float
     outcome: str
     turns: int
+    channel: str = "phone"  # or "browser" (the browser phone: no per-minute phone price)
     providers: list[str] = []
     usage: dict[str, Usage] = {}
     input_tokens: int = 0

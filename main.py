@@ -22,6 +22,7 @@ from litestar import Litestar
 
 import audio
 import observe
+from browser import BrowserPhone
 from calls import Calls, LLMChain, Mode
 from contract import *  # noqa: F403  (the contract, for plugins: `from main import hookimpl, ...`)
 from contract import (
@@ -182,9 +183,13 @@ def create_app(environ: Mapping[str, str] | None = None, *, plugins: Sequence[ob
         webhook("/status", gate, status(calls)),
         *(route for mode in by_name.values() for route in mode.routes(gate)),
     ]
+    media = by_name["media"]
+    assert isinstance(media, MediaMode)
+    browser = BrowserPhone(calls, media).routes() if settings.browser_phone_token else []  # off: /phone is a 404
     app = Switchboard(
         [
             *twilio,
+            *browser,
             health(settings, backend, lambda: calls.draining, chosen),
             audio.route(speaker, backend),
             metrics(obs),

@@ -36,11 +36,13 @@ from contract import (
     ProviderError,
     ReplyDone,
     Segment,
+    Session,
     SpeechAudio,
     SpeechSession,
     ToolCall,
     Transcript,
     Turn,
+    TurnRecord,
     TwilioForm,
     Usage,
     log,
@@ -108,6 +110,7 @@ class Exchange:
         self.heard: dict[str, int] = {}  # bytes of each item Twilio says it played
         self.text: dict[str, str] = {}  # each item's transcript
         self.done = False  # the model finished the reply
+        self.first_audio: float | None = None  # seconds from the end of the caller's speech to the first frame sent
 
     def said(self) -> tuple[str, bool]:
         """What the caller heard of the reply (a transcript cut in proportion to the audio), and if all of it."""
@@ -131,7 +134,9 @@ class Exchange:
 
 
 class Bridge:
-    """One media socket: Twilio's audio to the speech model and back, marks, barge-in, tools, digits."""
+    """One media socket: Twilio's audio to the speech model and back, marks, barge-in, tools, digits.
+
+    The browser phone (browser.py) runs the same bridge for a page: it overrides the three hooks below."""
 
     def __init__(self, media: MediaMode, send: Send) -> None:
         self.media, self.calls, self.settings = media, media.calls, media.settings
@@ -150,12 +155,25 @@ class Bridge:
         self.superseded = False
         self.unbilled = Usage()
         self.keypad = Keypad(DTMF_WAIT, self._keyed)
+        self.deadline: asyncio.Task[None] | None = None  # GOODBYE_LIMIT after a hang-up or transfer tool
         self.heard_end: float | None = None  # when the caller stopped speaking, until the answer's first audio
         self.lock = asyncio.Lock()  # one history write at a time
         self.done = asyncio.Event()  # the socket should close
         self.history: list[Message] = []
         self.early = bytearray()  # the caller's audio from before the model session was open
         self.muted = False
+
+    # -- hooks for a peer that is not Twilio (the browser phone)
+
+    def accepts(self, start: Start) -> bool:
+        """Whether this `start` names a call this socket may serve: a Twilio call here."""
+        return CALL_SID.fullmatch(start.call_sid) is not None
+
+    async def turn_closed(self, record: TurnRecord, session: Session) -> None:
+        """A turn went into history (its record is what the call recorders get)."""
+
+    async def closing(self) -> None:
+        """We are about to close the socket (Twilio requests the action URL after it closes)."""
 
     # -- the socket
 
@@ -191,11 +209,15 @@ class Bridge:
                 model_task.cancel()
                 await asyncio.gather(model_task, return_exceptions=True)
             self.keypad.cancel()
+            if self.deadline is not None:  # (a pending deadline would hold up the shutdown drain)
+                self.deadline.cancel()
             if self.model is not None:
                 with contextlib.suppress(Exception):
                     await self.model.close()
             if self.sid and not self.superseded:
                 await self._finish_turn()
+            with contextlib.suppress(Exception):
+                await self.closing()
             await self._close()
 
     async def _read(self, receive: Receive) -> None:
@@ -237,7 +259,7 @@ class Bridge:
     # -- the call
 
     async def _start(self, start: Start) -> None:
-        if not CALL_SID.fullmatch(start.call_sid):
+        if not self.accepts(start):
             log.warning("media start without a valid callSid", extra={"route": STREAM_PATH})
             self.done.set()
             return
@@ -352,7 +374,8 @@ class Bridge:
         await self._send(f'{{"event":"mark","streamSid":"{self.stream}","mark":{{"name":"{name}"}}}}')
         self.calls.obs.media_audio_out.inc(len(data) / pcm.RATE)
         if self.heard_end is not None:
-            self.calls.obs.media_first_audio.observe(time.monotonic() - self.heard_end)
+            self.turn.first_audio = time.monotonic() - self.heard_end
+            self.calls.obs.media_first_audio.observe(self.turn.first_audio)
             self.heard_end = None
 
     async def _reply_done(self) -> None:
@@ -421,11 +444,15 @@ class Bridge:
                     return
                 session.current = Turn(id=new_turn_id(), user=user, keys=[], started=turn.started)
                 session.turns += 1
+                self.calls.obs.turn_timed(self.sid, session.turns, first_audio=turn.first_audio)
                 end = end_of_turn(speech_key(self.media.model.name), usage)  # priced at the model's rates
-                self.calls.close_turn(session, [*served, end], interrupted=not whole)
+                record = self.calls.close_turn(session, [*served, end], interrupted=not whole)
                 await self.calls.commit(self.sid, snap.token, session, turn_changed=True)
         except Exception as e:  # the caller heard the reply; only its place in history is lost
             log.error("turn not stored", extra={"call": self.sid, "error": str(e) or repr(e)})
+            return
+        if record is not None:
+            await self.turn_closed(record, session)
 
     # -- tools, digits, ending
 
@@ -435,7 +462,7 @@ class Bridge:
             action = result.action
             self.ending = "hangup" if action.kind == "hangup" else f"dial:{action.number}|{action.caller_id}"
             self.end_at = self.replies + 2  # (this reply, which called the tool, ends first)
-            self.calls.background(self._end_later(GOODBYE_LIMIT))
+            self.deadline = self.deadline or self.calls.background(self._end_later(GOODBYE_LIMIT))
         if self.model is not None:
             await self.model.tool_result(request.id, result.content)
 
@@ -572,6 +599,20 @@ class MediaMode:
         if form.call_status in TERMINAL_STATUSES:
             await self.calls.end_call(sid, form.call_status)
             return document("")
+        what, number, caller_id, attempt = await self.conclude(sid)
+        if what == "hangup":
+            return document("<Hangup/>")
+        if what == "dial":
+            notice = verb(await self.calls.phrase(self.settings.transferring, base_url))  # in the call's voice
+            return document(notice + verb(Segment(kind="dial", number=number, caller_id=caller_id)))
+        if what == "failed":
+            apology = verb(await self.calls.phrase(self.settings.apology, base_url))
+            return document(apology + (f"<Dial>{esc(number)}</Dial>" if number else "<Hangup/>"))
+        return document(self.connect(base_url, attempt=attempt))
+
+    async def conclude(self, sid: str) -> tuple[str, str, str, int]:
+        """A stream closed: read (and clear) why, end the call if it is over, and say what comes next:
+        ("hangup" | "dial" | "failed" | "reconnect", number to dial, its caller ID, the next stream's attempt)."""
         snap = await self.calls.begin(sid)
         session = snap.session
         why, streams = (session.ending, session.streams) if session is not None else ("", [])
@@ -582,18 +623,15 @@ class MediaMode:
             await self.calls.release(sid, snap.token)
         if why == "hangup":
             await self.calls.end_call(sid, "completed")
-            return document("<Hangup/>")
+            return "hangup", "", "", 0
         if why.startswith("dial:"):
             number, _, caller_id = why[5:].partition("|")
             await self.calls.end_call(sid, "handoff")
-            notice = verb(await self.calls.phrase(self.settings.transferring, base_url))  # in the call's voice
-            return document(notice + verb(Segment(kind="dial", number=number, caller_id=caller_id)))
+            return "dial", number, caller_id, 0
         failing = len(streams) >= MAX_FAILURES and streams[-1] - streams[-MAX_FAILURES] < QUICK_FAILURE
         if why == "failed" or (not why and failing):
             log.warning("media stream failed", extra={"call": sid, "streams": len(streams), "why": why or "dropped"})
             await self.calls.end_call(sid, "failed")
-            apology = verb(await self.calls.phrase(self.settings.apology, base_url))
-            number = self.settings.fallback_number
-            return document(apology + (f"<Dial>{esc(number)}</Dial>" if number else "<Hangup/>"))
+            return "failed", self.settings.fallback_number, "", 0
         log.info("media reconnecting", extra={"call": sid, "why": why or "dropped"})
-        return document(self.connect(base_url, attempt=len(streams) + 1))
+        return "reconnect", "", "", len(streams) + 1

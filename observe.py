@@ -106,6 +106,7 @@ class Rate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 # Speech models (media mode), by model name as above: OpenAI's list prices when written (model pages), with
 # input transcription at gpt-realtime-whisper's per-minute price (the plugin's default transcriber).
 SPEECH_PRICES: dict[str, Rate] = {
+    "parrot": Rate(),  # offline: free
     "gpt-realtime-2": Rate(
         input=4.00,
         cached_input=0.40,
@@ -257,7 +258,10 @@ class Prices:
             )
         for s in speech:
             key = speech_key(s.name)
-            self.rates[key] = _rate(_lookup(user, s.model) or _lookup(user, key) or _lookup(SPEECH_PRICES, s.model))
+            self.rates[key] = _rate(
+                _lookup(user, s.model) or _lookup(user, key) or _lookup(SPEECH_PRICES, s.model)
+                or _lookup(SPEECH_PRICES, s.name)
+            )
         self.unpriced: set[str] = set()
 
     def cost(self, provider: str, usage: Usage) -> float:
@@ -431,6 +435,11 @@ class Observer:
         self.media_reconnects = Counter(
             "switchboard_media_reconnects", "Media mode: new model sessions after one failed or ended.", registry=r
         )
+        self.browser_calls = Counter(
+            "switchboard_browser_calls",
+            "Calls from the browser phone (their records and log lines say channel=browser).",
+            registry=r,
+        )
         self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
         self.by_provider: dict[str, ProviderMetrics] = {}
         for p in providers:
@@ -503,8 +512,16 @@ class Observer:
         bound.tokens_out.inc(usage.output_tokens)
         bound.cost.inc(self.prices.cost(provider, usage))
 
-    def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> None:
-        """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost."""
+    def turn_timed(self, call_sid: str, turn: int, *, first_audio: float | None) -> None:
+        """A mode that measures a turn's first audio itself (media: end of speech to first frame) says so."""
+        if first_audio is not None:
+            self._latency((call_sid, turn)).first_audio = first_audio
+
+    def turn_closed(
+        self, session: Session, turn: Turn, said: str, end: Segment | None, *, interrupted: bool | None = None
+    ) -> TurnRecord:
+        """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost
+        (interrupted: cut off, which a reply without its end segment is unless the mode says)."""
         lat = self.latencies.pop((session.call_sid, session.turns), None) or Latency()
         provider = end.provider if end is not None else ""
         usage = end.usage if end is not None else EMPTY
@@ -515,7 +532,7 @@ class Observer:
             started=turn.started,
             speech=turn.user,
             reply=said,
-            interrupted=end is None,
+            interrupted=end is None if interrupted is None else interrupted,
             provider=provider,
             first_token_ms=_ms(lat.first_token),
             first_audio_ms=_ms(lat.first_audio),
@@ -528,6 +545,7 @@ class Observer:
                 recorder.turn_finished(record)
             except Exception:  # a recorder's bug never breaks a call
                 log.exception("call recorder failed", extra={"recorder": type(recorder).__name__})
+        return record
 
     # -- calls
 
@@ -536,13 +554,17 @@ class Observer:
         self.started.inc()
         self.active.inc()
 
+    def costs(self, session: Session, seconds: float) -> tuple[float, float]:
+        """What a call has cost so far: (models, phone minutes); a browser call uses no phone network."""
+        llm = sum(self.prices.cost(p, u) for p, u in session.usage.items())
+        return llm, 0.0 if session.channel == "browser" else self.prices.phone(seconds)
+
     def call_ended(self, session: Session, outcome: str) -> None:
         """A call is over: log it with its cost, count it, tell the recorders."""
         now = time.time()
         seconds = now - session.started
-        llm = sum(self.prices.cost(p, u) for p, u in session.usage.items())
+        llm, phone = self.costs(session, seconds)
         total = sum(session.usage.values(), EMPTY)
-        phone = self.prices.phone(seconds)
         record = CallRecord(
             call_sid=session.call_sid,
             caller=session.caller,
@@ -551,6 +573,7 @@ class Observer:
             ended=now,
             outcome=outcome,
             turns=session.turns,
+            channel=session.channel,
             providers=list(dict.fromkeys(session.providers)),
             usage=dict(session.usage),
             **msgspec.structs.asdict(total),
@@ -570,6 +593,7 @@ class Observer:
                 "seconds": round(seconds, 1),
                 "tokens": record.input_tokens + record.output_tokens,
                 "cost_usd": record.cost,
+                **({"channel": session.channel} if session.channel != "phone" else {}),
             },
         )
         for recorder in self.recorders:

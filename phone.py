@@ -5,6 +5,7 @@
     python phone.py URL --token T            call a running or deployed agent (T = its TWILIO_AUTH_TOKEN)
     python phone.py --relay                  call /voice?mode=relay (ConversationRelay mode)
     python phone.py --media [--wav F]        call /voice?mode=media (Media Streams: audio both ways)
+    python phone.py --browser                start the agent locally and print the browser phone's link
 
 It places a call with a signed POST to /voice carrying Twilio's parameters, prints what each <Say>
 would speak, sends each line you type as SpeechResult (+ Confidence) to the <Gather> action URL,
@@ -42,6 +43,7 @@ import math
 import os
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -770,6 +772,26 @@ def start_local(port: int, token: str, env: dict[str, str], log_path: Path) -> s
     raise SystemExit(f"the agent did not become healthy in 30 s:\n{log_path.read_text()}")
 
 
+def browser_phone(port: int, log_path: Path) -> int:
+    """Start the agent with the browser phone on (a token for this run only) and print the page's link."""
+    token = secrets.token_urlsafe(24)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # (stop the agent too, in `finally`)
+    server = start_local(port, secrets.token_hex(16), {"MODE": "media", "BROWSER_PHONE_TOKEN": token}, log_path)
+    model = os.environ.get("SPEECH_MODEL") or "parrot"
+    print(f"switchboard is running (SPEECH_MODEL={model}; log: {log_path}). Open this link and press Call:\n")
+    print(f"    http://127.0.0.1:{port}/phone#token={token}\n", flush=True)
+    print("Ctrl-C stops the agent.", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        print()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(10)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", nargs="?", help="the agent's base URL; omit to start one locally")
@@ -782,8 +804,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wav", type=Path, help="--media: what the caller says (8 kHz mono WAV, μ-law or PCM16)")
     parser.add_argument("--speed", type=float, default=1.0, help="--media: the line's clock, times real time")
     parser.add_argument("--bargein", action="store_true", help="--media: speak over the agent's first answer")
+    parser.add_argument("--browser", action="store_true", help="start the agent and print the browser phone's link")
+    parser.add_argument("--port", type=int, default=0, help="with --browser: the local port (default: a free one)")
     parser.add_argument("--log", default=str(HERE / ".phone-server.log"), help="where the local agent logs")
     args = parser.parse_args(argv)
+    if args.browser:
+        if args.url:
+            parser.error("--browser starts an agent here; on a deployed one open /phone#token=<BROWSER_PHONE_TOKEN>")
+        return browser_phone(args.port or free_port(), Path(args.log))
     if (args.wav or args.bargein or args.speed != 1.0) and not args.media:
         parser.error("--wav, --speed and --bargein go with --media")
     if args.speed <= 0:

@@ -147,7 +147,10 @@ class Reject(Exception):
         self.status = status
 
 
-CALL_SID = re.compile(r"[A-Za-z0-9_-]{2,64}")
+# A Twilio call's id (CallSid: CA + 32 hex digits; tests use others); never "BR": the browser phone's own
+# calls (BROWSER_SID, assigned by the server) stay out of reach of every Twilio route and media socket.
+CALL_SID = re.compile(r"(?!BR)[A-Za-z0-9_-]{2,64}")
+BROWSER_SID = re.compile(r"BR[0-9a-f]{32}")
 # ASGI as the raw handlers use it: plain dicts (Litestar's TypedDicts tell HTTP and WebSocket events apart
 # only by their "type", which a handler checks at run time anyway)
 Scope = dict[str, Any]

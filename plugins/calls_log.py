@@ -35,6 +35,7 @@ class LogRecorder(CallRecorder):
                 "output_tokens": record.output_tokens,
                 "cost_usd": record.cost,
                 "first_audio_ms": round(total / n, 1) if n else None,
+                **({"channel": record.channel} if record.channel != "phone" else {}),
             },
         )
 

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS calls (
     cost numeric(14, 6) NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started);
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS channel text NOT NULL DEFAULT 'phone';
 CREATE TABLE IF NOT EXISTS turns (
     call_sid text NOT NULL,
     turn integer NOT NULL,
@@ -65,8 +66,8 @@ CREATE TABLE IF NOT EXISTS turns (
 DETAIL = "cached_input_tokens, audio_input_tokens, cached_audio_input_tokens, audio_output_tokens, transcription_ms"
 INSERT_CALL = f"""
 INSERT INTO calls (call_sid, caller, callee, started, ended, seconds, outcome, turns, providers, usage,
-                   input_tokens, output_tokens, llm_cost, phone_cost, cost, {DETAIL})
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   input_tokens, output_tokens, llm_cost, phone_cost, cost, {DETAIL}, channel)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (call_sid) DO NOTHING
 """
 INSERT_TURN = f"""
@@ -238,6 +239,7 @@ class PostgresRecorder(CallRecorder):
             r.phone_cost,
             r.cost,
             *_detail(r),
+            r.channel,
         )
 
 

@@ -69,7 +69,7 @@ async def test_tables_are_created_on_first_start_and_rows_written_after_a_call(d
     assert [(t, c) for t, c, _ in columns] == [
         ("calls", c) for c in ("call_sid", "caller", "callee", "started", "ended", "seconds", "outcome", "turns",
                                "providers", "usage", "input_tokens", "output_tokens", "llm_cost", "phone_cost", "cost",
-                               *DETAIL)
+                               "channel", *DETAIL)
     ] + [
         ("turns", c) for c in ("call_sid", "turn", "turn_id", "started", "speech", "reply", "interrupted", "provider",
                                "first_token_ms", "first_audio_ms", "reply_ms", "input_tokens", "output_tokens", "cost",

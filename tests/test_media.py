@@ -62,8 +62,12 @@ def silence(ms: int) -> bytes:
 class Socket:
     """A WebSocket to the app in this event loop, through raw ASGI messages (as uvicorn drives it)."""
 
-    def __init__(self, app: Litestar, headers: dict[str, str]) -> None:
+    def __init__(
+        self, app: Litestar, headers: dict[str, str], *, path: str = "/media", subprotocols: Sequence[str] = ()
+    ) -> None:
         self.app = app
+        self.texts: list[str] = []  # everything the app sent, in order
+        self.subprotocol: str | None = None
         self.to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
@@ -76,10 +80,10 @@ class Socket:
             "server": ("testserver.local", 80),
             "client": ("127.0.0.1", 50000),
             "root_path": "",
-            "path": "/media",
-            "raw_path": b"/media",
+            "path": path,
+            "raw_path": path.encode(),
             "query_string": b"",
-            "subprotocols": [],
+            "subprotocols": list(subprotocols),
             "state": {},
             "headers": [(b"host", b"testserver.local")] + [(k.encode(), v.encode()) for k, v in headers.items()],
             "extensions": {},
@@ -94,7 +98,10 @@ class Socket:
         async def send(message: dict[str, Any]) -> None:
             kind = message["type"]
             if kind in ("websocket.accept", "websocket.close") and not self.accepted.done():
+                self.subprotocol = message.get("subprotocol")
                 self.accepted.set_result(kind == "websocket.accept")
+            if kind == "websocket.send":
+                self.texts.append(message["text"])
             if kind == "websocket.send" and self.player is not None:
                 await self.player.received(message["text"])
             elif kind == "websocket.close":

@@ -9,6 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
+import browser
 import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,10 +78,17 @@ def test_the_container_carries_every_module_the_app_imports() -> None:
             assert f"!{path.name}" in allowed, f"{path.name} is not copied into the image"
 
 
+def test_the_container_carries_every_file_the_browser_phone_serves() -> None:
+    allowed = (ROOT / ".dockerignore").read_text().split()
+    for name in ["phone.html", *browser.FILES]:
+        assert (ROOT / "static" / name).is_file(), name
+        assert "!static/" in allowed or f"!static/{name}" in allowed, f"static/{name} is not copied into the image"
+
+
 # The core, bottom to top (DESIGN.md): a module imports only modules listed before it.
 LAYERS = [
     "contract", "twiml", "deadlines", "pcm", "speech", "observe", "webhooks", "audio", "calls", "gather", "relay", "media",
-    "main",
+    "browser", "main",
 ]
 
 

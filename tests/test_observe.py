@@ -158,6 +158,7 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
         **histogram("switchboard_media_first_audio_seconds", {}, 0, 0, LAT),
         ("switchboard_media_interruptions_total", ()): 0.0,
         ("switchboard_media_reconnects_total", ()): 0.0,
+        ("switchboard_browser_calls_total", ()): 0.0,
     }
     assert got == expected
     assert sums[("switchboard_call_cost_dollars_sum", ())] == pytest.approx(cost + 0.01)
@@ -296,7 +297,8 @@ def test_prices_by_model_or_provider(prices: str, provider: Counted, expected: t
 def test_the_shipped_providers_default_models_have_prices() -> None:
     app = main.create_app(env(LLM_PROVIDER="openai,anthropic", OPENAI_API_KEY="sk-made-up", ANTHROPIC_API_KEY="made-up"))
     assert app.state.calls.obs.prices.rates == {
-        "openai": observe.Rate(input=0.75, output=4.50), "anthropic": observe.Rate(input=0.10, output=0.50)}
+        "openai": observe.Rate(input=0.75, output=4.50), "anthropic": observe.Rate(input=0.10, output=0.50),
+        "speech:parrot": observe.Rate()}  # the default speech model (media mode) is offline and free
 
 
 def test_unknown_prices_cost_nothing_and_are_logged_once(logs: Captured) -> None:
