@@ -426,6 +426,28 @@ class VendorSDK:
             await self.client.close()
 
 
+async def sse_events(response: Any) -> AsyncGenerator[tuple[bytes, bytes]]:
+    """Each server-sent event in a response body as (event name, data), as the SSE spec splits them, in bytes."""
+    # split in bytes rather than through httpx's text and line decoders, which cost more than the JSON
+    rest = b""
+    async for chunk in response.aiter_bytes():
+        rest += chunk
+        if b"\r" in rest:  # CRLF or CR line ends; a CR at the end may be the first half of a CRLF
+            held = b"\r" if rest.endswith(b"\r") else b""
+            rest = rest.removesuffix(held).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+        *events, rest = rest.split(b"\n\n")  # a blank line ends an event
+        for event in events:
+            name, data = b"", []
+            for line in event.split(b"\n"):
+                field, _, value = line.partition(b":")  # a line starting with ":" is a comment
+                if field == b"data":
+                    data.append(value.removeprefix(b" "))
+                elif field == b"event":
+                    name = value.removeprefix(b" ")
+            if name or data:
+                yield name, b"\n".join(data)
+
+
 class LLMProvider(Plugin, Protocol):
     """A language model: streams a reply as text tokens (plus tool calls and usage)."""
 

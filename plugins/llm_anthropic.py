@@ -34,6 +34,7 @@ from main import (
     VendorSDK,
     hookimpl,
     log,
+    sse_events,
 )
 
 DEFAULT_MODEL = "claude-haiku-5-5"
@@ -86,28 +87,6 @@ def decode_event(data: bytes) -> StreamEvent:
     except msgspec.DecodeError:
         json.loads(data)  # not JSON at all: raise the standard library's JSONDecodeError, as the SDK did
         raise  # JSON of the wrong shape
-
-
-async def sse_events(response: Any) -> AsyncGenerator[tuple[bytes, bytes]]:
-    """Each server-sent event in a response body as (event name, data), as the SSE spec splits them, in bytes."""
-    # split in bytes rather than through httpx's text and line decoders, which cost more than the JSON
-    rest = b""
-    async for chunk in response.aiter_bytes():
-        rest += chunk
-        if b"\r" in rest:  # CRLF or CR line ends; a CR at the end may be the first half of a CRLF
-            held = b"\r" if rest.endswith(b"\r") else b""
-            rest = rest.removesuffix(held).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
-        *events, rest = rest.split(b"\n\n")  # a blank line ends an event
-        for event in events:
-            name, data = b"", []
-            for line in event.split(b"\n"):
-                field, _, value = line.partition(b":")  # a line starting with ":" is a comment
-                if field == b"data":
-                    data.append(value.removeprefix(b" "))
-                elif field == b"event":
-                    name = value.removeprefix(b" ")
-            if name or data:
-                yield name, b"\n".join(data)
 
 
 def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from main import (
     VendorSDK,
     hookimpl,
     log,
+    sse_events,
 )
 
 DEFAULT_MODEL = "gpt-5.4-mini"
@@ -85,26 +86,6 @@ def decode_chunk(data: bytes) -> Chunk:
     except msgspec.DecodeError:
         json.loads(data)  # not JSON at all: raise the standard library's JSONDecodeError, as the SDK did
         raise  # JSON of the wrong shape
-
-
-async def sse_data(response: Any) -> AsyncGenerator[bytes]:
-    """The data of each server-sent event in a response body, as the SSE spec splits them, in bytes."""
-    # split in bytes rather than through httpx's text and line decoders, which cost more than the JSON
-    rest = b""
-    async for chunk in response.aiter_bytes():
-        rest += chunk
-        if b"\r" in rest:  # CRLF or CR line ends; a CR at the end may be the first half of a CRLF
-            held = b"\r" if rest.endswith(b"\r") else b""
-            rest = rest.removesuffix(held).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
-        *events, rest = rest.split(b"\n\n")  # a blank line ends an event
-        for event in events:  # a line starting with ":" is a comment: its field is empty
-            data = [
-                v.removeprefix(b" ")
-                for f, _, v in (line.partition(b":") for line in event.split(b"\n"))
-                if f == b"data"
-            ]
-            if data:
-                yield b"\n".join(data)
 
 
 def openai_messages(messages: Sequence[Message], system: str) -> list[dict[str, Any]]:
@@ -264,9 +245,11 @@ class OpenAIProvider(VendorSDK, LLMProvider):
 
     async def _events(self, response: Any) -> AsyncGenerator[bytes]:
         """The events' data up to [DONE], with transport errors raised as the SDK's own streams raise them."""
-        async with contextlib.aclosing(sse_data(response)) as events:
+        async with contextlib.aclosing(sse_events(response)) as events:
             try:
-                async for data in events:
+                async for _, data in events:
+                    if not data:  # (an event with no data)
+                        continue
                     if data.startswith(b"[DONE]"):
                         break
                     yield data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -41,3 +42,34 @@ def test_a_missing_vendor_key_names_the_variable_to_set() -> None:
 
     with pytest.raises(main.ConfigError, match="KEYED_API_KEY is not set; LLM_PROVIDER=keyed needs it"):
         main.create_app(env(LLM_PROVIDER="keyed"), plugins=[NeedsKey()])
+
+
+class Body:
+    """A response whose body arrives in the given reads."""
+
+    def __init__(self, *reads: bytes) -> None:
+        self.reads = reads
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        for read in self.reads:
+            yield read
+
+
+@pytest.mark.parametrize(
+    "wire, expected",
+    [
+        (  # OpenAI's shape: data only, a comment, data over two lines, CR line ends, [DONE], a cut last event
+            b'data: {"a": 1}\r\n\r\n: a comment\ndata: {"b":\ndata: 2}\n\nevent: x\r\rdata:[DONE]\n\ndata: cut',
+            [(b"", b'{"a": 1}'), (b"", b'{"b":\n2}'), (b"x", b""), (b"", b"[DONE]")],
+        ),
+        (  # Anthropic's shape: named events
+            b'event: ping\r\ndata: {}\r\n\r\n: a comment\nevent:a\ndata: {"b":\ndata: 2}\n\nevent: x\r\rdata: cut',
+            [(b"ping", b"{}"), (b"a", b'{"b":\n2}'), (b"x", b"")],
+        ),
+    ],
+)
+async def test_server_sent_events_are_split_on_blank_lines_across_reads_and_line_ends(
+    wire: bytes, expected: list[tuple[bytes, bytes]]
+) -> None:
+    for reads in ([wire], [wire[i : i + 1] for i in range(len(wire))]):  # whole, and a byte at a time
+        assert [e async for e in main.sse_events(Body(*reads))] == expected

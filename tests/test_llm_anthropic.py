@@ -12,7 +12,7 @@ from fake_llm import FakeLLM, Reply
 
 import main
 from main import Message, ProviderError, ToolCall, ToolSpec, Usage
-from plugins.llm_anthropic import AnthropicProvider, anthropic_messages, sse_events
+from plugins.llm_anthropic import AnthropicProvider, anthropic_messages
 
 END_CALL = ToolSpec(name="end_call", description="Hang up after saying goodbye.")
 
@@ -75,21 +75,7 @@ def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks() -> None
     ]
 
 
-class Body:
-    """A response whose body arrives in the given reads."""
 
-    def __init__(self, *reads: bytes) -> None:
-        self.reads = reads
-
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        for read in self.reads:
-            yield read
-
-
-async def test_events_are_split_on_blank_lines_across_reads_and_line_ends() -> None:
-    wire = b'event: ping\r\ndata: {}\r\n\r\n: a comment\nevent:a\ndata: {"b":\ndata: 2}\n\nevent: x\r\rdata: cut'
-    for reads in ([wire], [wire[i : i + 1] for i in range(len(wire))]):  # whole, and a byte at a time
-        assert [e async for e in sse_events(Body(*reads))] == [(b"ping", b"{}"), (b"a", b'{"b":\n2}'), (b"x", b"")]
 
 
 async def test_the_model_receives_system_alternating_history_and_streams_in_order(fake_llm: FakeLLM) -> None:

@@ -15,7 +15,7 @@ from fake_llm import FakeLLM, Reply
 
 import main
 from main import Message, ProviderError, ToolCall, ToolSpec, Usage
-from plugins.llm_openai import OpenAIProvider, sse_data
+from plugins.llm_openai import OpenAIProvider
 
 TRANSFER = ToolSpec(name="transfer_call", description="Transfer the caller to a person.",
                     parameters={"type": "object", "properties": {"destination": {"type": "string"}},
@@ -50,23 +50,6 @@ def test_building_the_app_does_not_import_the_sdk() -> None:
             "'OPENAI_API_KEY': 'k', 'ANTHROPIC_API_KEY': 'k'}); print(sorted({'openai', 'anthropic', 'httpx2'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-class Body:
-    """A response whose body arrives in the given reads."""
-
-    def __init__(self, *reads: bytes) -> None:
-        self.reads = reads
-
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        for read in self.reads:
-            yield read
-
-
-async def test_events_are_split_on_blank_lines_across_reads_and_line_ends() -> None:
-    wire = b'data: {"a": 1}\r\n\r\n: a comment\ndata: {"b":\ndata: 2}\n\nevent: x\r\rdata:[DONE]\n\ndata: cut'
-    for reads in ([wire], [wire[i : i + 1] for i in range(len(wire))]):  # whole, and a byte at a time
-        assert [d async for d in sse_data(Body(*reads))] == [b'{"a": 1}', b'{"b":\n2}', b"[DONE]"]
 
 
 async def test_tokens_stream_in_order_then_tool_calls_then_usage(fake_llm: FakeLLM) -> None:
