@@ -340,6 +340,19 @@ class Observer:
         self.call_cost = Histogram(
             "switchboard_call_cost_dollars", "What a call cost (models and minutes).", buckets=COST_BUCKETS, registry=r
         )
+        self.renewals = Counter("switchboard_lease_renewals", "Leases renewed (transitions, generations).", registry=r)
+        self.leases_lost = Counter(
+            "switchboard_leases_lost", "Leases found taken over at renewal: that work stopped.", registry=r
+        )
+        self.takeovers = Counter(
+            "switchboard_turns_taken_over", "Turns this replica took over from a dead one.", registry=r
+        )
+        self.loop_lag = Gauge(
+            "switchboard_event_loop_lag_max_seconds",
+            "The longest the event loop stalled a lease renewal since the start.",
+            registry=r,
+        )
+        self.lag_max = 0.0
         self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
         self.by_provider: dict[str, ProviderMetrics] = {}
         for p in providers:
@@ -379,6 +392,26 @@ class Observer:
 
         return answered
 
+    # -- leases
+
+    def renewal_tick(self, late: float) -> None:
+        """The lease keeper woke `late` seconds after it was due (an event-loop stall)."""
+        if late > self.lag_max:
+            self.lag_max = late
+            self.loop_lag.set(late)
+
+    def lease_renewed(self) -> None:
+        """Count a lease this replica renewed."""
+        self.renewals.inc()
+
+    def lease_lost(self) -> None:
+        """Count a lease found taken over when this replica renewed it."""
+        self.leases_lost.inc()
+
+    def turn_taken_over(self) -> None:
+        """Count a turn this replica took over from a dead one."""
+        self.takeovers.inc()
+
     # -- turns
 
     def first_token(self, provider: str, seconds: float, *, fallback: bool) -> None:
@@ -412,7 +445,9 @@ class Observer:
         bound.tokens_out.inc(usage.output_tokens)
         bound.cost.inc(self.prices.tokens(provider, usage.input_tokens, usage.output_tokens))
 
-    def turn_closed(self, session: Session, turn: Turn, said: str, end: Segment | None) -> None:
+    def turn_closed(
+        self, session: Session, turn: Turn, said: str, end: Segment | None, *, taken_over: bool = False
+    ) -> None:
         """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost."""
         lat = self.latencies.pop((session.call_sid, session.turns), None) or Latency()
         provider = end.provider if end is not None else ""
@@ -432,6 +467,7 @@ class Observer:
             input_tokens=tokens_in,
             output_tokens=tokens_out,
             cost=round(self.prices.tokens(provider, tokens_in, tokens_out), 6),
+            taken_over=taken_over,
         )
         for recorder in self.recorders:
             try:

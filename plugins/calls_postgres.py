@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS turns (
     cost numeric(14, 6) NOT NULL,
     PRIMARY KEY (call_sid, turn_id)
 );
+ALTER TABLE turns ADD COLUMN IF NOT EXISTS taken_over boolean NOT NULL DEFAULT false;
 """
 INSERT_CALL = """
 INSERT INTO calls (call_sid, caller, callee, started, ended, seconds, outcome, turns, providers, usage,
@@ -60,8 +61,8 @@ ON CONFLICT (call_sid) DO NOTHING
 """
 INSERT_TURN = """
 INSERT INTO turns (call_sid, turn, turn_id, started, speech, reply, interrupted, provider, first_token_ms,
-                   first_audio_ms, reply_ms, input_tokens, output_tokens, cost)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   first_audio_ms, reply_ms, input_tokens, output_tokens, cost, taken_over)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (call_sid, turn_id) DO NOTHING
 """
 LOCK = 0x5B_CA11  # an advisory lock id: replicas starting together create the tables once
@@ -193,6 +194,7 @@ class PostgresRecorder(CallRecorder):
             r.input_tokens,
             r.output_tokens,
             r.cost,
+            r.taken_over,
         )
 
     @staticmethod
