@@ -285,7 +285,7 @@ class Gather:
     async def _await_reply(self, sid: str, key: str, base_url: str, turn: str = "") -> bytes:
         """Wait for the document another request is producing for the same speech; if that request's
         replica died generating `turn`, take the turn over and answer it here."""
-        deadline = time.monotonic() + self.settings.first_audio_deadline + 2 * LEASE_SECONDS + 2  # within Twilio's 15 s
+        deadline = time.monotonic() + self.settings.first_audio_deadline + 2 * LEASE_SECONDS + 1  # < 9.5 s budget
         while time.monotonic() < deadline:
             if (stored := await self.backend.reply(sid, key)) is not None:
                 return self.answer(stored[0], 0, stored[1])
