@@ -21,8 +21,10 @@ import msgspec
 
 from contract import (
     END,
+    RENEW_EVERY,
     CallInfo,
     Event,
+    Lease,
     LLMProvider,
     Message,
     ProviderError,
@@ -209,6 +211,8 @@ class Calls:
         self.drainers: list[Callable[[], Awaitable[None]]] = []  # run on SIGTERM before the server stops
         self.phrases: dict[tuple[str, str], Segment] = {}  # (text, base URL): fixed phrases, voiced once
         self.warm = [p for p in llm.providers[:1] if p.warms]
+        self.leases: dict[Lease, tuple[float, Callable[[], None] | None]] = {}  # held: last renewed, on loss
+        self.keeper: asyncio.Task[None] | None = None
 
     # -- the process
 
@@ -251,6 +255,10 @@ class Calls:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.keeper is not None:
+            self.keeper.cancel()
+            await asyncio.gather(self.keeper, return_exceptions=True)
+            self.keeper = None
 
     def background(self, coro: Any) -> asyncio.Task[Any]:
         """Run a task that must outlive the request that started it."""
@@ -267,20 +275,66 @@ class Calls:
                 self.phrases[text, base_url] = seg
         return seg
 
+    # -- leases: what this replica works on, renewed beside the requests
+
+    def hold(self, lease: Lease, lost: Callable[[], None] | None = None) -> None:
+        """Renew `lease` until let_go(); call `lost` if the backend says it was taken over meanwhile."""
+        self.leases[lease] = (time.monotonic(), lost)
+        if self.keeper is None or self.keeper.done():
+            self.keeper = asyncio.create_task(self._renew_forever(), name="lease-keeper")
+
+    def let_go(self, lease: Lease) -> None:
+        """Stop renewing `lease` (its work is done; it runs out by itself unless released)."""
+        self.leases.pop(lease, None)
+
+    async def _renew_forever(self) -> None:
+        """Every RENEW_EVERY, renew the leases held that long (a short transition is never renewed).
+
+        How late each tick fires is how long the event loop stalled: the lease must outlast it."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + RENEW_EVERY
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            now = loop.time()
+            self.obs.renewal_tick(now - due)
+            due = now + RENEW_EVERY
+            mono = time.monotonic()
+            stale = [(lease, lost) for lease, (at, lost) in self.leases.items() if mono - at >= RENEW_EVERY * 0.8]
+            if not stale:
+                continue
+            results = await asyncio.gather(*(self.backend.renew(lease) for lease, _ in stale), return_exceptions=True)
+            for (lease, lost), ok in zip(stale, results, strict=True):
+                if lease not in self.leases:
+                    continue
+                if ok is True:
+                    self.leases[lease] = (mono, lost)
+                    self.obs.lease_renewed()
+                elif ok is False:  # taken over (or the turn moved on): this holder must stop writing
+                    del self.leases[lease]
+                    self.obs.lease_lost()
+                    log.warning("lease lost", extra={"call": lease.call_sid, "turn": lease.turn, "fence": lease.fence})
+                    if lost is not None:
+                        lost()
+                # an exception is a backend outage (logged by the backend): keep the lease and try again
+
     # -- a call's session
 
     async def begin(self, call_sid: str, keys: Sequence[str] = ()) -> Snapshot:
         """Lock the call and read its session (and the stored replies for `keys`), waiting while it is busy."""
-        return await begin_when_free(self.backend, call_sid, keys, self.settings.session_ttl)
+        snap = await begin_when_free(self.backend, call_sid, keys, self.settings.session_ttl)
+        self.hold(Lease(call_sid=call_sid, token=snap.token))
+        return snap
 
     async def commit(
         self, call_sid: str, token: str, session: Session | None, *, turn_changed: bool = False, cancel: str = ""
     ) -> bool:
         """Write the session begun with `token` (None deletes the call) and unlock it."""
+        self.let_go(Lease(call_sid=call_sid, token=token))
         return await self.backend.commit(call_sid, token, session, turn_changed=turn_changed, cancel=cancel)
 
     async def release(self, call_sid: str, token: str) -> None:
         """Unlock a call begun with `token` without writing."""
+        self.let_go(Lease(call_sid=call_sid, token=token))
         await self.backend.unlock(call_sid, token)
 
     def new_session(self, call_sid: str, caller: str = "", to: str = "") -> Session:
@@ -307,7 +361,9 @@ class Calls:
             session.providers.append(end.provider)
             session.usage[end.provider] = session.usage.get(end.provider, Usage()) + end.usage
         del session.history[: -2 * self.settings.max_turns]
-        return self.obs.turn_closed(session, turn, said, end, interrupted=interrupted)
+        return self.obs.turn_closed(
+            session, turn, said, end, interrupted=interrupted, taken_over=any(s.taken_over for s in served)
+        )
 
     async def open_call(self, form: TwilioForm, *, channel: str = "phone") -> None:
         """A call begins (/voice, any mode; or the browser phone's socket): store its session unless a retried

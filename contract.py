@@ -205,6 +205,8 @@ class Segment(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaults
     audio_output_tokens: int = 0
     transcription_ms: int = 0
 
+    taken_over: bool = False  # made by a generation that took an orphaned turn over
+
     @property
     def usage(self) -> Usage:
         """On an "end": the turn's usage."""
@@ -276,6 +278,7 @@ class TurnRecord(msgspec.Struct, frozen=True, kw_only=True):
     audio_output_tokens: int = 0
     transcription_ms: int = 0
     cost: float = 0.0  # US dollars
+    taken_over: bool = False  # its generating replica died and another one finished the reply
 
 
 class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -310,6 +313,24 @@ class Snapshot(msgspec.Struct, gc=False, kw_only=True):
     session: Session | None
     served: list[Segment]  # segments of the current turn already handed to Twilio
     replies: dict[str, tuple[str, list[Segment]]]  # stored (turn, segments) for the keys asked about
+
+
+class Lease(msgspec.Struct, gc=False, frozen=True, kw_only=True):
+    """What a replica holds while it works on a call: the transition lock (token), or a turn's generation
+    (turn and fence, the generation number that take_over() raises)."""
+
+    call_sid: str
+    token: str = ""
+    turn: str = ""
+    fence: int = 0
+
+
+class Takeover(msgspec.Struct, gc=False, kw_only=True):
+    """What take_over() hands the new holder of an orphaned turn: its fence, the session, what Twilio got."""
+
+    fence: int
+    session: Session
+    served: list[Segment]
 
 
 class TwilioForm(msgspec.Struct, gc=False, kw_only=True, rename="pascal"):
@@ -359,7 +380,13 @@ class BackendError(Exception):
         self.reported = reported
 
 
-SUPERSEDED, BUSY = "superseded", "busy"
+SUPERSEDED, BUSY, ORPHANED = "superseded", "busy", "orphaned"
+
+# Leases (bench/README.md, "Leases", has the measurements behind these): a holder renews every RENEW_EVERY,
+# so it keeps its lease through an event-loop stall of up to LEASE_SECONDS - RENEW_EVERY - a round trip;
+# a dead holder's lease runs out LEASE_SECONDS after its last renewal.
+LEASE_SECONDS = 2.5
+RENEW_EVERY = 0.25
 
 
 class Plugin(Protocol):
@@ -522,7 +549,7 @@ class SessionBackend(Plugin, Protocol):
         ...
 
     async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
-        """Lock the call and read its session, served segments and stored replies; None if busy."""
+        """Lock the call for LEASE_SECONDS and read its session, served segments and stored replies; None if busy."""
         ...
 
     async def create(self, call_sid: str, session: Session, ttl: float) -> bool:
@@ -541,20 +568,43 @@ class SessionBackend(Plugin, Protocol):
         """Write the session (None deletes the call) and unlock, if `token` still owns the lock.
 
         turn_changed: session.current is a new turn (or none): it becomes the current turn and
-        the served segments are cleared. cancel: a turn id every replica must stop generating."""
+        the served segments are cleared; the committer holds the new turn's generation lease, fence 1,
+        for LEASE_SECONDS. cancel: a turn id every replica must stop generating."""
         ...
 
-    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
-        """Queue a turn's segments for a continuation; False when the turn is no longer current."""
+    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment], *, fence: int = 1) -> bool:
+        """Queue a turn's segments for a continuation; False when the turn is no longer current or its
+        generation `fence` was taken over."""
         ...
 
     async def serve(
-        self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
+        self,
+        call_sid: str,
+        turn: str,
+        keys: Sequence[str],
+        segments: Sequence[Segment] | None = None,
+        *,
+        fence: int = 1,
     ) -> list[Segment] | str:
-        """Hand segments to Twilio: the given ones, or all queued; store them under keys; mark served.
+        """Hand segments to Twilio: the given ones (from generation `fence`), or all queued; store them under keys.
 
-        Returns SUPERSEDED when the turn is not current, BUSY while the call is locked."""
+        Returns SUPERSEDED when the turn is not current or given segments come from a generation taken over,
+        BUSY while the call is locked, ORPHANED when nothing is queued, the reply is unfinished and its
+        generation's lease has run out."""
         ...
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend a lease held by its holder to LEASE_SECONDS from now; False when the holder lost it.
+
+        A generation lease that ran out is renewed as long as nobody took the turn over. Every backend must
+        implement it: a lease that is never renewed runs out under a live holder."""
+        raise NotImplementedError(f"{type(self).__name__} must implement renew() (leases, contract.py)")
+
+    async def take_over(self, call_sid: str, turn: str) -> Takeover | None:
+        """Take the turn's generation if its lease ran out: raise the fence, drop what the old one queued but
+        nobody served, hold the lease for LEASE_SECONDS. None when the turn is not current, its reply is
+        complete or its generation is alive. Every backend must implement it (see renew)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement take_over() (leases, contract.py)")
 
     async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
         """Return when the turn's queue has segments, or after timeout."""
@@ -575,12 +625,16 @@ class SessionBackend(Plugin, Protocol):
 
 
 async def begin_when_free(backend: SessionBackend, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot:
-    """begin(), waiting while another transition holds the call's lock (each try is one round trip)."""
-    for _ in range(400):
-        if (snap := await backend.begin(call_sid, keys, ttl)) is not None:
-            return snap
+    """begin(), waiting while another transition holds the call's lock (each try is one round trip).
+
+    A dead holder's lock runs out within a lease, so waiting longer than two means a live holder keeps it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * LEASE_SECONDS + 0.5
+    while (snap := await backend.begin(call_sid, keys, ttl)) is None:
+        if loop.time() > deadline:
+            raise BackendError(f"call {call_sid} stayed locked")
         await asyncio.sleep(0.005)
-    raise BackendError(f"call {call_sid} stayed locked")
+    return snap
 
 
 class SpeechAudio(msgspec.Struct, gc=False, frozen=True, tag=True):

@@ -3,6 +3,8 @@
 One turn: /process-speech starts a generation on this replica and answers with its first sentence;
 the rest is queued in the session backend for /continue, which any replica can serve. A retried
 webhook gets the stored answer; /handle-error (Twilio's fallback URL) apologises and listens again.
+The generating replica holds the turn's lease; when it dies, the next request for the turn takes it
+over: the model is asked again and its reply carries on after the sentences Twilio already has.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from calls import Calls, end_of_turn, has_end, new_turn_id, turn_age
+import msgspec
+
+from calls import Calls, end_of_turn, has_end, new_turn_id
 from contract import (
     BUSY,
     END,
+    LEASE_SECONDS,
+    ORPHANED,
     SUPERSEDED,
     BackendError,
     CallInfo,
+    Lease,
     Message,
     ProviderError,
     Segment,
@@ -39,6 +46,7 @@ from webhooks import Gate, Reject, webhook
 
 _TURN = re.compile(r"[0-9a-f]{8,32}")
 _N = re.compile(r"[0-9]{1,3}")  # ASCII digits only ("²".isdigit() is true, and int() refuses it)
+MAX_GENERATIONS = 5  # a turn whose replicas keep dying (a reply that crashes them) gets the apology instead
 
 
 def speech_key(text: str) -> str:
@@ -49,8 +57,11 @@ def speech_key(text: str) -> str:
 class TurnRun:
     """A reply being generated on this replica; its first document goes to the request that began it."""
 
-    def __init__(self, call: CallInfo, turn: Turn) -> None:
+    def __init__(self, call: CallInfo, turn: Turn, *, fence: int = 1, skip: int = 0) -> None:
         self.call, self.call_sid, self.turn = call, call.call_sid, turn
+        self.fence = fence  # the generation number this run holds the turn's lease with
+        self.skip = skip  # sentences Twilio already has from the generation this one took over
+        self.lease = Lease(call_sid=call.call_sid, turn=turn.id, fence=fence)
         self.ready: list[Segment] = []
         self.taken = self.superseded = False
         self.changed = asyncio.Event()
@@ -76,12 +87,14 @@ class TurnRun:
 
     async def emit(self, segments: list[Segment], backend: SessionBackend) -> bool:
         """Hand segments to the first document while it is open, else queue them for a continuation."""
+        if self.fence > 1:  # the turn's record says it was taken over
+            segments = [msgspec.structs.replace(seg, taken_over=True) for seg in segments]
         if not self.taken:
             self.ready.extend(segments)
             self.changed.set()
             return True
         try:
-            return await backend.push(self.call_sid, self.turn.id, segments)
+            return await backend.push(self.call_sid, self.turn.id, segments, fence=self.fence)
         except BackendError:  # the backend is down (it logs that once): stop here; /continue apologises meanwhile
             return False
 
@@ -147,9 +160,9 @@ class Gather:
             return self.answer(stored[0], 0, stored[1])
         session = snap.session or self.calls.new_session(form.call_sid, form.caller, form.to)
         turn, cancel = session.current, ""
-        if turn is not None and key in turn.keys:  # a retry while the first delivery is still answering
+        if turn is not None and key in turn.keys:  # a retry while the first delivery is still answering (or died)
             await self.calls.release(sid, snap.token)
-            return await self._await_reply(sid, key, base_url)
+            return await self._await_reply(sid, key, base_url, turn.id)
         user, keys = text, [key]
         if turn is not None and not has_end(snap.served):
             cancel = turn.id  # still generating or speaking: merge with it, or barge in
@@ -163,11 +176,39 @@ class Gather:
             log.info("turn superseded", extra={"call": sid, "turn": session.turns, "merged": len(keys) > 1})
         note(turn=session.turns)
         run = TurnRun(CallInfo(call_sid=sid, caller=session.caller, to=session.to), session.current)
-        messages = [*session.history, Message(role="user", content=user)]
-        self.runs[run.turn.id] = run
-        run.task = self.calls.background(self._generate(run, messages, base_url, session.turns))
-        run.task.add_done_callback(lambda _: self.runs.pop(run.turn.id, None))
+        self._start(run, [*session.history, Message(role="user", content=user)], base_url, session.turns)
         return await self._first_document(run, base_url)
+
+    def _start(self, run: TurnRun, messages: list[Message], base_url: str, number: int) -> None:
+        """Generate the run's reply in the background, holding the turn's lease while it does."""
+        self.runs[run.turn.id] = run
+        self.calls.hold(run.lease, lambda: self._stop(run))
+        run.task = self.calls.background(self._generate(run, messages, base_url, number))
+
+        def done(_: object) -> None:
+            self.calls.let_go(run.lease)
+            if self.runs.get(run.turn.id) is run:
+                del self.runs[run.turn.id]
+
+        run.task.add_done_callback(done)
+
+    async def _take_over(self, sid: str, turn_id: str, base_url: str, *, first: bool = False) -> TurnRun | None:
+        """Take over a turn whose generating replica died: ask the model again from the stored history here.
+
+        The new reply's first sentences, as many as Twilio already has, are skipped (not the dead one's queue:
+        only what was served is known to have reached the caller). With `first`, this request answers the
+        turn's first document when none was served."""
+        got = await self.backend.take_over(sid, turn_id)
+        if got is None or (turn := got.session.current) is None or turn.id != turn_id:
+            return None
+        session, filler = got.session, self.settings.filler
+        skip = sum(1 for seg in got.served if seg.kind == "speech" and seg.text and seg.text != filler)
+        log.warning("turn taken over", extra={"call": sid, "turn": session.turns, "fence": got.fence, "skip": skip})
+        self.calls.obs.turn_taken_over()
+        run = TurnRun(CallInfo(call_sid=sid, caller=session.caller, to=session.to), turn, fence=got.fence, skip=skip)
+        run.taken = bool(got.served) or not first
+        self._start(run, [*session.history, Message(role="user", content=turn.user)], base_url, session.turns)
+        return run
 
     async def _miss(self, form: TwilioForm, base_url: str, *, heard: bool) -> bytes:
         """Silence or low confidence: reprompt without the model; hang up after too many in a row."""
@@ -196,15 +237,12 @@ class Gather:
                 return self.listen()
             if got == BUSY:
                 await asyncio.sleep(0.005)
+            elif got == ORPHANED:  # the replica generating it died: carry on here
+                await self._take_over(sid, turn, base_url)
             elif isinstance(got, list) and got:
                 return self.answer(turn, n, got)
-            elif turn_age(turn) > self.settings.llm_total_timeout + 5:  # the replica generating it is gone
-                got = await self.backend.serve(
-                    sid, turn, [key], [await self.calls.phrase(self.settings.apology, base_url), END]
-                )
-                return self.listen() if isinstance(got, str) else self.answer(turn, n, got)
-            else:
-                await self.backend.wait(sid, turn, left)
+            else:  # look again within a lease: a dead generator pushes nothing, so no wake-up comes
+                await self.backend.wait(sid, turn, min(left, LEASE_SECONDS / 2))
         return document(f'<Pause length="1"/><Redirect method="POST">/continue?n={n}&amp;turn={turn}</Redirect>')
 
     async def handle_error(self, form: TwilioForm, base_url: str) -> bytes:
@@ -216,10 +254,14 @@ class Gather:
 
     def _cancelled(self, turn_id: str) -> None:
         if (run := self.runs.get(turn_id)) is not None:
-            run.superseded = True
-            run.changed.set()
-            if run.task is not None:
-                run.task.cancel()
+            self._stop(run)
+
+    def _stop(self, run: TurnRun) -> None:
+        """Stop a run: its turn was superseded, or another replica took its generation over."""
+        run.superseded = True
+        run.changed.set()
+        if run.task is not None:
+            run.task.cancel()
 
     async def _first_document(self, run: TurnRun, base_url: str) -> bytes:
         """Answer with the first sentence as soon as it exists, or a filler at the deadline."""
@@ -230,7 +272,7 @@ class Gather:
         for _ in range(400):
             if run.superseded:
                 break
-            got = await self.backend.serve(sid, turn.id, [*turn.keys, f"{turn.id}:0"], segments)
+            got = await self.backend.serve(sid, turn.id, [*turn.keys, f"{turn.id}:0"], segments, fence=run.fence)
             if got == SUPERSEDED:
                 break
             if got != BUSY:
@@ -240,12 +282,16 @@ class Gather:
             raise BackendError(f"call {sid} stayed locked")
         return await self._await_reply(sid, turn.keys[-1], base_url)  # merged into a newer turn
 
-    async def _await_reply(self, sid: str, key: str, base_url: str) -> bytes:
-        """Wait for the document another request is producing for the same speech."""
-        deadline = time.monotonic() + self.settings.first_audio_deadline + 2
+    async def _await_reply(self, sid: str, key: str, base_url: str, turn: str = "") -> bytes:
+        """Wait for the document another request is producing for the same speech; if that request's
+        replica died generating `turn`, take the turn over and answer it here."""
+        deadline = time.monotonic() + self.settings.first_audio_deadline + 2 * LEASE_SECONDS + 1  # < 9.5 s budget
         while time.monotonic() < deadline:
             if (stored := await self.backend.reply(sid, key)) is not None:
                 return self.answer(stored[0], 0, stored[1])
+            if turn and (run := await self._take_over(sid, turn, base_url, first=True)) is not None:
+                if not run.taken:
+                    return await self._first_document(run, base_url)
             await asyncio.sleep(0.02)
         return await self.listen_phrase(self.settings.apology, base_url)
 
@@ -277,6 +323,9 @@ class Gather:
                 full = full or text != whole
                 if text:
                     spoken += len(text) + bool(spoken)
+                    if run.skip:  # Twilio has it from the generation this one took over
+                        run.skip -= 1
+                        continue
                     texts.append(text)
             if more is not None:
                 pending.extend(asyncio.create_task(self.calls.voice.render(t, base_url=base_url)) for t in texts)
@@ -289,6 +338,8 @@ class Gather:
 
         try:
             try:
+                if run.fence > MAX_GENERATIONS:
+                    raise ProviderError(f"{run.fence - 1} replicas died generating this turn", provider="takeover")
                 async with within(s.llm_total_timeout):
                     segmenter = Segmenter()
                     async for event in self.calls.reply(messages, call=run.call, served=served):

@@ -440,6 +440,19 @@ class Observer:
             "Calls from the browser phone (their records and log lines say channel=browser).",
             registry=r,
         )
+        self.renewals = Counter("switchboard_lease_renewals", "Leases renewed (transitions, generations).", registry=r)
+        self.leases_lost = Counter(
+            "switchboard_leases_lost", "Leases found taken over at renewal: that work stopped.", registry=r
+        )
+        self.takeovers = Counter(
+            "switchboard_turns_taken_over", "Turns this replica took over from a dead one.", registry=r
+        )
+        self.loop_lag = Gauge(
+            "switchboard_event_loop_lag_max_seconds",
+            "The longest the event loop stalled a lease renewal since the start.",
+            registry=r,
+        )
+        self.lag_max = 0.0
         self.outcomes = {status: self.ended.labels(status) for status in TERMINAL_STATUSES}
         self.by_provider: dict[str, ProviderMetrics] = {}
         for p in providers:
@@ -478,6 +491,26 @@ class Observer:
                 self._latency((fields["call"], turn)).first_audio = seconds
 
         return answered
+
+    # -- leases
+
+    def renewal_tick(self, late: float) -> None:
+        """The lease keeper woke `late` seconds after it was due (an event-loop stall)."""
+        if late > self.lag_max:
+            self.lag_max = late
+            self.loop_lag.set(late)
+
+    def lease_renewed(self) -> None:
+        """Count a lease this replica renewed."""
+        self.renewals.inc()
+
+    def lease_lost(self) -> None:
+        """Count a lease found taken over when this replica renewed it."""
+        self.leases_lost.inc()
+
+    def turn_taken_over(self) -> None:
+        """Count a turn this replica took over from a dead one."""
+        self.takeovers.inc()
 
     # -- turns
 
@@ -518,7 +551,14 @@ class Observer:
             self._latency((call_sid, turn)).first_audio = first_audio
 
     def turn_closed(
-        self, session: Session, turn: Turn, said: str, end: Segment | None, *, interrupted: bool | None = None
+        self,
+        session: Session,
+        turn: Turn,
+        said: str,
+        end: Segment | None,
+        *,
+        interrupted: bool | None = None,
+        taken_over: bool = False,
     ) -> TurnRecord:
         """A turn moved into history: tell the recorders what was heard, sent, how fast and at what cost
         (interrupted: cut off, which a reply without its end segment is unless the mode says)."""
@@ -539,6 +579,7 @@ class Observer:
             reply_ms=_ms(lat.reply),
             **msgspec.structs.asdict(usage),
             cost=round(self.prices.cost(provider, usage), 6),
+            taken_over=taken_over,
         )
         for recorder in self.recorders:
             try:

@@ -47,7 +47,7 @@ from webhooks import twilio_signature  # noqa: E402
 TOKEN = "bench-token-" + secrets.token_hex(8)
 SCRIPTS = {
     hashlib.sha1(getattr(session_valkey, name).encode()).hexdigest(): name.lower()
-    for name in ("BEGIN", "COMMIT", "PUSH", "SERVE", "UNLOCK")
+    for name in ("BEGIN", "COMMIT", "PUSH", "SERVE", "UNLOCK", "RENEW", "TAKE_OVER")
 }
 SETUP = {"CLIENT", "SCRIPT", "HELLO", "AUTH", "SELECT"}
 CALL_IN_KEY = re.compile(rb"\{(CA[0-9a-f]+)\}")
@@ -302,7 +302,7 @@ def main() -> int:
         windows = [w for w in meter.windows if w[0] != "warm-up"]
     by_request: dict[tuple[str, int], list[Flight]] = {w: [] for w in windows}
     pushes: collections.Counter[str] = collections.Counter()
-    setup = 0
+    setup = renewals = 0
     for f in flights:
         if f.kind == "setup":
             setup += 1
@@ -310,8 +310,9 @@ def main() -> int:
         # the generation queues sentences in the background, whatever request is open; the backend may
         # send a push in the same flight as a request's command (it pipelines what is issued together)
         pushes[f.call] += f.commands.count("push")
-        if f.kind != "push" and f.window in by_request:
-            f.commands = [c for c in f.commands if c != "push"]
+        renewals += f.commands.count("renew")  # lease renewals run beside the requests, like pushes
+        f.commands = [c for c in f.commands if c not in ("push", "renew")]
+        if f.commands and f.window in by_request:
             by_request[f.window].append(f)
     rows: dict[str, list[int]] = collections.defaultdict(list)
     shapes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -332,6 +333,7 @@ def main() -> int:
         f"long replies (6 sentences, 0.1 s apart): {statistics.mean(long_docs):.2f} documents each; "
         f"pushes per long reply (background, off the request path): {summary(per_long)}"
     )
+    print(f"lease renewals (beside the requests, off their path): {renewals} over {len(windows)} requests")
     print(
         f"connection setup flights after warm-up: {setup}; pub/sub connection flights (subscribe, pings): "
         f"{meter.pubsub_flights}"

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS turns (
     cost numeric(14, 6) NOT NULL,
     PRIMARY KEY (call_sid, turn_id)
 );
+ALTER TABLE turns ADD COLUMN IF NOT EXISTS taken_over boolean NOT NULL DEFAULT false;
 """ + "".join(  # usage detail, added after the first release: tables created before gain the columns, old rows 0
     f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} integer NOT NULL DEFAULT 0;\n"
     for table in ("calls", "turns")
@@ -72,8 +73,8 @@ ON CONFLICT (call_sid) DO NOTHING
 """
 INSERT_TURN = f"""
 INSERT INTO turns (call_sid, turn, turn_id, started, speech, reply, interrupted, provider, first_token_ms,
-                   first_audio_ms, reply_ms, input_tokens, output_tokens, cost, {DETAIL})
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   first_audio_ms, reply_ms, input_tokens, output_tokens, cost, taken_over, {DETAIL})
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (call_sid, turn_id) DO NOTHING
 """
 LOCK = 0x5B_CA11  # an advisory lock id: replicas starting together create the tables once
@@ -215,6 +216,7 @@ class PostgresRecorder(CallRecorder):
             r.input_tokens,
             r.output_tokens,
             r.cost,
+            r.taken_over,
             *_detail(r),
         )
 

@@ -11,7 +11,21 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from main import BUSY, SUPERSEDED, Register, Segment, Session, SessionBackend, Settings, Snapshot, hookimpl
+from main import (
+    BUSY,
+    LEASE_SECONDS,
+    ORPHANED,
+    SUPERSEDED,
+    Lease,
+    Register,
+    Segment,
+    Session,
+    SessionBackend,
+    Settings,
+    Snapshot,
+    Takeover,
+    hookimpl,
+)
 
 session_encoder = msgspec.msgpack.Encoder()
 session_decoder = msgspec.msgpack.Decoder(Session)
@@ -34,11 +48,17 @@ class Call(msgspec.Struct, gc=False):
     current: str = ""
     lock: str = ""
     lock_until: float = 0.0
+    fence: int = 0  # the current turn's generation, and when its lease runs out
+    lease_until: float = 0.0
     served: tuple[Segment, ...] = ()
     queues: dict[str, list[Segment]] | None = None
     replies: dict[str, Stored] | None = None  # holding untracked values, the dict stays untracked too
     expires: float = 0.0
     pushed: asyncio.Event | None = None  # made when someone waits
+
+
+def _ended(served: Sequence[Segment]) -> bool:
+    return any(seg.kind == "end" for seg in served)
 
 
 class MemoryBackend(SessionBackend):
@@ -102,7 +122,7 @@ class MemoryBackend(SessionBackend):
         return True
 
     async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
-        token = await self.lock(call_sid, 5.0)
+        token = await self.lock(call_sid, LEASE_SECONDS)
         if token is None:
             return None
         call = self._call(call_sid, ttl)
@@ -134,15 +154,17 @@ class MemoryBackend(SessionBackend):
                 )
                 call.current = session.current.id if session.current else ""
                 call.served, call.queues = (), None
+                call.fence = 1 if session.current else 0  # the committer generates the new turn
+                call.lease_until = self.clock() + LEASE_SECONDS
             call.lock = ""
         if cancel:
             for callback in self.cancel_callbacks:
                 callback(cancel)
         return True
 
-    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
+    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment], *, fence: int = 1) -> bool:
         call = self.calls.get(call_sid)
-        if call is None or call.current != turn:
+        if call is None or call.current != turn or call.fence != fence:
             return False
         if call.queues is None:
             call.queues = {}
@@ -153,14 +175,23 @@ class MemoryBackend(SessionBackend):
         return True
 
     async def serve(
-        self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
+        self,
+        call_sid: str,
+        turn: str,
+        keys: Sequence[str],
+        segments: Sequence[Segment] | None = None,
+        *,
+        fence: int = 1,
     ) -> list[Segment] | str:
         call = self.calls.get(call_sid)
-        if call is None or call.current != turn:
+        if call is None or call.current != turn or (segments is not None and call.fence != fence):
             return SUPERSEDED
-        if call.lock and call.lock_until > self.clock():
+        now = self.clock()
+        if call.lock and call.lock_until > now:
             return BUSY
         taken = list(segments) if segments is not None else (call.queues or {}).pop(turn, [])
+        if not taken and segments is None and call.lease_until <= now and not _ended(call.served):
+            return ORPHANED
         if taken:
             kept = tuple(taken)
             call.served += kept
@@ -170,6 +201,30 @@ class MemoryBackend(SessionBackend):
             for key in keys:
                 call.replies[key] = stored
         return taken
+
+    async def renew(self, lease: Lease) -> bool:
+        call, now = self.calls.get(lease.call_sid), self.clock()
+        if call is None:
+            return False
+        if lease.token:
+            if call.lock != lease.token or call.lock_until <= now:
+                return False
+            call.lock_until = now + LEASE_SECONDS
+        else:
+            if call.current != lease.turn or call.fence != lease.fence:
+                return False
+            call.lease_until = now + LEASE_SECONDS
+        return True
+
+    async def take_over(self, call_sid: str, turn: str) -> Takeover | None:
+        call, now = self.calls.get(call_sid), self.clock()
+        if call is None or call.session is None or call.current != turn:
+            return None
+        if call.lease_until > now or _ended(call.served):
+            return None
+        call.fence, call.lease_until = max(call.fence, 1) + 1, now + LEASE_SECONDS
+        call.queues = None  # queued by the dead generation, never handed to Twilio: the new one says it again
+        return Takeover(fence=call.fence, session=session_decoder.decode(call.session), served=list(call.served))
 
     async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
         call = self.calls.get(call_sid)

@@ -4,7 +4,9 @@ Every key of a call carries the call's hash tag, so a call lives in one cluster 
 
     {prefix}:{CallSid}:s     the Session (msgpack)
     {prefix}:{CallSid}:c     the current turn id
-    {prefix}:{CallSid}:lock  the lock owner's token (PX expiry: a crashed replica never blocks a call)
+    {prefix}:{CallSid}:lock  the transition lease: its holder's token (PX expiry, renewed while held)
+    {prefix}:{CallSid}:g     the current turn's generation number (fence): 1, raised by each take_over
+    {prefix}:{CallSid}:h     the generation's lease: the fence, PX expiry, renewed while it generates
     {prefix}:{CallSid}:v     segments of the current turn handed to Twilio (list of msgpack Segments)
     {prefix}:{CallSid}:q     segments queued for /continue (list; only ever the current turn's)
     {prefix}:{CallSid}:r     stored replies: hash speech-or-continuation key -> msgpack [turn, [segments]];
@@ -46,22 +48,26 @@ import msgspec
 
 from main import (
     BUSY,
+    LEASE_SECONDS,
+    ORPHANED,
     SUPERSEDED,
     BackendError,
     ConfigError,
+    Lease,
     Register,
     Segment,
     Session,
     SessionBackend,
     Settings,
     Snapshot,
+    Takeover,
     hookimpl,
     log,
     segment_decoder,
     session_decoder,
 )
 
-LOCK_SECONDS = 5.0  # begin()'s lock: a transition holds it for one round trip; a dead holder frees it in 5 s
+LEASE_MS = int(LEASE_SECONDS * 1000)
 
 encoder = msgspec.msgpack.Encoder()
 pack: Callable[[Sequence[tuple[Any, ...]]], bytes] | None = None
@@ -86,6 +92,15 @@ local function mparr(n)
   if n < 16 then return string.char(144 + n) end
   return string.char(220, math.floor(n / 256), n % 256)
 end
+-- whether the served list ends with the reply's end: an "end" Segment is {"kind": "end", ...} (fields in order),
+-- after a one-byte fixmap header or, for a struct of more than 15 fields, a three-byte map16 header
+local function ended(v)
+  local last = redis.call('LINDEX', v, -1)
+  if not last then return false end
+  local first = string.byte(last, 1)
+  local at = (first == 222) and 4 or 2
+  return string.sub(last, at, at + 8) == '\\164kind\\163end'
+end
 """
 
 # KEYS lock s c v r | ARGV token lock_ms ttl_ms reply-key...   -> nil when locked, else {session, served, replies}
@@ -97,14 +112,14 @@ if #ARGV > 3 then out[3] = redis.call('HMGET', KEYS[5], unpack(ARGV, 4)) end
 return out
 """
 
-# KEYS lock s c v q r | ARGV token session('' deletes) changed current ttl_ms channel cancel-message
+# KEYS lock s c v q r g h | ARGV token session('' deletes) changed current ttl_ms channel cancel-message lease_ms
 COMMIT = (
     _MSGPACK
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local ttl = ARGV[5]
 if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
 else
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
   if ARGV[3] == '1' then
@@ -114,7 +129,13 @@ else
     for i = 1, #replies, 2 do
       if string.sub(replies[i + 1], 1, #keep) ~= keep then redis.call('HDEL', KEYS[6], replies[i]) end
     end
-    if ARGV[4] == '' then redis.call('DEL', KEYS[3]) else redis.call('SET', KEYS[3], ARGV[4]) end
+    if ARGV[4] == '' then
+      redis.call('DEL', KEYS[3], KEYS[7], KEYS[8])
+    else  -- the committer generates the new turn: generation 1, its lease held
+      redis.call('SET', KEYS[3], ARGV[4])
+      redis.call('SET', KEYS[7], '1', 'PX', ttl)
+      redis.call('SET', KEYS[8], '1', 'PX', ARGV[8])
+    end
     redis.call('DEL', KEYS[4], KEYS[5])
   end
   redis.call('DEL', KEYS[1])
@@ -127,43 +148,76 @@ return 1
 """
 )
 
-# KEYS c q | ARGV turn ttl_ms channel message segment...
+# KEYS c q g | ARGV turn ttl_ms channel message fence segment...
 PUSH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if #ARGV > 4 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 5)) end
+if (redis.call('GET', KEYS[3]) or '1') ~= ARGV[5] then return 0 end  -- taken over: fenced off
+if #ARGV > 5 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 6)) end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS c lock q v r | ARGV turn ttl_ms nkeys given key... segment...
+# KEYS c lock q v r g h | ARGV turn ttl_ms nkeys given fence key... segment...
 SERVE = (
     _MSGPACK
     + """
 local turn = ARGV[1]
 if redis.call('GET', KEYS[1]) ~= turn then return 'superseded' end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
 local nkeys, given = tonumber(ARGV[3]), ARGV[4] == '1'
+if given and (redis.call('GET', KEYS[6]) or '1') ~= ARGV[5] then return 'superseded' end  -- fenced off
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
 local items
 if given then
   items = {}
-  for i = 5 + nkeys, #ARGV do items[#items + 1] = ARGV[i] end
+  for i = 6 + nkeys, #ARGV do items[#items + 1] = ARGV[i] end
 else
   items = redis.call('LRANGE', KEYS[3], 0, -1)
   redis.call('DEL', KEYS[3])
 end
-if #items == 0 then return {} end
+if #items == 0 then
+  if not given and redis.call('EXISTS', KEYS[7]) == 0 and not ended(KEYS[4]) then return 'orphaned' end
+  return {}
+end
 for i = 1, #items, 1000 do redis.call('RPUSH', KEYS[4], unpack(items, i, math.min(i + 999, #items))) end
 if nkeys > 0 then
   local value = '\\146' .. mpstr(turn) .. mparr(#items) .. table.concat(items)
   local fields = {}
-  for i = 5, 4 + nkeys do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = value end
+  for i = 6, 5 + nkeys do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = value end
   redis.call('HSET', KEYS[5], unpack(fields))
 end
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
 if given then return 1 end
 return items
+"""
+)
+
+# KEYS lock c g h | ARGV token turn fence lease_ms: the transition lease (token) or the turn's generation lease
+RENEW = """
+if ARGV[1] ~= '' then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  return redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] or (redis.call('GET', KEYS[3]) or '1') ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS c g h s v q | ARGV turn lease_ms ttl_ms -> nil, or {fence, session, served}
+TAKE_OVER = (
+    _MSGPACK
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[3]) == 1 or ended(KEYS[5]) then
+  return false
+end
+local session = redis.call('GET', KEYS[4])
+if not session then return false end
+local fence = tonumber(redis.call('GET', KEYS[2]) or '1') + 1
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[3])
+redis.call('SET', KEYS[3], fence, 'PX', ARGV[2])
+redis.call('DEL', KEYS[6])  -- queued by the dead generation, never handed to Twilio: the new one says it again
+return {fence, session, redis.call('LRANGE', KEYS[5], 0, -1)}
 """
 )
 
@@ -231,7 +285,10 @@ class ValkeyBackend(SessionBackend):
         self.ttl_ms = max(1, int(settings.session_ttl * 1000))
         self.channel = f"{self.prefix}:events"
         self.origin = secrets.token_hex(4)  # this process, so it can skip its own pub/sub messages
-        self.scripts = {hashlib.sha1(src.encode()).hexdigest(): src for src in (BEGIN, COMMIT, PUSH, SERVE, UNLOCK)}
+        self.scripts = {
+            hashlib.sha1(src.encode()).hexdigest(): src
+            for src in (BEGIN, COMMIT, PUSH, SERVE, UNLOCK, RENEW, TAKE_OVER)
+        }
         self.sha = {src: sha for sha, src in self.scripts.items()}
         self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.flushing: set[asyncio.Task[None]] = set()
@@ -388,7 +445,7 @@ class ValkeyBackend(SessionBackend):
 
     async def begin(self, call_sid: str, keys: Sequence[str], ttl: float) -> Snapshot | None:
         token = secrets.token_hex(8)
-        args = [token, int(LOCK_SECONDS * 1000), max(1, int(ttl * 1000)), *keys]
+        args = [token, LEASE_MS, max(1, int(ttl * 1000)), *keys]
         got = await self._do(self._script(BEGIN, self._keys(call_sid, "lock", "s", "c", "v", "r"), args))
         if got is None:
             return None
@@ -420,34 +477,58 @@ class ValkeyBackend(SessionBackend):
             self.ttl_ms,
             self.channel,
             f"c {self.origin} {cancel}" if cancel else "",
+            LEASE_MS,
         ]
-        done = await self._do(self._script(COMMIT, self._keys(call_sid, "lock", "s", "c", "v", "q", "r"), args))
+        keys = self._keys(call_sid, "lock", "s", "c", "v", "q", "r", "g", "h")
+        done = await self._do(self._script(COMMIT, keys, args))
         if done and cancel:
             self._cancel(cancel)
         return bool(done)
 
-    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment]) -> bool:
-        args = [turn, self.ttl_ms, self.channel, f"p {self.origin} {call_sid}", *map(encoder.encode, segments)]
-        done = await self._do(self._script(PUSH, self._keys(call_sid, "c", "q"), args))
+    async def push(self, call_sid: str, turn: str, segments: Sequence[Segment], *, fence: int = 1) -> bool:
+        args = [turn, self.ttl_ms, self.channel, f"p {self.origin} {call_sid}", fence, *map(encoder.encode, segments)]
+        done = await self._do(self._script(PUSH, self._keys(call_sid, "c", "q", "g"), args))
         if done:
             self._wake(call_sid)
         return bool(done)
 
     async def serve(
-        self, call_sid: str, turn: str, keys: Sequence[str], segments: Sequence[Segment] | None = None
+        self,
+        call_sid: str,
+        turn: str,
+        keys: Sequence[str],
+        segments: Sequence[Segment] | None = None,
+        *,
+        fence: int = 1,
     ) -> list[Segment] | str:
         given = segments is not None
-        args: list[Any] = [turn, self.ttl_ms, len(keys), "1" if given else "", *keys]
+        args: list[Any] = [turn, self.ttl_ms, len(keys), "1" if given else "", fence, *keys]
         if segments is not None:
             args += map(encoder.encode, segments)
-        got = await self._do(self._script(SERVE, self._keys(call_sid, "c", "lock", "q", "v", "r"), args))
+        got = await self._do(self._script(SERVE, self._keys(call_sid, "c", "lock", "q", "v", "r", "g", "h"), args))
         if got == b"superseded":
             return SUPERSEDED
         if got == b"busy":
             return BUSY
+        if got == b"orphaned":
+            return ORPHANED
         if segments is not None:
             return list(segments) if got == 1 else []
         return [segment_decoder.decode(raw) for raw in got]
+
+    async def renew(self, lease: Lease) -> bool:
+        args = [lease.token, lease.turn, lease.fence, LEASE_MS]
+        return bool(await self._do(self._script(RENEW, self._keys(lease.call_sid, "lock", "c", "g", "h"), args)))
+
+    async def take_over(self, call_sid: str, turn: str) -> Takeover | None:
+        keys = self._keys(call_sid, "c", "g", "h", "s", "v", "q")
+        got = await self._do(self._script(TAKE_OVER, keys, [turn, LEASE_MS, self.ttl_ms]))
+        if got is None:
+            return None
+        fence, blob, served = got
+        return Takeover(
+            fence=int(fence), session=session_decoder.decode(blob), served=[segment_decoder.decode(r) for r in served]
+        )
 
     async def wait(self, call_sid: str, turn: str, timeout: float) -> None:
         event = asyncio.Event()

@@ -16,6 +16,7 @@ from conftest import Captured, Scripted, Twilio, concurrent, env, plugin
 from prometheus_client.parser import text_string_to_metric_families
 
 import main
+from plugins.calls_postgres import SCHEMA as PostgresSchema
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 DETAIL = ("cached_input_tokens", "audio_input_tokens", "cached_audio_input_tokens", "audio_output_tokens",
@@ -73,7 +74,7 @@ async def test_tables_are_created_on_first_start_and_rows_written_after_a_call(d
     ] + [
         ("turns", c) for c in ("call_sid", "turn", "turn_id", "started", "speech", "reply", "interrupted", "provider",
                                "first_token_ms", "first_audio_ms", "reply_ms", "input_tokens", "output_tokens", "cost",
-                               *DETAIL)
+                               "taken_over", *DETAIL)
     ]
     sid, cost = twilio.call_sid, (200 * 1 + 50 * 4) / 1e6
     calls = rows(database, "SELECT call_sid, caller, callee, outcome, turns, providers, usage, input_tokens, "
@@ -89,6 +90,22 @@ async def test_tables_are_created_on_first_start_and_rows_written_after_a_call(d
         (sid, 1, "a table for two", "Table for two, done.", False, "scripted", 200, 50, cost, True, True, True, True),
         (sid, 2, "thanks", "Goodbye.", False, "scripted", 200, 50, cost, True, True, True, True),
     ]
+
+
+async def test_a_turns_table_from_before_takeovers_gains_the_column_and_keeps_its_rows(database: str) -> None:
+    old = "\n".join(line for line in PostgresSchema.splitlines() if not line.startswith("ALTER TABLE"))  # the first one
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(old)
+        conn.execute("INSERT INTO turns VALUES ('CAold', 1, 't1', now(), 'hi', 'Hello.', false, 'openai', "
+                     "NULL, NULL, NULL, 1, 2, 0)")
+    app = app_for(database, Metered("scripted", ["Yes."]))
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        await twilio.call()
+        await twilio.turn("hello")
+        await twilio.post("/status", CallStatus="completed")
+    assert rows(database, "SELECT call_sid, speech, taken_over FROM turns ORDER BY started") == [
+        ("CAold", "hi", False), (twilio.call_sid, "hello", False)]
 
 
 async def test_a_restart_finds_its_tables_and_a_call_is_recorded_once(database: str) -> None:

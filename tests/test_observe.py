@@ -118,6 +118,10 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
     got = samples(scrape.text)
     sums = {k: got.pop(k) for k in list(got) if k[0].endswith("_sum")}
     request_buckets = {k: got.pop(k) for k in list(got) if k[0] == "switchboard_request_seconds_bucket"}
+    # the turn's lease is renewed beside it as often as its 0.3 s model lets the keeper tick: timing, not a count
+    renewals = got.pop(("switchboard_lease_renewals_total", ()))
+    lag = got.pop(("switchboard_event_loop_lag_max_seconds", ()))
+    assert renewals in (0.0, 1.0, 2.0) and 0 < lag < 1
     cost = (100 * 1.0 + 20 * 2.0) / 1e6
     # one observation each, at least the model's 0.3 s: its buckets follow from its sum
     first_token = sums[("switchboard_llm_first_token_seconds_sum", (("provider", "scripted"),))]
@@ -133,6 +137,8 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
         ("switchboard_responses_total", (("route", "/voice"), ("status", "403"))): 1.0,
         **counters("switchboard_signature_rejections", "route", {r: r == "/voice" for r in ROUTES}),
         ("switchboard_session_backend_errors_total", ()): 0.0,
+        ("switchboard_leases_lost_total", ()): 0.0,
+        ("switchboard_turns_taken_over_total", ()): 0.0,
         **histogram("switchboard_llm_first_token_seconds", {"provider": "down"}, 0, 0, LAT),
         **histogram("switchboard_llm_first_token_seconds", {"provider": "scripted"}, 1, first_token, LAT),
         **histogram("switchboard_first_audio_seconds", {}, 1, first_audio, LAT),

@@ -247,3 +247,92 @@ async def test_a_call_through_the_app_keeps_a_bounded_history(name: str) -> None
     sent = [(m.role, m.content) for m in model.calls[-1]]
     assert sent == [("user", "question 3"), ("assistant", "Answer 3."), ("user", "question 4"),
                     ("assistant", "Answer 4."), ("user", "question 5")]
+
+
+# ----------------------------------------------------------------------------- leases and fencing
+
+LEASE = main.LEASE_SECONDS
+
+
+async def turn_begun(backend: main.SessionBackend, call: str, turn: str) -> main.Session:
+    snap, written = await backend.begin(call, [], 60), session(call, turn)
+    assert await backend.commit(call, snap.token, written, turn_changed=True)
+    return written
+
+
+async def test_the_transition_lock_is_a_lease_its_holder_keeps_by_renewing(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    held = await backend.begin(call, [], 60)
+    for _ in range(3):  # held twice as long as a lease, renewed within each
+        await asyncio.sleep(LEASE * 0.6)
+        assert await backend.renew(main.Lease(call_sid=call, token=held.token)) is True
+        assert await backend.begin(call, [], 60) is None
+    written = session(call)
+    assert await backend.commit(call, held.token, written) is True
+    dead = await backend.begin(call, [], 60)  # a holder that dies: its lease runs out, the next one begins
+    await asyncio.sleep(LEASE + 0.15)
+    fresh = await backend.begin(call, [], 60)
+    assert fresh is not None and fresh.session == written
+    assert await backend.renew(main.Lease(call_sid=call, token=dead.token)) is False
+    assert await backend.commit(call, dead.token, None) is False
+    assert await backend.commit(call, fresh.token, fresh.session) is True
+
+
+async def test_a_generation_that_stops_renewing_is_orphaned_and_taken_over_once(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    written = await turn_begun(backend, call, "t1")
+    first = main.Lease(call_sid=call, turn="t1", fence=1)  # the committer holds the new turn's generation
+    assert await backend.serve(call, "t1", ["k", "t1:0"], SAY[:1], fence=1) == SAY[:1]
+    assert await backend.push(call, "t1", SAY[1:], fence=1) is True  # queued, never handed to Twilio
+    await asyncio.sleep(LEASE * 0.6)
+    assert await backend.renew(first) is True
+    await asyncio.sleep(LEASE * 0.6)
+    assert await backend.take_over(call, "t1") is None  # renewed: alive
+    assert await backend.serve(call, "t1", ["t1:1"]) == SAY[1:]
+    assert await backend.push(call, "t1", [main.Segment(text="Three.")], fence=1) is True
+    await asyncio.sleep(LEASE + 0.15)  # the holder died: nothing renews its lease
+    assert await backend.serve(call, "t1", ["t1:2"]) == [main.Segment(text="Three.")]  # what is queued still goes
+    assert await backend.serve(call, "t1", ["t1:3"]) == main.ORPHANED
+    taken = await asyncio.gather(*(backend.take_over(call, "t1") for _ in range(4)))
+    won = [t for t in taken if t is not None]
+    assert len(won) == 1  # exactly one generation is current
+    assert (won[0].fence, won[0].session, won[0].served) == (2, written, [*SAY, main.Segment(text="Three.")])
+    assert await backend.serve(call, "t1", ["t1:3"]) == []  # the new holder's lease is alive
+    second = main.Lease(call_sid=call, turn="t1", fence=2)
+    assert await backend.renew(second) is True
+
+
+async def test_an_old_holder_is_fenced_off_after_a_takeover(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    await turn_begun(backend, call, "t1")
+    await backend.serve(call, "t1", ["k", "t1:0"], SAY[:1], fence=1)
+    await backend.push(call, "t1", SAY[1:], fence=1)
+    await asyncio.sleep(LEASE + 0.15)  # the old holder stalls past its lease...
+    taken = await backend.take_over(call, "t1")  # ...and another replica takes the turn over
+    assert taken is not None and taken.fence == 2 and taken.served == SAY[:1]  # the unserved queue is dropped
+    assert await backend.serve(call, "t1", ["t1:1"]) == []
+    old = main.Lease(call_sid=call, turn="t1", fence=1)
+    assert await backend.push(call, "t1", [main.Segment(text="Late.")], fence=1) is False
+    assert await backend.push(call, "t1", [main.Segment(text="Late.")]) is False  # a holder that knows no fence
+    assert await backend.serve(call, "t1", ["t1:1"], [main.Segment(text="Late.")], fence=1) == main.SUPERSEDED
+    assert await backend.renew(old) is False
+    assert await backend.push(call, "t1", [main.Segment(text="New."), main.END], fence=2) is True
+    assert await backend.serve(call, "t1", ["t1:1"]) == [main.Segment(text="New."), main.END]
+    snap = await backend.begin(call, [], 60)
+    assert snap.served == [SAY[0], main.Segment(text="New."), main.END]
+
+
+async def test_a_finished_or_replaced_turn_is_never_orphaned(make) -> None:  # type: ignore[no-untyped-def]
+    backend, call = await make(), sid()
+    await turn_begun(backend, call, "t1")
+    await backend.serve(call, "t1", ["k", "t1:0"], [*SAY, main.END], fence=1)
+    await asyncio.sleep(LEASE + 0.15)
+    assert await backend.serve(call, "t1", ["t1:1"]) == []
+    assert await backend.take_over(call, "t1") is None
+    await turn_begun(backend, call, "t2")
+    await asyncio.sleep(LEASE + 0.15)
+    assert await backend.take_over(call, "t1") is None  # not the current turn
+    assert await backend.renew(main.Lease(call_sid=call, turn="t1", fence=1)) is False
+    assert await backend.serve(call, "t2", ["t2:1"]) == main.ORPHANED
+    assert (await backend.take_over(call, "t2")).fence == 2
+    assert await backend.take_over(sid(), "t1") is None  # no such call

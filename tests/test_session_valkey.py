@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from pathlib import Path
 
 import msgspec
@@ -28,6 +29,7 @@ from conftest import (
     env,
     plugin,
     redirect_of,
+    running,
     says,
     tree,
     twiml,
@@ -208,7 +210,7 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
         raw = valkey.asyncio.Valkey.from_url(SHARED_URL)
         try:
             keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix}:*", count=1000)])
-            assert keys == sorted([f"{prefix}:{{{call}}}:{name}" for name in ("s", "c", "v", "q", "r")]
+            assert keys == sorted([f"{prefix}:{{{call}}}:{name}" for name in ("s", "c", "v", "q", "r", "g", "h")]
                                   + [f"{prefix}:blob:audio-1"])
             assert len({key_slot(k.encode()) for k in keys if "blob" not in k}) == 1
             for k in keys:
@@ -255,7 +257,7 @@ async def test_scripts_are_loaded_again_when_the_server_forgets_them(tmp_path: P
             raw = valkey.asyncio.Valkey.from_url(server.url)
             try:
                 await raw.script_flush()
-                assert await raw.script_exists(*backend.scripts) == [False] * 5
+                assert await raw.script_exists(*backend.scripts) == [False] * len(backend.scripts)
             finally:
                 await raw.aclose()
             many = await asyncio.gather(*(backend.begin(f"CA{n}", [], 60) for n in range(20)))  # one flight
@@ -408,3 +410,61 @@ async def test_valkey_lost_mid_reply_stops_the_generation_and_the_continuation_a
     assert generation.cancelled()  # stopped quietly when its next sentence could not be queued
     assert model.closed == 1  # and the model's stream was closed
     assert tree(later.content) == apology()
+
+
+# ----------------------------------------------------------------------------- a turn taken over, in process
+
+
+class Records:
+    """A call recorder plugin that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.turns: list[main.TurnRecord] = []
+
+    @main.hookimpl
+    def register_call_recorders(self, register: Any) -> None:
+        recorder = self
+
+        class Kept(main.CallRecorder):
+            def turn_finished(self, record: main.TurnRecord) -> None:
+                recorder.turns.append(record)
+
+            def call_finished(self, record: main.CallRecord) -> None:
+                pass
+
+        register("kept", lambda settings: Kept())
+
+
+async def test_a_turn_taken_over_is_recorded_as_such_with_the_surviving_generations_usage(prefix: str) -> None:
+    from calls import new_turn_id
+
+    class Metered(Scripted):
+        async def stream(self, messages: Any, *, system: str, tools: Any = ()) -> Any:
+            async for event in super().stream(messages, system=system, tools=tools):
+                yield event
+            yield main.Usage(input_tokens=30, output_tokens=7)
+
+    model, kept = Metered(replies=["One. Two. Three."]), Records()
+    app = main.create_app(
+        env(SESSION_BACKEND="valkey", VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix, LLM_PROVIDER=model.name,
+            CALL_RECORDERS="kept"),
+        plugins=[plugin(llm=[model]), kept],
+    )
+    async with running(app) as client:
+        twilio, turn = Twilio(client), new_turn_id()
+        session = main.Session(call_sid=twilio.call_sid, started=time.time(), turns=1,
+                               current=main.Turn(id=turn, user="count", keys=["k0"], started=time.time()))
+        key = f"{prefix}:{{{twilio.call_sid}}}:"
+        async with valkey.asyncio.Valkey.from_url(SHARED_URL) as vk:  # what a replica that died left behind
+            await vk.set(key + "s", msgspec.msgpack.encode(session), px=60_000)
+            await vk.set(key + "c", turn, px=60_000)
+            await vk.set(key + "g", "1", px=60_000)
+            await vk.rpush(key + "v", msgspec.msgpack.encode(main.Segment(text="One.")))
+        docs = await twilio.follow(await twilio.post(f"/continue?n=1&turn={turn}"))
+        await twilio.post("/status", CallStatus="completed")
+    assert [text for doc in docs for text in says(doc.content)] == ["Two.", "Three."]
+    assert [(m.role, m.content) for m in model.calls[0]] == [("user", "count")]
+    (record,) = kept.turns
+    assert msgspec.structs.replace(record, started=0.0, first_token_ms=None, reply_ms=None) == main.TurnRecord(
+        call_sid=twilio.call_sid, turn=1, turn_id=turn, started=0.0, speech="count", reply="One. Two. Three.",
+        provider="scripted", input_tokens=30, output_tokens=7, taken_over=True)

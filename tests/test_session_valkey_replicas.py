@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import valkey
 from conftest import BASE, GATHER, VALKEY_PREFIX, Twilio, new_call_sid, redirect_of, says, server, tree, twiml
@@ -116,7 +117,7 @@ class Replicas:
 
 
 @contextlib.contextmanager
-def start_replicas(directory: Path, valkey_url: str, prefix: str, **extra: str) -> Iterator[Replicas]:
+def start_replicas(directory: Path, valkey_url: str, prefix: str, count: int = 2, **extra: str) -> Iterator[Replicas]:
     package = directory / "plugin"
     if not package.exists():
         package.mkdir()
@@ -125,8 +126,9 @@ def start_replicas(directory: Path, valkey_url: str, prefix: str, **extra: str) 
     environ = {"SESSION_BACKEND": "valkey", "VALKEY_URL": valkey_url, "VALKEY_PREFIX": prefix,
                "LLM_PROVIDER": "recorder", "RECORDER_FILE": str(recorded), "PYTHONPATH": str(package),
                "PUBLIC_URL": BASE, "LOG_LEVEL": "WARNING", **extra}
-    with server(environ) as (url_a, proc_a, log_a), server(environ) as (url_b, proc_b, log_b):
-        yield Replicas([url_a, url_b], [proc_a, proc_b], [log_a, log_b], recorded)
+    with contextlib.ExitStack() as stack:
+        started = [stack.enter_context(server(environ)) for _ in range(count)]
+        yield Replicas([u for u, _, _ in started], [p for _, p, _ in started], [g for _, _, g in started], recorded)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +292,128 @@ async def test_valkey_stopped_and_restarted_mid_call_means_an_apology_then_recov
         assert len([x for x in lines if "valkey unreachable" in x]) == 1, lines
         assert len([x for x in lines if "valkey reachable again" in x]) == 1, lines
         assert not [x for x in lines if "Traceback" in x or "never retrieved" in x], lines
+
+
+# ----------------------------------------------------------------------------- replicas dying mid-turn
+
+
+async def test_a_replica_killed_while_generating_is_replaced_and_the_turn_answered_whole(
+    tmp_path: Path, shared_prefix: str
+) -> None:
+    token = secrets.token_hex(4)
+    with start_replicas(tmp_path, SHARED_URL, shared_prefix, count=3) as replicas:
+        async with replicas.connected():
+            a, b, c = replicas.phones()
+            await a.call()
+            t1, t2, t3 = f"tk{token} one", f"long tk{token} two", f"tk{token} three"
+            assert await a.turn(t1) == [reply(t1)]
+            t0 = time.monotonic()
+            first = await a.say(t2)  # the first sentence leaves; the rest is still being generated...
+            replicas.procs[0].send_signal(signal.SIGKILL)  # ...when replica A dies
+            replicas.procs[0].wait(5)
+            docs = await follow([c, b], first)  # Twilio's /continue reaches the other replicas
+            took = time.monotonic() - t0
+            assert await c.turn(t3) == [reply(t3)]
+    assert spoken(docs) == [reply(t2, n) for n in range(1, 5)]
+    assert took < 10
+    seen = records(replicas.recorded, f"tk{token}")
+    pids = [p.pid for p in replicas.procs]
+    assert [r["messages"] for r in seen] == [history(t1), history(t1, t2), history(t1, t2),
+                                             [*history(t1, t2)[:-1], ["user", t2, False],
+                                              ["assistant", " ".join(reply(t2, n) for n in range(1, 5)), False],
+                                              ["user", t3, False]]]
+    assert seen[1]["pid"] == pids[0] and seen[2]["pid"] in pids[1:]  # asked again by the replica taking over
+
+
+async def test_a_retried_webhook_whose_replica_died_before_answering_is_answered_by_another(
+    tmp_path: Path, shared_prefix: str
+) -> None:
+    token = secrets.token_hex(4)
+    with start_replicas(tmp_path, SHARED_URL, shared_prefix) as replicas:
+        async with replicas.connected():
+            a, b = replicas.phones()
+            await a.call()
+            text = f"slow rt{token}"
+            t0 = time.monotonic()
+            attempt = asyncio.create_task(a.say(text))  # the model takes 0.4 s to its first token...
+            await asyncio.sleep(0.2)
+            replicas.procs[0].send_signal(signal.SIGKILL)  # ...and replica A dies before answering
+            with pytest.raises(httpx.TransportError):
+                await attempt
+            retried = await b.say(text)  # Twilio retries (a #rc= override on the URL) on the other replica
+            took = time.monotonic() - t0
+            docs = await follow([b, b], retried)
+    assert (retried.status_code, spoken(docs)) == (200, [reply(text)])
+    assert took < 10
+    assert [(r["messages"], r["pid"]) for r in records(replicas.recorded, text)] == [
+        (history(text), replicas.procs[0].pid), (history(text), replicas.procs[1].pid)]
+
+
+def leave_a_dead_generation(prefix: str, call: str, turn: str, user: str, served: list[Any]) -> None:
+    """Write into Valkey what a replica leaves when it dies generating `turn`: its lease will run out."""
+    import main
+
+    session = main.Session(call_sid=call, started=time.time(), turns=1,
+                           current=main.Turn(id=turn, user=user, keys=["k0"], started=time.time()))
+    key = f"{prefix}:{{{call}}}:"
+    with valkey.Valkey.from_url(SHARED_URL) as vk:
+        vk.set(key + "s", msgspec.msgpack.encode(session), px=60_000)
+        vk.set(key + "c", turn, px=60_000)
+        vk.set(key + "g", "1", px=60_000)
+        vk.set(key + "h", "1", px=300)  # the dead holder renewed it last just before it died
+        vk.rpush(key + "v", *[msgspec.msgpack.encode(seg) for seg in served])
+        vk.pexpire(key + "v", 60_000)
+
+
+async def test_a_lease_left_behind_by_a_dead_process_is_taken_over(pair: Any, shared_prefix: str) -> None:
+    import main
+    from calls import new_turn_id
+
+    async with pair.connected() as replicas:
+        phone = replicas.phones()[1]
+        text, turn = f"long dl{secrets.token_hex(4)}", new_turn_id()
+        leave_a_dead_generation(shared_prefix, phone.call_sid, turn, text, [main.Segment(text=reply(text))])
+        t0 = time.monotonic()
+        docs = await follow([phone, phone], await phone.post(f"/continue?n=1&turn={turn}"))
+        took = time.monotonic() - t0
+        after = await phone.turn(f"then {text}")
+    assert spoken(docs) == [reply(text, n) for n in range(2, 5)]  # Twilio had the first sentence already
+    assert took < 5
+    assert after == [reply(f"then {text}")]
+    seen = records(replicas.recorded, text)
+    assert [r["messages"] for r in seen] == [
+        [["user", text, False]],
+        [["user", text, False], ["assistant", " ".join(reply(text, n) for n in range(1, 5)), False],
+         ["user", f"then {text}", False]]]
+
+
+async def test_a_stalled_holder_cannot_write_after_its_turn_was_taken_over(tmp_path: Path, shared_prefix: str) -> None:
+    token = secrets.token_hex(4)
+    with start_replicas(tmp_path, SHARED_URL, shared_prefix) as replicas:
+        async with replicas.connected():
+            a, b = replicas.phones()
+            await a.call()
+            text = f"long st{token}"
+            first = await a.say(text)
+            replicas.procs[0].send_signal(signal.SIGSTOP)  # A stalls mid-reply, alive
+            try:
+                docs = await follow([b, b], first)  # B takes the turn over once A's lease runs out
+            finally:
+                replicas.procs[0].send_signal(signal.SIGCONT)  # A wakes up and carries on where it stopped
+            await asyncio.sleep(1.5)  # its late pushes and its renewal reach the backend (and are refused)
+            key = f"{shared_prefix}:{{{a.call_sid}}}:"
+            with valkey.Valkey.from_url(SHARED_URL) as vk:
+                served = [msgspec.msgpack.decode(raw) for raw in vk.lrange(key + "v", 0, -1)]
+                queued = vk.llen(key + "q")
+            after = await b.turn(f"st{token} next")
+    assert spoken(docs) == [reply(text, n) for n in range(1, 5)]
+    assert after == [reply(f"st{token} next")]
+    seen = records(replicas.recorded, f"st{token}")
+    assert seen[-1]["messages"] == [["user", text, False],
+                                    ["assistant", " ".join(reply(text, n) for n in range(1, 5)), False],
+                                    ["user", f"st{token} next", False]]  # nothing of A's after the takeover
+    # what Twilio got: A's first sentence, then only the new generation's (A's own later ones were refused)
+    assert [(seg.get("kind", "speech"), seg.get("text", ""), seg.get("taken_over", False)) for seg in served] == [
+        ("speech", reply(text, 1), False), *[("speech", reply(text, n), True) for n in range(2, 5)],
+        ("end", "", True)]
+    assert queued == 0

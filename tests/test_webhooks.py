@@ -187,6 +187,20 @@ async def test_signature_through_a_trusted_proxy_uses_the_forwarded_url() -> Non
     assert (ok.status_code, spoofed.status_code) == (200, 403)
 
 
+async def test_a_webhook_url_with_a_retry_override_fragment_passes_the_signature_check() -> None:
+    # configured as https://agent.example.com/process-speech?mode=x#rc=2&rp=ct,rt: the fragment is Twilio's own
+    # instruction and never sent (RFC 3986), so Twilio signs the URL it requests, which the server can rebuild
+    configured = "https://agent.example.com/process-speech?mode=x#rc=2&rp=ct,rt&ct=1000"
+    requested, _, _ = configured.partition("#")
+    app = main.create_app(env(PUBLIC_URL="https://agent.example.com"))
+    async with running(app) as client:
+        data = {"CallSid": new_call_sid(), "From": "+15005550006", "SpeechResult": "hello", "Confidence": "0.9"}
+        headers = {"content-type": "application/x-www-form-urlencoded",
+                   "x-twilio-signature": webhooks.twilio_signature(TOKEN, requested, list(data.items()))}
+        ok = await client.post("/process-speech?mode=x", content=urlencode(data), headers=headers)
+    assert ok.status_code == 200 and b"<Gather" in ok.content  # answered, not refused with a 403
+
+
 async def test_the_test_client_is_signed_like_twilio(monkeypatch: pytest.MonkeyPatch) -> None:
     app = main.create_app(env())
     async with AsyncTestClient(app) as client:
