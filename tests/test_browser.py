@@ -18,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -27,13 +28,14 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import ROOT, TOKEN, Twilio, concurrent, env
+from fake_realtime import FakeRealtime, Response, Utterance
 from litestar import Litestar
 from test_media import Script, ScriptedPlugin, Socket, burst, session_of, silence, spoken, until
 
 import main
 import pcm
 import phone
-from main import CallerDone, CallerSpeaking, ReplyDone, ToolCall, Usage
+from main import CallerDone, CallerSpeaking, Message, ReplyDone, ToolCall, Usage
 
 PHONE_TOKEN = "browser-phone-token-" + "x" * 12
 OFFER = ["switchboard.phone", f"token.{PHONE_TOKEN}"]
@@ -325,6 +327,37 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
             proc.stdout.close()
 
 
+@contextlib.contextmanager
+def serving(app: Litestar) -> Iterator[str]:
+    """`app` behind uvicorn (the Procfile's socket options) in a thread of this process, so a test can read the
+    sessions it stores while a browser calls it: its base URL."""
+    import uvicorn
+
+    port = phone.free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="agent", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the agent did not start in 30 s"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def shot(page: Any, name: str, tmp_path: Path) -> None:
     folder = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     page.screenshot(path=str(folder / name))
@@ -454,3 +487,58 @@ def test_the_pages_codec_and_resampler_match_python(agent: tuple[str, Path], tmp
     # and a 5 kHz tone, above the phone band, is at least 50 dB down instead of folding back to 3 kHz
     rms = math.sqrt(sum(x * x for x in got["above"][80:]) / len(got["above"][80:]))
     assert rms < 0.8 / math.sqrt(2) * 10 ** (-50 / 20)
+
+
+def test_a_realtime_call_in_the_browser_shows_both_transcripts_and_a_barge_in_clears_the_reply(
+    fake_realtime: FakeRealtime, tmp_path: Path
+) -> None:
+    """SPEECH_MODEL=openai against the fake Realtime server (it finds speech by the duration of the audio the
+    page streams, in ms since the stream's first frame): the caller asks for a story, speaks over it 2.5 s into
+    its 8 s of audio, and gets a short answer."""
+    story = "Once upon a time there was a telephone that rang all night and nobody ever answered it at all."
+    fake_realtime.hear(
+        Utterance(start_ms=300, end_ms=1800, transcript="tell me a story"),
+        Utterance(start_ms=5000, end_ms=5600, transcript="stop"),  # the story starts playing at about 2.4 s
+    )
+    fake_realtime.script(Response(story, audio_ms=8000, chunk_ms=100), Response("Okay, I stopped.", audio_ms=600))
+    app = main.create_app(browser_env(MODE="media", **fake_realtime.env()))
+    mic = speech(tmp_path / "mic.wav", 0.5, "Please tell me a story.", 3.0, "Stop.", 8.0)  # (as the fake hears it)
+    with serving(app) as base, chromium(mic) as browser:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{base}/phone#token={PHONE_TOKEN}")
+        page.get_by_role("button", name="Call").click()
+        wait(page, "window.phone.stats.clears >= 1", 60)  # the barge-in
+        wait(page, "window.phone.stats.turns >= 2", 30)  # the answer after it, played to its end mark
+        wait(page, "window.phone.current() !== null && window.phone.current().sources.size === 0", 10)
+        sid = page.evaluate("window.phone.current().callSid")
+        stats = page.evaluate("window.phone.stats")
+        lines = transcript(page)
+        deadline = time.monotonic() + 30  # the second turn's history is committed around when the page hears of it
+        while (session := session_of(app, sid)) is None or session.turns < 2:
+            assert time.monotonic() < deadline, session
+            time.sleep(0.05)
+        page.get_by_role("button", name="Hang up").click()
+        assert errors == []
+    (truncate,) = fake_realtime.of_type("conversation.item.truncate")
+    heard = truncate["audio_end_ms"]  # what the page's mark echoes said had played when the caller spoke
+    words = story.split()
+    said = " ".join(words[: round(len(words) * heard / 8000)])
+    assert 500 <= heard <= 7000 and said  # the caller heard part of the story, not all of it
+    assert session.history == [
+        Message(role="user", content="tell me a story"),
+        Message(role="assistant", content=said, interrupted=True),
+        Message(role="user", content="stop"),
+        Message(role="assistant", content="Okay, I stopped."),
+    ], session.history
+    timing = r"( answer began \d+ ms after you stopped speaking;)? server: \d+ ms"  # (the page's figure needs the
+    # microphone's speech to line up with what the fake hears, which a loaded machine may shift)
+    assert len(lines) == 5 and lines[0].startswith("Agent: Hello!"), lines
+    assert lines[1] == "You: tell me a story" and lines[3] == "You: stop", lines
+    assert re.fullmatch(re.escape(f"Agent: {said} (interrupted)") + timing, lines[2]), lines
+    assert re.fullmatch(re.escape("Agent: Okay, I stopped.") + timing, lines[4]), lines
+    assert stats["clears"] == 1
+    assert stats["received"] == (8000 + 600) * 8  # the whole story reached the page before the caller spoke
+    story_played = stats["played"] - 600 * 8  # (all of the short answer played: its turn closed on its end mark)
+    assert abs(story_played / 8 - heard) <= 500, (stats, heard)  # the page stopped where the server cut the story
