@@ -259,7 +259,9 @@ class Prices:
         for s in speech:
             key = speech_key(s.name)
             self.rates[key] = _rate(
-                _lookup(user, s.model) or _lookup(user, key) or _lookup(SPEECH_PRICES, s.model)
+                _lookup(user, s.model)
+                or _lookup(user, key)
+                or _lookup(SPEECH_PRICES, s.model)
                 or _lookup(SPEECH_PRICES, s.name)
             )
         self.unpriced: set[str] = set()

@@ -166,8 +166,14 @@ async def caller(n: int, lb: Balancer, stats: Stats, stop: float, max_turns: int
     rng = random.Random(n)
     while time.monotonic() < stop and stats.turns < max_turns:
         sid = "CA" + secrets.token_hex(16)
-        params = {"AccountSid": "AC" + "0" * 32, "CallSid": sid, "From": "+15005550006", "To": "+15005550001",
-                  "Direction": "inbound", "CallStatus": "in-progress"}
+        params = {
+            "AccountSid": "AC" + "0" * 32,
+            "CallSid": sid,
+            "From": "+15005550006",
+            "To": "+15005550001",
+            "Direction": "inbound",
+            "CallStatus": "in-progress",
+        }
         await lb.post("/voice", params | {"CallStatus": "ringing"})
         for turn in range(rng.randint(3, 8)):
             if time.monotonic() > stop or stats.turns >= max_turns:
@@ -201,8 +207,14 @@ async def warm_up(lb: Balancer, replicas: list[Replica]) -> None:
     """One model turn on each replica before the soak, so its vendor SDK is loaded."""
     for replica in replicas:
         lb.alive = {replica.index}
-        params = {"AccountSid": "AC" + "0" * 32, "CallSid": "CA" + secrets.token_hex(16), "From": "+15005550006",
-                  "To": "+15005550001", "Direction": "inbound", "CallStatus": "in-progress"}
+        params = {
+            "AccountSid": "AC" + "0" * 32,
+            "CallSid": "CA" + secrets.token_hex(16),
+            "From": "+15005550006",
+            "To": "+15005550001",
+            "Direction": "inbound",
+            "CallStatus": "in-progress",
+        }
         await lb.post("/voice", params | {"CallStatus": "ringing"})
         await lb.post("/process-speech", params | {"SpeechResult": "warming up", "Confidence": "0.9"})
     lb.alive = {r.index for r in replicas}
@@ -293,10 +305,17 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         tmp = args.log_dir or scratch
         Path(tmp).mkdir(parents=True, exist_ok=True)
         public = "http://soak.invalid"
-        env = {"SESSION_BACKEND": "valkey", "VALKEY_URL": args.valkey_url, "VALKEY_PREFIX": prefix,
-               "LLM_PROVIDER": "openai", "OPENAI_BASE_URL": model_url + "/v1",
-               "OPENAI_API_KEY": "made-up-openai-key", "TOOLS": "none", "PUBLIC_URL": public,
-               "LOG_LEVEL": "WARNING"}
+        env = {
+            "SESSION_BACKEND": "valkey",
+            "VALKEY_URL": args.valkey_url,
+            "VALKEY_PREFIX": prefix,
+            "LLM_PROVIDER": "openai",
+            "OPENAI_BASE_URL": model_url + "/v1",
+            "OPENAI_API_KEY": "made-up-openai-key",
+            "TOOLS": "none",
+            "PUBLIC_URL": public,
+            "LOG_LEVEL": "WARNING",
+        }
         replicas = [Replica(i, phone.free_port(), env, Path(tmp) / f"replica{i}") for i in range(args.replicas)]
         await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))
         lb = Balancer(replicas, stats, public)
@@ -327,8 +346,12 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         took = time.monotonic() - t0
         logs = [p.read_text(errors="replace") for p in Path(tmp).glob("replica*.log")]
         tracebacks = sum(text.count("Traceback") for text in logs)
-        lines = Counter(re.sub(r"\S+=\S+", "", line.split(" ", 2)[-1])[:90] for text in logs
-                        for line in text.splitlines() if line.startswith(("warning", "error")))
+        lines = Counter(
+            re.sub(r"\S+=\S+", "", line.split(" ", 2)[-1])[:90]
+            for text in logs
+            for line in text.splitlines()
+            if line.startswith(("warning", "error"))
+        )
         if args.show_logs:
             for text in logs:
                 print("\n".join(line for line in text.splitlines() if line.startswith(("warning", "error"))))
@@ -341,9 +364,17 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     totals = Counter[str]()
     for got in stats.metrics.values():
         totals.update(got)
-    return {"stats": stats, "seconds": took, "renewals": totals[METRICS[0]], "takeovers": totals[METRICS[1]],
-            "lost_leases": totals[METRICS[2]], "lag": max(stats.lag.values(), default=0.0),
-            "tracebacks": tracebacks, "history_crosstalk": history_crosstalk, "log_lines": lines}
+    return {
+        "stats": stats,
+        "seconds": took,
+        "renewals": totals[METRICS[0]],
+        "takeovers": totals[METRICS[1]],
+        "lost_leases": totals[METRICS[2]],
+        "lag": max(stats.lag.values(), default=0.0),
+        "tracebacks": tracebacks,
+        "history_crosstalk": history_crosstalk,
+        "log_lines": lines,
+    }
 
 
 def main() -> int:
@@ -364,37 +395,54 @@ def main() -> int:
     got = asyncio.run(soak(args))
     s: Stats = got["stats"]
     per_turn = got["renewals"] / s.turns if s.turns else 0.0
-    print(f"soak: {args.replicas} replicas, {args.callers} callers, a kill every {args.kill_every:g} s, "
-          f"{got['seconds']:.0f} s, {args.hogs} CPU hogs, load average {os.getloadavg()[0]:.2f}")
-    print(f"turns {s.turns}  answered by the model {s.answered}  lost {s.lost}  cross-talk {s.crosstalk} "
-          f"(histories {got['history_crosstalk']})  5xx {s.server_errors}")
-    print(f"slowest answer {s.slowest:.2f} s from the first attempt (slowest whole turn {s.slowest_turn:.2f} s)  "
-          f"kills {s.kills}  re-sent requests {s.resent}")
-    print(f"lease renewals {got['renewals']:.0f} ({per_turn:.3f} per turn)  turns taken over {got['takeovers']:.0f}  "
-          f"leases lost {got['lost_leases']:.0f}  longest event-loop stall at a renewal {got['lag'] * 1000:.0f} ms  "
-          f"tracebacks in replica logs {got['tracebacks']}")
+    print(
+        f"soak: {args.replicas} replicas, {args.callers} callers, a kill every {args.kill_every:g} s, "
+        f"{got['seconds']:.0f} s, {args.hogs} CPU hogs, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"turns {s.turns}  answered by the model {s.answered}  lost {s.lost}  cross-talk {s.crosstalk} "
+        f"(histories {got['history_crosstalk']})  5xx {s.server_errors}"
+    )
+    print(
+        f"slowest answer {s.slowest:.2f} s from the first attempt (slowest whole turn {s.slowest_turn:.2f} s)  "
+        f"kills {s.kills}  re-sent requests {s.resent}"
+    )
+    print(
+        f"lease renewals {got['renewals']:.0f} ({per_turn:.3f} per turn)  turns taken over {got['takeovers']:.0f}  "
+        f"leases lost {got['lost_leases']:.0f}  longest event-loop stall at a renewal {got['lag'] * 1000:.0f} ms  "
+        f"tracebacks in replica logs {got['tracebacks']}"
+    )
     for example in s.lost_examples:
         print("  lost:", example)
     for example in s.gave_up[:5] + s.restart_failures[:3]:
         print("  failed:", example)
-    print("event-loop stall at a renewal, per replica process (ms; started with the soak / restarted):",
-          sorted(round(v * 1000) for k, v in s.lag.items() if k[1] == 1), "/",
-          sorted(round(v * 1000) for k, v in s.lag.items() if k[1] > 1))
+    print(
+        "event-loop stall at a renewal, per replica process (ms; started with the soak / restarted):",
+        sorted(round(v * 1000) for k, v in s.lag.items() if k[1] == 1),
+        "/",
+        sorted(round(v * 1000) for k, v in s.lag.items() if k[1] > 1),
+    )
     for line, count in got["log_lines"].most_common(8):
         print(f"  replica log: {count} x {line}")
     case = f"{args.replicas} replicas, {args.callers} callers, kill every {args.kill_every:g} s"
     rows = [
-        ("turns", s.turns, "", None), ("turns answered by the model", s.answered, "", None),
-        ("lost turns", s.lost, "", "<= 0"), ("cross-talk", s.crosstalk + got["history_crosstalk"], "", "<= 0"),
-        ("5xx responses", s.server_errors, "", "<= 0"), ("slowest answer from the first attempt", round(s.slowest, 2),
-                                                          "s", "< 10"),
+        ("turns", s.turns, "", None),
+        ("turns answered by the model", s.answered, "", None),
+        ("lost turns", s.lost, "", "<= 0"),
+        ("cross-talk", s.crosstalk + got["history_crosstalk"], "", "<= 0"),
+        ("5xx responses", s.server_errors, "", "<= 0"),
+        ("slowest answer from the first attempt", round(s.slowest, 2), "s", "< 10"),
         ("kills", s.kills, "", f">= {max(1, int(got['seconds'] / args.kill_every) - 1)}"),
         ("lease renewals per turn", round(per_turn, 3), "", None),
         ("turns taken over", got["takeovers"], "", None),
         ("longest event-loop stall at a lease renewal", round(got["lag"] * 1000, 1), "ms", None),
     ]
-    print("BENCH " + json.dumps([{"bench": "soak", "case": case, "metric": m, "value": v, "unit": u, "target": t}
-                                 for m, v, u, t in rows]))
+    print(
+        "BENCH "
+        + json.dumps(
+            [{"bench": "soak", "case": case, "metric": m, "value": v, "unit": u, "target": t} for m, v, u, t in rows]
+        )
+    )
     return 0
 
 

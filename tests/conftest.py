@@ -32,16 +32,20 @@ from fake_realtime import fake_realtime  # noqa: E402,F401  (the fake OpenAI Rea
 from fake_tts import KEY, FakeTTS  # noqa: E402
 
 import main  # noqa: E402
-import observe
+import observe  # noqa: E402
 import phone  # noqa: E402
-import webhooks
+import webhooks  # noqa: E402
 from main import LLMProvider, Message, ProviderError, hookimpl  # noqa: E402
 
 TOKEN = "made-up-test-token-0123456789abcdef"
 BASE = "http://testserver.local"
 GATHER = dict(
-    input="speech", speech_timeout="auto", action_on_empty_result=True, action="/process-speech",
-    method="POST", language="en-US",
+    input="speech",
+    speech_timeout="auto",
+    action_on_empty_result=True,
+    action="/process-speech",
+    method="POST",
+    language="en-US",
 )
 VOICE = dict(voice="Polly.Joanna-Neural", language="en-US")
 GREETING = "Hello! You are talking to switchboard. How can I help?"
@@ -116,8 +120,9 @@ def voice_attrs(app: Litestar) -> dict[str, str]:
     return app.state.calls.voice.relay_attrs()
 
 
-def connect_doc(url: str, *, greeting: str = GREETING, action: str = "/relay-action", attempt: str = "1",
-                **voice: str) -> tuple[Any, ...]:
+def connect_doc(
+    url: str, *, greeting: str = GREETING, action: str = "/relay-action", attempt: str = "1", **voice: str
+) -> tuple[Any, ...]:
     """The expected document, built with the twilio package's VoiceResponse."""
 
     def build(r: VoiceResponse) -> None:
@@ -153,22 +158,38 @@ def played(*urls: str, gather: dict[str, Any] = GATHER) -> tuple[Any, ...]:
 class Twilio:
     """Signs and posts webhooks the way Twilio does, against an AsyncTestClient."""
 
-    def __init__(self, client: AsyncTestClient[Litestar] | httpx.AsyncClient, *, token: str = TOKEN, call_sid: str | None = None,
-                 base: str = BASE) -> None:
+    def __init__(
+        self,
+        client: AsyncTestClient[Litestar] | httpx.AsyncClient,
+        *,
+        token: str = TOKEN,
+        call_sid: str | None = None,
+        base: str = BASE,
+    ) -> None:
         self.client = client
         self.token = token
         self.base = base  # the base URL Twilio calls (and signs), e.g. PUBLIC_URL
         self.call_sid = call_sid or new_call_sid()
-        self.params = {"AccountSid": "AC" + "0" * 32, "CallSid": self.call_sid, "From": "+15005550006",
-                       "To": "+15005550001", "Direction": "inbound", "CallStatus": "in-progress"}
+        self.params = {
+            "AccountSid": "AC" + "0" * 32,
+            "CallSid": self.call_sid,
+            "From": "+15005550006",
+            "To": "+15005550001",
+            "Direction": "inbound",
+            "CallStatus": "in-progress",
+        }
 
     async def post(self, path: str, headers: dict[str, str] | None = None, **params: str) -> httpx.Response:
         data = self.params | params
         signature = webhooks.twilio_signature(self.token, self.base + path, list(data.items()))
         return await self.client.post(
-            path, content=urlencode(data),
-            headers={"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature,
-                     **(headers or {})},
+            path,
+            content=urlencode(data),
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "x-twilio-signature": signature,
+                **(headers or {}),
+            },
         )
 
     async def call(self) -> httpx.Response:
@@ -212,15 +233,25 @@ async def concurrent(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
 class Scripted(LLMProvider):
     """An in-process model: answers from a script, with controllable delays, and records its inputs."""
 
-    def __init__(self, name: str = "scripted", replies: Sequence[str] = ("Hello there.",), *, ttft: float = 0.0,
-                 gap: float = 0.0, fail: Exception | None = None, stall_after: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "scripted",
+        replies: Sequence[str] = ("Hello there.",),
+        *,
+        ttft: float = 0.0,
+        gap: float = 0.0,
+        fail: Exception | None = None,
+        stall_after: int | None = None,
+    ) -> None:
         self.name = name
         self.replies = list(replies)
         self.ttft, self.gap, self.fail, self.stall_after = ttft, gap, fail, stall_after
         self.calls: list[list[Message]] = []
         self.closed = 0
 
-    async def stream(self, messages: Sequence[Message], *, system: str, tools: Sequence[Any] = ()) -> AsyncIterator[Any]:
+    async def stream(
+        self, messages: Sequence[Message], *, system: str, tools: Sequence[Any] = ()
+    ) -> AsyncIterator[Any]:
         self.calls.append(list(messages))
         reply = self.replies[min(len(self.calls), len(self.replies)) - 1]
         try:
@@ -309,7 +340,9 @@ def logs() -> Iterator[Captured]:
 
 
 @contextlib.contextmanager
-def server(extra_env: dict[str, str] | None = None, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def server(
+    extra_env: dict[str, str] | None = None, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     """A real agent process started with the Procfile's command; yields (base URL, process, log path)."""
     port = port or phone.free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"switchboard-test-{port}.log"

@@ -52,13 +52,34 @@ import pytest
 
 from main import ToolCall
 
-OPENAI_ERRORS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
-                 429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None), 503: ("server_error", None)}
-ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-                    503: "api_error", 529: "overloaded_error"}
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
-           500: "Internal Server Error", 503: "Service Unavailable", 529: "Overloaded"}
+OPENAI_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    503: ("server_error", None),
+}
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "api_error",
+    529: "overloaded_error",
+}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    529: "Overloaded",
+}
 
 
 @dataclass
@@ -238,11 +259,16 @@ class FakeLLM:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _send_json(self, writer: asyncio.StreamWriter, status: int, payload: Any,
-                         headers: dict[str, str] | None = None) -> bool:
+    async def _send_json(
+        self, writer: asyncio.StreamWriter, status: int, payload: Any, headers: dict[str, str] | None = None
+    ) -> bool:
         data = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", "content-type: application/json",
-                f"content-length: {len(data)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        head = [
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+            "content-type: application/json",
+            f"content-length: {len(data)}",
+            *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        ]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
         return True
@@ -254,10 +280,27 @@ class FakeLLM:
             request.completed = True
             if not self._authorized(request):
                 return await self._error(writer, request, Reply(status=401, message="invalid key"))
-            return await self._send_json(writer, 200, {
-                "object": "list", "has_more": False, "first_id": self.model, "last_id": self.model,
-                "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "fake", "type": "model",
-                          "display_name": "Fake model", "created_at": "2025-01-01T00:00:00Z"}]})
+            return await self._send_json(
+                writer,
+                200,
+                {
+                    "object": "list",
+                    "has_more": False,
+                    "first_id": self.model,
+                    "last_id": self.model,
+                    "data": [
+                        {
+                            "id": self.model,
+                            "object": "model",
+                            "created": 0,
+                            "owned_by": "fake",
+                            "type": "model",
+                            "display_name": "Fake model",
+                            "created_at": "2025-01-01T00:00:00Z",
+                        }
+                    ],
+                },
+            )
         if request.method != "POST" or path not in ("/v1/chat/completions", "/v1/messages"):
             request.completed = True
             return await self._error(writer, request, Reply(status=404, message=f"no route {request.method} {path}"))
@@ -300,9 +343,9 @@ class FakeLLM:
             return "max_tokens: Field required"
         roles = [m.get("role") for m in body["messages"]]
         if roles[0] != "user":
-            return "messages: first message must use the \"user\" role"
-        if any(a == b for a, b in zip(roles, roles[1:])):
-            return "messages: roles must alternate between \"user\" and \"assistant\""
+            return 'messages: first message must use the "user" role'
+        if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
+            return 'messages: roles must alternate between "user" and "assistant"'
         for m in body["messages"]:
             content = m.get("content")
             blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
@@ -316,8 +359,11 @@ class FakeLLM:
         headers = {"retry-after": reply.retry_after} if reply.retry_after else {}
         if request.vendor == "anthropic":
             kind = ANTHROPIC_ERRORS.get(status, "api_error")
-            payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message},
-                                       "request_id": "req_fake" + secrets.token_hex(6)}
+            payload: dict[str, Any] = {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": "req_fake" + secrets.token_hex(6),
+            }
             headers["request-id"] = payload["request_id"]
         else:
             kind, code = OPENAI_ERRORS.get(status, ("server_error", None))
@@ -342,23 +388,35 @@ class FakeLLM:
         inp, out = self._usage(request, reply, tokens)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(tokens) or None, "refusal": None}
         if reply.tool_calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
-                                     for c in reply.tool_calls]
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                for c in reply.tool_calls
+            ]
         finish = reply.finish or ("tool_calls" if reply.tool_calls else "stop")
-        return {"id": "chatcmpl-" + secrets.token_hex(8), "object": "chat.completion", "created": int(time.time()),
-                "model": self.model, "choices": [{"index": 0, "message": message, "logprobs": None,
-                                                  "finish_reason": finish}],
-                "usage": {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}}
+        return {
+            "id": "chatcmpl-" + secrets.token_hex(8),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out},
+        }
 
     def _anthropic_whole(self, request: FakeRequest, reply: Reply) -> dict[str, Any]:
         tokens = reply.token_list()
         inp, out = self._usage(request, reply, tokens)
         content: list[dict[str, Any]] = [{"type": "text", "text": "".join(tokens)}] if tokens else []
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments} for c in reply.tool_calls]
-        return {"id": "msg_" + secrets.token_hex(8), "type": "message", "role": "assistant", "model": self.model,
-                "content": content, "stop_reason": reply.finish or ("tool_use" if reply.tool_calls else "end_turn"),
-                "stop_sequence": None, "usage": {"input_tokens": inp, "output_tokens": out}}
+        return {
+            "id": "msg_" + secrets.token_hex(8),
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": reply.finish or ("tool_use" if reply.tool_calls else "end_turn"),
+            "stop_sequence": None,
+            "usage": {"input_tokens": inp, "output_tokens": out},
+        }
 
     # -- streamed replies: (events before the first token, one event per token, closing events)
 
@@ -368,7 +426,10 @@ class FakeLLM:
 
         def chunk(delta: dict[str, Any], finish: str | None = None, choices: bool = True) -> bytes:
             payload: dict[str, Any] = {
-                "id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model,
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
                 "system_fingerprint": "fp_fake",
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
             }
@@ -380,16 +441,36 @@ class FakeLLM:
         per_token = [chunk({"content": t}) for t in tokens]
         for k, call in enumerate(reply.tool_calls):
             args = json.dumps(call.arguments)
-            per_token.append(chunk({"tool_calls": [{"index": k, "id": call.id, "type": "function",
-                                                    "function": {"name": call.name, "arguments": ""}}]}))
-            per_token += [chunk({"tool_calls": [{"index": k, "function": {"arguments": args[i:i + 7]}}]})
-                          for i in range(0, len(args), 7)]
+            per_token.append(
+                chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": k,
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            )
+            per_token += [
+                chunk({"tool_calls": [{"index": k, "function": {"arguments": args[i : i + 7]}}]})
+                for i in range(0, len(args), 7)
+            ]
         closing = [chunk({}, reply.finish or ("tool_calls" if reply.tool_calls else "stop"))]
         if with_usage:
             inp, out = self._usage(request, reply, tokens)
-            usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model,
-                     "system_fingerprint": "fp_fake", "choices": [],
-                     "usage": {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}}
+            usage = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "system_fingerprint": "fp_fake",
+                "choices": [],
+                "usage": {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out},
+            }
             closing.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
         closing.append(b"data: [DONE]\n\n")
         role = chunk({"role": "assistant", "content": "", "refusal": None})
@@ -401,34 +482,71 @@ class FakeLLM:
 
         tokens = reply.token_list()
         inp, out = self._usage(request, reply, tokens)
-        start = event("message_start", {"message": {
-            "id": "msg_" + secrets.token_hex(8), "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": inp, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                      "output_tokens": 1}}})
+        start = event(
+            "message_start",
+            {
+                "message": {
+                    "id": "msg_" + secrets.token_hex(8),
+                    "type": "message",
+                    "role": "assistant",
+                    "model": self.model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {
+                        "input_tokens": inp,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                        "output_tokens": 1,
+                    },
+                }
+            },
+        )
         per_token: list[bytes] = []
         index = 0
         if tokens:
-            per_token.append(event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
-                             + event("ping", {}) + event("content_block_delta", {
-                                 "index": 0, "delta": {"type": "text_delta", "text": tokens[0]}}))
-            per_token += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": t}})
-                          for t in tokens[1:]]
+            per_token.append(
+                event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                + event("ping", {})
+                + event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": tokens[0]}})
+            )
+            per_token += [
+                event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": t}})
+                for t in tokens[1:]
+            ]
             per_token[-1] += event("content_block_stop", {"index": 0})
             index = 1
         for call in reply.tool_calls:
             args = json.dumps(call.arguments)
-            per_token.append(event("content_block_start", {"index": index, "content_block": {
-                "type": "tool_use", "id": call.id, "name": call.name, "input": {}}}) + event(
-                "content_block_delta", {"index": index, "delta": {"type": "input_json_delta", "partial_json": ""}}))
-            per_token += [event("content_block_delta", {"index": index, "delta": {
-                "type": "input_json_delta", "partial_json": args[i:i + 7]}}) for i in range(0, len(args), 7)]
+            per_token.append(
+                event(
+                    "content_block_start",
+                    {
+                        "index": index,
+                        "content_block": {"type": "tool_use", "id": call.id, "name": call.name, "input": {}},
+                    },
+                )
+                + event(
+                    "content_block_delta", {"index": index, "delta": {"type": "input_json_delta", "partial_json": ""}}
+                )
+            )
+            per_token += [
+                event(
+                    "content_block_delta",
+                    {"index": index, "delta": {"type": "input_json_delta", "partial_json": args[i : i + 7]}},
+                )
+                for i in range(0, len(args), 7)
+            ]
             per_token[-1] += event("content_block_stop", {"index": index})
             index += 1
         stop = reply.finish or ("tool_use" if reply.tool_calls else "end_turn")
-        closing = [event("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
-                                           "usage": {"output_tokens": out}}),
-                   event("message_stop", {})]
+        closing = [
+            event(
+                "message_delta",
+                {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": out}},
+            ),
+            event("message_stop", {}),
+        ]
         return [start], per_token, closing
 
     def _stream_error(self, request: FakeRequest, reply: Reply) -> bytes:
@@ -439,12 +557,15 @@ class FakeLLM:
         payload = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-    async def _stream(self, request: FakeRequest, reply: Reply, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> bool:
+    async def _stream(
+        self, request: FakeRequest, reply: Reply, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         events = self._openai_events if request.vendor == "openai" else self._anthropic_events
         before, per_token, closing = events(request, reply)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
         hangup = asyncio.ensure_future(reader.read(1))  # the client sends nothing more until it hangs up
 
         async def wait(seconds: float) -> bool:
@@ -477,8 +598,11 @@ class FakeLLM:
                     request.completed = True
                     return True
                 if i == reply.malformed_after:
-                    await send(b"data: {\"choices\": [{\"delta\": \n\n" if request.vendor == "openai"
-                               else b"event: content_block_delta\ndata: {\"type\": \"content_blo\n\n")
+                    await send(
+                        b'data: {"choices": [{"delta": \n\n'
+                        if request.vendor == "openai"
+                        else b'event: content_block_delta\ndata: {"type": "content_blo\n\n'
+                    )
                 if i == reply.error_after:
                     await send(self._stream_error(request, reply))
                     writer.write(b"0\r\n\r\n")

@@ -84,7 +84,7 @@ class FakeTTS:
         if self.vendor == "openai":
             fmt = call.body.get("response_format", "mp3")
             if split.path != "/v1/audio/speech":
-                status, error = 404, "Invalid URL (POST {})".format(split.path)
+                status, error = 404, f"Invalid URL (POST {split.path})"
             elif call.headers.get("authorization") != f"Bearer {KEY}":
                 status, error = 401, "Incorrect API key provided."
             elif not call.body.get("input") or not call.body.get("model") or not call.body.get("voice"):
@@ -101,8 +101,11 @@ class FakeTTS:
                 status, error = 422, "text is required"
         if status != 200:
             error = error or "The server had an error while processing your request."
-            body = ({"error": {"message": error, "type": "server_error", "param": None, "code": None}}
-                    if self.vendor == "openai" else {"detail": {"status": "error", "message": error}})
+            body = (
+                {"error": {"message": error, "type": "server_error", "param": None, "code": None}}
+                if self.vendor == "openai"
+                else {"detail": {"status": "error", "message": error}}
+            )
             self._send(h, status, "application/json", json.dumps(body).encode())
             return
         call.audio = MAGIC[fmt] + secrets.token_bytes(self.size)

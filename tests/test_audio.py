@@ -51,7 +51,8 @@ async def test_a_slow_vendor_falls_back_in_time_and_its_audio_serves_the_next_ca
         await asyncio.sleep(0.8)
         second = await Twilio(client).call()
     assert tree(first.content) == twiml(
-        lambda r: r.gather(**GATHER).say("Hi.", voice="Polly.Joanna-Neural", language="en-US"))
+        lambda r: r.gather(**GATHER).say("Hi.", voice="Polly.Joanna-Neural", language="en-US")
+    )
     assert tree(second.content) == played(*plays(second.content))
     assert fake.texts() == ["Hi."]
 
@@ -101,8 +102,13 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Any
 
 async def test_a_second_replica_serves_the_audio_and_reuses_the_greeting(fake: FakeTTS, stores: Any) -> None:
     model = Scripted("scripted", ["One sentence only."])
-    apps = [main.create_app(openai_env(fake, LLM_PROVIDER="scripted", SESSION_BACKEND="shared", GREETING="Hi."),
-                            plugins=[plugin(llm=[model], session={"shared": store})]) for store in stores]
+    apps = [
+        main.create_app(
+            openai_env(fake, LLM_PROVIDER="scripted", SESSION_BACKEND="shared", GREETING="Hi."),
+            plugins=[plugin(llm=[model], session={"shared": store})],
+        )
+        for store in stores
+    ]
     async with running(apps[0]) as one, running(apps[1]) as two:
         twilio = Twilio(one)
         greeting = await twilio.call()
@@ -125,8 +131,10 @@ async def test_a_replica_voices_a_fixed_phrase_it_never_stored_on_demand(fake: F
 async def test_the_audio_cache_stays_within_its_bound_and_keeps_the_greeting(fake: FakeTTS) -> None:
     sentences = [f"Sentence number {n}." for n in range(12)]
     model = Scripted("scripted", [" ".join(sentences)])
-    app = main.create_app(openai_env(fake, LLM_PROVIDER="scripted", BLOB_CACHE_BYTES="6000", GREETING="Hi."),
-                          plugins=[plugin(llm=[model])])
+    app = main.create_app(
+        openai_env(fake, LLM_PROVIDER="scripted", BLOB_CACHE_BYTES="6000", GREETING="Hi."),
+        plugins=[plugin(llm=[model])],
+    )
     backend = app.state.calls.backend
     async with running(app) as client:
         twilio = Twilio(client)
@@ -145,8 +153,11 @@ async def test_the_audio_cache_stays_within_its_bound_and_keeps_the_greeting(fak
 
 async def test_audio_keys_are_validated_unguessable_and_the_same_on_every_replica(fake: FakeTTS) -> None:
     other = "another-made-up-token-fedcba987654"
-    apps = [main.create_app(openai_env(fake, GREETING="Hi.")), main.create_app(openai_env(fake, GREETING="Hi.")),
-            main.create_app(openai_env(fake, GREETING="Hi.") | {"TWILIO_AUTH_TOKEN": other})]
+    apps = [
+        main.create_app(openai_env(fake, GREETING="Hi.")),
+        main.create_app(openai_env(fake, GREETING="Hi.")),
+        main.create_app(openai_env(fake, GREETING="Hi.") | {"TWILIO_AUTH_TOKEN": other}),
+    ]
     urls = []
     for app in apps:
         async with running(app) as client:
@@ -154,10 +165,19 @@ async def test_audio_keys_are_validated_unguessable_and_the_same_on_every_replic
             urls.append(plays((await Twilio(client, token=token).call()).content)[0])
             if len(urls) == 1:
                 key = urls[0].rsplit("/", 1)[1]
-                answers = {path: await client.request(method, path) for method, path in [
-                    ("GET", "/audio/" + "0" * 32 + ".mp3"), ("GET", "/audio/" + key[:-4] + ".wav"),
-                    ("GET", "/audio/zzz.mp3"), ("GET", "/audio/" + key[:-4]), ("GET", "/audio/" + key[:-4] + ".ogg"),
-                    ("GET", "/audio/" + key.upper()), ("GET", "/audio/" + key + "/more"), ("POST", "/audio/" + key)]}
+                answers = {
+                    path: await client.request(method, path)
+                    for method, path in [
+                        ("GET", "/audio/" + "0" * 32 + ".mp3"),
+                        ("GET", "/audio/" + key[:-4] + ".wav"),
+                        ("GET", "/audio/zzz.mp3"),
+                        ("GET", "/audio/" + key[:-4]),
+                        ("GET", "/audio/" + key[:-4] + ".ogg"),
+                        ("GET", "/audio/" + key.upper()),
+                        ("GET", "/audio/" + key + "/more"),
+                        ("POST", "/audio/" + key),
+                    ]
+                }
                 head = await client.head("/audio/" + key)
     assert [a.status_code for a in answers.values()] == [404, 404, 400, 400, 400, 400, 400, 405]
     assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(fake.calls[0].audio)))

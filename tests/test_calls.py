@@ -30,7 +30,14 @@ async def test_history_sent_to_the_model_is_system_plus_the_last_max_turns() -> 
         twilio = Twilio(client)
         await twilio.call()
         for text in ["one", "two", "three", "four"]:
-            assert await twilio.turn(text) == [f"{['First', 'Second', 'Third', 'Fourth'][['one', 'two', 'three', 'four'].index(text)]} answer."]
+            assert await twilio.turn(text) == [
+                f"{['First', 'Second', 'Third', 'Fourth'][['one', 'two', 'three', 'four'].index(text)]} answer."
+            ]
     sent = [(m.role, m.content) for m in model.calls[-1]]
-    assert sent == [("user", "two"), ("assistant", "Second answer."), ("user", "three"), ("assistant", "Third answer."),
-                    ("user", "four")]
+    assert sent == [
+        ("user", "two"),
+        ("assistant", "Second answer."),
+        ("user", "three"),
+        ("assistant", "Third answer."),
+        ("user", "four"),
+    ]

@@ -21,8 +21,10 @@ class Metered(Scripted):
 @pytest.mark.parametrize("json_lines", [False, True])
 async def test_one_line_per_call_with_masked_numbers_cost_and_latency(json_lines: bool) -> None:
     model = Metered("scripted", ["Sure.", "Bye now."], ttft=0.1)
-    app = main.create_app(env(LLM_PROVIDER="scripted", PRICES='{"scripted": [1, 4]}', CALL_PRICE_PER_MINUTE="0.02"),
-                          plugins=[plugin(llm=[model])])
+    app = main.create_app(
+        env(LLM_PROVIDER="scripted", PRICES='{"scripted": [1, 4]}', CALL_PRICE_PER_MINUTE="0.02"),
+        plugins=[plugin(llm=[model])],
+    )
     handler = Captured(json_lines=json_lines)
     main.log.addHandler(handler)
     try:
@@ -42,8 +44,16 @@ async def test_one_line_per_call_with_masked_numbers_cost_and_latency(json_lines
         seconds, wait = fields.pop("seconds"), fields.pop("first_audio_ms")
         fields.pop("ts")
         assert fields == {
-            "level": "info", "msg": "call record", "call": twilio.call_sid, "caller": "…0006", "to": "…0001",
-            "outcome": "completed", "turns": 2, "providers": "scripted", "input_tokens": 240, "output_tokens": 60,
+            "level": "info",
+            "msg": "call record",
+            "call": twilio.call_sid,
+            "caller": "…0006",
+            "to": "…0001",
+            "outcome": "completed",
+            "turns": 2,
+            "providers": "scripted",
+            "input_tokens": 240,
+            "output_tokens": 60,
             "cost_usd": cost,
         }
         assert 0 <= seconds < 5 and 95 <= wait < 3000
@@ -72,4 +82,5 @@ async def test_call_recorders_none_records_nothing(logs: Captured) -> None:
         await twilio.post("/status", CallStatus="completed")
     assert app.state.calls.obs.recorders == []
     assert [line.split(" seconds=")[0] for line in logs.lines if " call " in f" {line} "] == [
-        f"info call ended call={twilio.call_sid} outcome=completed turns=0"]
+        f"info call ended call={twilio.call_sid} outcome=completed turns=0"
+    ]

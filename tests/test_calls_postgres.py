@@ -19,8 +19,13 @@ import main
 from plugins.calls_postgres import SCHEMA as PostgresSchema
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
-DETAIL = ("cached_input_tokens", "audio_input_tokens", "cached_audio_input_tokens", "audio_output_tokens",
-          "transcription_ms")
+DETAIL = (
+    "cached_input_tokens",
+    "audio_input_tokens",
+    "cached_audio_input_tokens",
+    "audio_output_tokens",
+    "transcription_ms",
+)
 
 
 @pytest.fixture
@@ -50,8 +55,13 @@ class Metered(Scripted):
 
 def app_for(url: str, model: Scripted, **overrides: str) -> Any:
     return main.create_app(
-        env(LLM_PROVIDER=model.name, CALL_RECORDERS="postgres", DATABASE_URL=url, PRICES='{"scripted": [1, 4]}',
-            **overrides),
+        env(
+            LLM_PROVIDER=model.name,
+            CALL_RECORDERS="postgres",
+            DATABASE_URL=url,
+            PRICES='{"scripted": [1, 4]}',
+            **overrides,
+        ),
         plugins=[plugin(llm=[model])],
     )
 
@@ -65,27 +75,84 @@ async def test_tables_are_created_on_first_start_and_rows_written_after_a_call(d
         assert await twilio.turn("thanks") == ["Goodbye."]
         await twilio.post("/status", CallStatus="completed")
     # the lifespan's end flushed the queue: everything is there now
-    columns = rows(database, "SELECT table_name, column_name, data_type FROM information_schema.columns "
-                             "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position")
+    columns = rows(
+        database,
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+    )
     assert [(t, c) for t, c, _ in columns] == [
-        ("calls", c) for c in ("call_sid", "caller", "callee", "started", "ended", "seconds", "outcome", "turns",
-                               "providers", "usage", "input_tokens", "output_tokens", "llm_cost", "phone_cost", "cost",
-                               "channel", *DETAIL)
+        ("calls", c)
+        for c in (
+            "call_sid",
+            "caller",
+            "callee",
+            "started",
+            "ended",
+            "seconds",
+            "outcome",
+            "turns",
+            "providers",
+            "usage",
+            "input_tokens",
+            "output_tokens",
+            "llm_cost",
+            "phone_cost",
+            "cost",
+            "channel",
+            *DETAIL,
+        )
     ] + [
-        ("turns", c) for c in ("call_sid", "turn", "turn_id", "started", "speech", "reply", "interrupted", "provider",
-                               "first_token_ms", "first_audio_ms", "reply_ms", "input_tokens", "output_tokens", "cost",
-                               "taken_over", *DETAIL)
+        ("turns", c)
+        for c in (
+            "call_sid",
+            "turn",
+            "turn_id",
+            "started",
+            "speech",
+            "reply",
+            "interrupted",
+            "provider",
+            "first_token_ms",
+            "first_audio_ms",
+            "reply_ms",
+            "input_tokens",
+            "output_tokens",
+            "cost",
+            "taken_over",
+            *DETAIL,
+        )
     ]
     sid, cost = twilio.call_sid, (200 * 1 + 50 * 4) / 1e6
-    calls = rows(database, "SELECT call_sid, caller, callee, outcome, turns, providers, usage, input_tokens, "
-                           "output_tokens, llm_cost::float8, phone_cost::float8, cost::float8, "
-                           "ended >= started, seconds < 60 FROM calls")
-    assert calls == [(sid, "+15005550006", "+15005550001", "completed", 2, ["scripted"],
-                      {"scripted": {"input_tokens": 400, "output_tokens": 100}}, 400, 100, 2 * cost, 0.0, 2 * cost,
-                      True, True)]
-    turns = rows(database, "SELECT call_sid, turn, speech, reply, interrupted, provider, input_tokens, output_tokens, "
-                           "cost::float8, first_token_ms >= 0, first_audio_ms >= first_token_ms, reply_ms >= 0, "
-                           "started > now() - interval '1 minute' FROM turns ORDER BY turn")
+    calls = rows(
+        database,
+        "SELECT call_sid, caller, callee, outcome, turns, providers, usage, input_tokens, "
+        "output_tokens, llm_cost::float8, phone_cost::float8, cost::float8, "
+        "ended >= started, seconds < 60 FROM calls",
+    )
+    assert calls == [
+        (
+            sid,
+            "+15005550006",
+            "+15005550001",
+            "completed",
+            2,
+            ["scripted"],
+            {"scripted": {"input_tokens": 400, "output_tokens": 100}},
+            400,
+            100,
+            2 * cost,
+            0.0,
+            2 * cost,
+            True,
+            True,
+        )
+    ]
+    turns = rows(
+        database,
+        "SELECT call_sid, turn, speech, reply, interrupted, provider, input_tokens, output_tokens, "
+        "cost::float8, first_token_ms >= 0, first_audio_ms >= first_token_ms, reply_ms >= 0, "
+        "started > now() - interval '1 minute' FROM turns ORDER BY turn",
+    )
     assert turns == [
         (sid, 1, "a table for two", "Table for two, done.", False, "scripted", 200, 50, cost, True, True, True, True),
         (sid, 2, "thanks", "Goodbye.", False, "scripted", 200, 50, cost, True, True, True, True),
@@ -96,8 +163,10 @@ async def test_a_turns_table_from_before_takeovers_gains_the_column_and_keeps_it
     old = "\n".join(line for line in PostgresSchema.splitlines() if not line.startswith("ALTER TABLE"))  # the first one
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(old)
-        conn.execute("INSERT INTO turns VALUES ('CAold', 1, 't1', now(), 'hi', 'Hello.', false, 'openai', "
-                     "NULL, NULL, NULL, 1, 2, 0)")
+        conn.execute(
+            "INSERT INTO turns VALUES ('CAold', 1, 't1', now(), 'hi', 'Hello.', false, 'openai', "
+            "NULL, NULL, NULL, 1, 2, 0)"
+        )
     app = app_for(database, Metered("scripted", ["Yes."]))
     async with concurrent(app) as client:
         twilio = Twilio(client)
@@ -105,7 +174,9 @@ async def test_a_turns_table_from_before_takeovers_gains_the_column_and_keeps_it
         await twilio.turn("hello")
         await twilio.post("/status", CallStatus="completed")
     assert rows(database, "SELECT call_sid, speech, taken_over FROM turns ORDER BY started") == [
-        ("CAold", "hi", False), (twilio.call_sid, "hello", False)]
+        ("CAold", "hi", False),
+        (twilio.call_sid, "hello", False),
+    ]
 
 
 async def test_a_restart_finds_its_tables_and_a_call_is_recorded_once(database: str) -> None:
@@ -126,8 +197,17 @@ async def test_shutdown_flushes_what_is_queued(database: str) -> None:
     recorder = PostgresRecorder(main.load_settings({"DATABASE_URL": database}))
     await recorder.aopen()
     for i in range(50):
-        recorder.call_finished(main.CallRecord(call_sid=f"CA{i:032d}", caller="+15005550006", to="+15005550001",
-                                               started=time.time() - 30, ended=time.time(), outcome="completed", turns=0))
+        recorder.call_finished(
+            main.CallRecord(
+                call_sid=f"CA{i:032d}",
+                caller="+15005550006",
+                to="+15005550001",
+                started=time.time() - 30,
+                ended=time.time(),
+                outcome="completed",
+                turns=0,
+            )
+        )
     assert recorder.written == 0
     await recorder.aclose()  # at once: the writer has not run yet
     assert (recorder.written, recorder.dropped) == (50, 0)
@@ -135,22 +215,51 @@ async def test_shutdown_flushes_what_is_queued(database: str) -> None:
 
 
 async def test_tables_from_before_the_usage_detail_gain_its_columns_and_keep_their_rows(database: str) -> None:
-    from plugins.calls_postgres import PostgresRecorder, SCHEMA
+    from plugins.calls_postgres import SCHEMA, PostgresRecorder
 
     with psycopg.connect(database, autocommit=True) as conn:  # the first release's tables, with a call in them
         conn.execute(SCHEMA.split("ALTER TABLE")[0])
-        conn.execute("INSERT INTO calls VALUES ('CAold', '+1', '+2', now(), now(), 1, 'completed', 1, '{}', '{}', "
-                     "10, 5, 0.1, 0, 0.1)")
+        conn.execute(
+            "INSERT INTO calls VALUES ('CAold', '+1', '+2', now(), now(), 1, 'completed', 1, '{}', '{}', "
+            "10, 5, 0.1, 0, 0.1)"
+        )
     recorder = PostgresRecorder(main.load_settings({"DATABASE_URL": database}))
     await recorder.aopen()
-    speech = main.Usage(input_tokens=100, cached_input_tokens=60, audio_input_tokens=300, cached_audio_input_tokens=30,
-                        output_tokens=20, audio_output_tokens=400, transcription_ms=4500)
+    speech = main.Usage(
+        input_tokens=100,
+        cached_input_tokens=60,
+        audio_input_tokens=300,
+        cached_audio_input_tokens=30,
+        output_tokens=20,
+        audio_output_tokens=400,
+        transcription_ms=4500,
+    )
     now = time.time()
-    recorder.turn_finished(main.TurnRecord(call_sid="CAnew", turn=1, turn_id="t1", started=now, speech="hi",
-                                           reply="hello", cost=0.5, **msgspec.structs.asdict(speech)))
-    recorder.call_finished(main.CallRecord(call_sid="CAnew", caller="+1", to="+2", started=now - 5, ended=now,
-                                           outcome="completed", turns=1, usage={"speech:openai": speech},
-                                           **msgspec.structs.asdict(speech)))
+    recorder.turn_finished(
+        main.TurnRecord(
+            call_sid="CAnew",
+            turn=1,
+            turn_id="t1",
+            started=now,
+            speech="hi",
+            reply="hello",
+            cost=0.5,
+            **msgspec.structs.asdict(speech),
+        )
+    )
+    recorder.call_finished(
+        main.CallRecord(
+            call_sid="CAnew",
+            caller="+1",
+            to="+2",
+            started=now - 5,
+            ended=now,
+            outcome="completed",
+            turns=1,
+            usage={"speech:openai": speech},
+            **msgspec.structs.asdict(speech),
+        )
+    )
     await recorder.aclose()
     columns = ", ".join(("call_sid", "input_tokens", "output_tokens") + DETAIL)
     assert rows(database, f"SELECT {columns} FROM calls ORDER BY call_sid") == [
@@ -250,12 +359,18 @@ async def test_a_postgres_outage_mid_call_never_touches_the_call(database: str, 
             assert await later.turn("four") == ["Fourth answer."]
             await later.post("/status", CallStatus="completed")
             await wait_for(lambda: recorder.written == 3, seconds=30)
-    dropped = [s.value for f in text_string_to_metric_families(scrape) for s in f.samples
-               if s.name == "switchboard_call_records_dropped_total"]
+    dropped = [
+        s.value
+        for f in text_string_to_metric_families(scrape)
+        for s in f.samples
+        if s.name == "switchboard_call_records_dropped_total"
+    ]
     assert dropped == [3.0]
     warnings = [line for line in logs.lines if line.startswith("warning call records dropped")]
     assert warnings and all("recorder=postgres" in line for line in warnings)
     assert sum(int(line.split(" records=")[1].split()[0]) for line in warnings) == 3
-    assert rows(database, "SELECT call_sid, turn, speech FROM turns ORDER BY call_sid = %s, turn".replace(
-        "%s", f"'{later.call_sid}'")) == [(twilio.call_sid, 1, "one"), (later.call_sid, 1, "four")]
+    assert rows(
+        database,
+        "SELECT call_sid, turn, speech FROM turns ORDER BY call_sid = %s, turn".replace("%s", f"'{later.call_sid}'"),
+    ) == [(twilio.call_sid, 1, "one"), (later.call_sid, 1, "four")]
     assert rows(database, "SELECT call_sid FROM calls") == [(later.call_sid,)]

@@ -14,7 +14,10 @@ import main
 def test_railway_public_domain_is_the_default_public_url() -> None:
     settings = main.load_settings({"RAILWAY_PUBLIC_DOMAIN": "sb-production.up.railway.app"})
     assert settings.public_url == "https://sb-production.up.railway.app"
-    assert main.load_settings({"RAILWAY_PUBLIC_DOMAIN": "x.app", "PUBLIC_URL": "https://mine.example"}).public_url == "https://mine.example"
+    assert (
+        main.load_settings({"RAILWAY_PUBLIC_DOMAIN": "x.app", "PUBLIC_URL": "https://mine.example"}).public_url
+        == "https://mine.example"
+    )
 
 
 def test_bad_values_name_the_variable() -> None:
@@ -27,9 +30,20 @@ def test_bad_values_name_the_variable() -> None:
 
 
 def test_settings_are_read_once_and_never_print_secrets() -> None:
-    settings = main.load_settings({"TWILIO_AUTH_TOKEN": "sekrit-token", "LLM_PROVIDER": "anthropic, openai",
-                                   "OPENAI_API_KEY": "sk-sekrit", "MAX_TURNS": "4", "REDIS_URL": "redis://r:6379"})
-    assert (settings.llm_provider, settings.max_turns, settings.valkey_url) == (("anthropic", "openai"), 4, "redis://r:6379")
+    settings = main.load_settings(
+        {
+            "TWILIO_AUTH_TOKEN": "sekrit-token",
+            "LLM_PROVIDER": "anthropic, openai",
+            "OPENAI_API_KEY": "sk-sekrit",
+            "MAX_TURNS": "4",
+            "REDIS_URL": "redis://r:6379",
+        }
+    )
+    assert (settings.llm_provider, settings.max_turns, settings.valkey_url) == (
+        ("anthropic", "openai"),
+        4,
+        "redis://r:6379",
+    )
     assert settings.get("OPENAI_API_KEY") == "sk-sekrit"
     assert "sekrit" not in repr(settings) and "sekrit" not in str(settings)
 

@@ -33,13 +33,37 @@ import webhooks
 HOST = "testserver.local"
 BASE = f"http://{HOST}"
 METRICS_TOKEN = "made-up-metrics-token"
-ROUTES = ["/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action", "/relay",
-          "/health", "/metrics", "/audio/" + "0" * 32 + ".mp3", "/audio/x", "/audio", "/", "/nope", "/voice/",
-          "//voice", "/VOICE", "/process-speech/../voice", "/%2e%2e/voice", "/voice%00", "/schema", "/openapi.json"]
+ROUTES = [
+    "/voice",
+    "/process-speech",
+    "/continue",
+    "/status",
+    "/handle-error",
+    "/relay-action",
+    "/relay",
+    "/health",
+    "/metrics",
+    "/audio/" + "0" * 32 + ".mp3",
+    "/audio/x",
+    "/audio",
+    "/",
+    "/nope",
+    "/voice/",
+    "//voice",
+    "/VOICE",
+    "/process-speech/../voice",
+    "/%2e%2e/voice",
+    "/voice%00",
+    "/schema",
+    "/openapi.json",
+]
 WEBHOOKS = ["/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action"]
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 class Answer:
@@ -57,15 +81,25 @@ class Answer:
         self.body = b"".join(m.get("body", b"") for m in messages[1:])
 
 
-async def asgi_http(app: Any, method: str, raw_path: bytes, query: bytes = b"", headers: list[tuple[bytes, bytes]] = (),
-                    body: bytes = b"", chunk: int = 0, disconnect: bool = False,
-                    client: tuple[str, int] | None = ("127.0.0.1", 50000)) -> Answer:
+async def asgi_http(
+    app: Any,
+    method: str,
+    raw_path: bytes,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+    chunk: int = 0,
+    disconnect: bool = False,
+    client: tuple[str, int] | None = ("127.0.0.1", 50000),
+) -> Answer:
     """One HTTP request through the app; the body arrives in chunks of `chunk` bytes (0: at once)."""
-    pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] if chunk and body else [body]
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk and body else [body]
     if disconnect and len(pieces) > 1:  # the client goes away halfway through the body
         pieces = pieces[: len(pieces) // 2]
-    inbox = [{"type": "http.request", "body": p, "more_body": disconnect or i < len(pieces) - 1}
-             for i, p in enumerate(pieces)]
+    inbox = [
+        {"type": "http.request", "body": p, "more_body": disconnect or i < len(pieces) - 1}
+        for i, p in enumerate(pieces)
+    ]
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -75,10 +109,22 @@ async def asgi_http(app: Any, method: str, raw_path: bytes, query: bytes = b"", 
         sent.append(message)
 
     path = unquote(raw_path.decode("ascii"))
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": method, "scheme": "http", "path": path, "raw_path": raw_path, "query_string": query,
-             "root_path": "", "headers": list(headers), "client": client, "server": (HOST, 80), "state": {},
-             "extensions": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query,
+        "root_path": "",
+        "headers": list(headers),
+        "client": client,
+        "server": (HOST, 80),
+        "state": {},
+        "extensions": {},
+    }
     async with asyncio.timeout(10):
         await app(scope, receive, send)  # an exception here is what a server turns into a 500
     return Answer(sent)
@@ -100,15 +146,26 @@ def check(answer: Answer, method: str = "GET") -> None:
 
 def no_tracebacks(logs: Captured) -> None:
     """Nothing the fuzz sends is an error on our side: no error lines, no tracebacks."""
-    bad = [line for record, line in zip(logs.records, logs.lines) if record.levelno >= logging.ERROR or record.exc_info]
+    bad = [
+        line
+        for record, line in zip(logs.records, logs.lines, strict=True)
+        if record.levelno >= logging.ERROR or record.exc_info
+    ]
     assert not bad, bad
 
 
 @pytest.fixture
 async def app() -> AsyncIterator[Any]:
     """The app with its lifespan running: echo model (streamed a token at a time), memory sessions, tools on."""
-    app = main.create_app(env(ECHO_TOKEN_MS="0.001", CONTINUE_WAIT="0.2", TRANSFER_NUMBER="+15551234567",
-                              METRICS_TOKEN=METRICS_TOKEN, RELAY_DTMF_WAIT="0.005"))
+    app = main.create_app(
+        env(
+            ECHO_TOKEN_MS="0.001",
+            CONTINUE_WAIT="0.2",
+            TRANSFER_NUMBER="+15551234567",
+            METRICS_TOKEN=METRICS_TOKEN,
+            RELAY_DTMF_WAIT="0.005",
+        )
+    )
     started, stop = asyncio.Event(), asyncio.Event()
 
     async def serve() -> None:  # one task holds the lifespan (pytest-asyncio sets up and tears down in different ones)
@@ -129,33 +186,93 @@ async def app() -> AsyncIterator[Any]:
 printable = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
 hostile_text = st.one_of(
     st.text(max_size=200),  # any code point: controls, emoji, RTL marks, noncharacters
-    st.sampled_from([
-        "</Say><Hangup/>", "<speak><break time='10s'/>hi</speak>", "]]><![CDATA[", "&amp;&lt;&#0;&#x1F600;",
-        "\x00\x01\x0b\x1b[31m\ufffe\uffff", "😀👍🏽👨‍👩‍👧", "\u202eevil\u202c", "\u200b" * 50, "a\r\nb\rc\nd",
-        "${jndi:ldap://x}", "'; DROP TABLE calls; --", "{{7*7}}", "%s%n%x", "..\\..\\..", "goodbye", "transfer me",
-        "talk to a person", "Hello. How are you? Fine! Good.", "Dr. No. 3.5 e.g. i.e.", "# Title\n- item\n1. one",
-    ]),
+    st.sampled_from(
+        [
+            "</Say><Hangup/>",
+            "<speak><break time='10s'/>hi</speak>",
+            "]]><![CDATA[",
+            "&amp;&lt;&#0;&#x1F600;",
+            "\x00\x01\x0b\x1b[31m\ufffe\uffff",
+            "😀👍🏽👨‍👩‍👧",
+            "\u202eevil\u202c",
+            "\u200b" * 50,
+            "a\r\nb\rc\nd",
+            "${jndi:ldap://x}",
+            "'; DROP TABLE calls; --",
+            "{{7*7}}",
+            "%s%n%x",
+            "..\\..\\..",
+            "goodbye",
+            "transfer me",
+            "talk to a person",
+            "Hello. How are you? Fine! Good.",
+            "Dr. No. 3.5 e.g. i.e.",
+            "# Title\n- item\n1. one",
+        ]
+    ),
     st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=4), st.integers(100, 3000)),  # very long
 )
 sentences = st.lists(hostile_text, min_size=2, max_size=6).map(". ".join)  # a reply in several documents
 valid_sids = st.builds(lambda n: f"CA{n:032x}", st.integers(0, 5))  # a few calls: state builds up between requests
-call_sids = st.one_of(valid_sids, valid_sids, st.from_regex(r"[A-Za-z0-9_-]{2,64}", fullmatch=True), st.text(max_size=80))
+call_sids = st.one_of(
+    valid_sids, valid_sids, st.from_regex(r"[A-Za-z0-9_-]{2,64}", fullmatch=True), st.text(max_size=80)
+)
 confidences = st.one_of(
-    st.sampled_from(["", "0", "1", "0.9", "0.49", "0.5", "nan", "NaN", "inf", "-inf", "-1", "2", "1e309", "1e-400",
-                     " 0.7 ", "high", "0x1p-2", "٠٫٩", "0,9", "1_0", "+.5", "true", "null"]),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "1",
+            "0.9",
+            "0.49",
+            "0.5",
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "-1",
+            "2",
+            "1e309",
+            "1e-400",
+            " 0.7 ",
+            "high",
+            "0x1p-2",
+            "٠٫٩",
+            "0,9",
+            "1_0",
+            "+.5",
+            "true",
+            "null",
+        ]
+    ),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     printable,
 )
-statuses = st.one_of(st.sampled_from(["queued", "ringing", "in-progress", "completed", "busy", "failed", "no-answer",
-                                      "canceled", "COMPLETED", ""]), printable)
+statuses = st.one_of(
+    st.sampled_from(
+        ["queued", "ringing", "in-progress", "completed", "busy", "failed", "no-answer", "canceled", "COMPLETED", ""]
+    ),
+    printable,
+)
 turn_ids = st.one_of(st.from_regex(r"[0-9a-f]{8,32}", fullmatch=True), printable)
 numbers = st.one_of(st.integers(-5, 1005).map(str), printable)
 handoffs = st.one_of(
-    st.just(""), printable,
-    st.builds(lambda d: json.dumps(d), st.dictionaries(
-        st.sampled_from(["reasonCode", "number", "callerId", "reason"]),
-        st.one_of(st.sampled_from(["live-agent-handoff", "+15551234567", "<Hangup/>"]), st.integers(), st.none(),
-                  st.lists(st.integers(), max_size=2), hostile_text), max_size=4)),
+    st.just(""),
+    printable,
+    st.builds(
+        lambda d: json.dumps(d),
+        st.dictionaries(
+            st.sampled_from(["reasonCode", "number", "callerId", "reason"]),
+            st.one_of(
+                st.sampled_from(["live-agent-handoff", "+15551234567", "<Hangup/>"]),
+                st.integers(),
+                st.none(),
+                st.lists(st.integers(), max_size=2),
+                hostile_text,
+            ),
+            max_size=4,
+        ),
+    ),
     st.sampled_from(["[]", "null", "1", '"x"', "{", '{"reasonCode": "live-agent-handoff", "number": ["x"]}']),
 )
 
@@ -163,12 +280,20 @@ handoffs = st.one_of(
 def field_values() -> st.SearchStrategy[list[tuple[str, str]]]:
     """Twilio's fields with hostile values, some left out, plus unknown and repeated names."""
     known = {
-        "CallSid": call_sids, "SpeechResult": hostile_text | sentences, "Confidence": confidences, "CallStatus": statuses,
-        "From": st.one_of(st.just("+15005550006"), hostile_text), "To": st.one_of(st.just("+15005550001"), printable),
-        "AccountSid": st.just("AC" + "0" * 32), "Direction": st.sampled_from(["inbound", "outbound-api", "x"]),
-        "ErrorCode": printable, "ErrorUrl": hostile_text, "SessionStatus": st.sampled_from(
-            ["completed", "ended", "failed", "", "x"]) | printable, "SessionDuration": numbers | confidences,
-        "HandoffData": handoffs, "Digits": printable,
+        "CallSid": call_sids,
+        "SpeechResult": hostile_text | sentences,
+        "Confidence": confidences,
+        "CallStatus": statuses,
+        "From": st.one_of(st.just("+15005550006"), hostile_text),
+        "To": st.one_of(st.just("+15005550001"), printable),
+        "AccountSid": st.just("AC" + "0" * 32),
+        "Direction": st.sampled_from(["inbound", "outbound-api", "x"]),
+        "ErrorCode": printable,
+        "ErrorUrl": hostile_text,
+        "SessionStatus": st.sampled_from(["completed", "ended", "failed", "", "x"]) | printable,
+        "SessionDuration": numbers | confidences,
+        "HandoffData": handoffs,
+        "Digits": printable,
     }
     chosen = st.fixed_dictionaries({"CallSid": call_sids}, optional={k: v for k, v in known.items() if k != "CallSid"})
     extra = st.lists(st.tuples(st.one_of(printable, st.sampled_from(list(known))), hostile_text), max_size=3)
@@ -187,48 +312,120 @@ def signed_headers(url: str, pairs: list[tuple[str, str]], content_type: bytes) 
 
 # ----------------------------------------------------------------------------- unsigned, transport-level hostility
 
-header_values = st.one_of(st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
-                          printable.map(str.encode))
+header_values = st.one_of(
+    st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), printable.map(str.encode)
+)
 content_types = st.one_of(
-    st.sampled_from([b"application/x-www-form-urlencoded", b"application/x-www-form-urlencoded; charset=utf-8",
-                     b"application/x-www-form-urlencodedX", b"application/json", b"multipart/form-data; boundary=x",
-                     b"text/plain", b"", b"\xff\xfe"]), header_values)
+    st.sampled_from(
+        [
+            b"application/x-www-form-urlencoded",
+            b"application/x-www-form-urlencoded; charset=utf-8",
+            b"application/x-www-form-urlencodedX",
+            b"application/json",
+            b"multipart/form-data; boundary=x",
+            b"text/plain",
+            b"",
+            b"\xff\xfe",
+        ]
+    ),
+    header_values,
+)
 hostile_bodies = st.one_of(
     st.binary(max_size=300),
     st.lists(st.tuples(printable, printable), max_size=5).map(lambda ps: "&".join(f"{k}={v}" for k, v in ps).encode()),
-    st.sampled_from([b"CallSid=%", b"CallSid=%zz", b"CallSid=%C3%28", b"CallSid=%ED%A0%80", b"a=%FF%FE&&&=&==",
-                     b"CallSid=CA1&CallSid=CA2&CallSid=", b"%00=%00", b"+++=+++", b"\xff\xfe\x00CallSid=CA1",
-                     b"CallSid=CA1&SpeechResult=" + b"%F0%9F%98%80" * 3000]),
+    st.sampled_from(
+        [
+            b"CallSid=%",
+            b"CallSid=%zz",
+            b"CallSid=%C3%28",
+            b"CallSid=%ED%A0%80",
+            b"a=%FF%FE&&&=&==",
+            b"CallSid=CA1&CallSid=CA2&CallSid=",
+            b"%00=%00",
+            b"+++=+++",
+            b"\xff\xfe\x00CallSid=CA1",
+            b"CallSid=CA1&SpeechResult=" + b"%F0%9F%98%80" * 3000,
+        ]
+    ),
     st.integers(65_000, 200_000).map(lambda n: b"CallSid=CA1&SpeechResult=" + b"x" * n),  # over MAX_BODY_BYTES
 )
 raw_paths = st.one_of(
     st.sampled_from(ROUTES).map(str.encode),
     st.text(alphabet=string.ascii_letters + string.digits + "/-._~%!$&'()*+,;=:@", max_size=40).map(
-        lambda p: ("/" + p).encode()),
+        lambda p: ("/" + p).encode()
+    ),
 )
 queries = st.one_of(
     st.just(b""),
-    st.sampled_from([b"mode=relay", b"mode=gather", b"mode=x", b"n=1&turn=abcdef0123", b"turn=%ZZ&n=%",
-                     b"retries=abc", b"retries=-1", b"retries=99999999999999999999", b"%ff%fe", b"a=1&a=2&a",
-                     b"n=1e3&turn=" + b"a" * 5000]),
+    st.sampled_from(
+        [
+            b"mode=relay",
+            b"mode=gather",
+            b"mode=x",
+            b"n=1&turn=abcdef0123",
+            b"turn=%ZZ&n=%",
+            b"retries=abc",
+            b"retries=-1",
+            b"retries=99999999999999999999",
+            b"%ff%fe",
+            b"a=1&a=2&a",
+            b"n=1e3&turn=" + b"a" * 5000,
+        ]
+    ),
     st.binary(max_size=60).map(lambda b: b.replace(b"#", b"")),
 )
-methods = st.one_of(st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"]),
-                    st.text(alphabet=string.ascii_uppercase, min_size=1, max_size=10))
-header_lists = st.lists(st.tuples(
-    st.sampled_from([b"content-type", b"x-twilio-signature", b"host", b"x-forwarded-proto", b"x-forwarded-host",
-                     b"authorization", b"accept", b"content-length", b"transfer-encoding", b"cookie", b"x-other"]),
-    header_values), max_size=6)
+methods = st.one_of(
+    st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"]),
+    st.text(alphabet=string.ascii_uppercase, min_size=1, max_size=10),
+)
+header_lists = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                b"content-type",
+                b"x-twilio-signature",
+                b"host",
+                b"x-forwarded-proto",
+                b"x-forwarded-host",
+                b"authorization",
+                b"accept",
+                b"content-length",
+                b"transfer-encoding",
+                b"cookie",
+                b"x-other",
+            ]
+        ),
+        header_values,
+    ),
+    max_size=6,
+)
 
 
 @FUZZ
-@given(method=methods, raw_path=raw_paths, query=queries, headers=header_lists, content_type=st.none() | content_types,
-       body=hostile_bodies, chunk=st.integers(0, 70), disconnect=st.booleans(),
-       client=st.sampled_from([("127.0.0.1", 50000), ("10.1.2.3", 1), ("::1", 2), ("not-an-ip", 0), None]))
-async def test_hostile_requests_never_get_a_5xx(app: Any, logs: Captured, method: str, raw_path: bytes, query: bytes,
-                                               headers: list[tuple[bytes, bytes]], content_type: bytes | None,
-                                               body: bytes, chunk: int, disconnect: bool,
-                                               client: tuple[str, int] | None) -> None:
+@given(
+    method=methods,
+    raw_path=raw_paths,
+    query=queries,
+    headers=header_lists,
+    content_type=st.none() | content_types,
+    body=hostile_bodies,
+    chunk=st.integers(0, 70),
+    disconnect=st.booleans(),
+    client=st.sampled_from([("127.0.0.1", 50000), ("10.1.2.3", 1), ("::1", 2), ("not-an-ip", 0), None]),
+)
+async def test_hostile_requests_never_get_a_5xx(
+    app: Any,
+    logs: Captured,
+    method: str,
+    raw_path: bytes,
+    query: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_type: bytes | None,
+    body: bytes,
+    chunk: int,
+    disconnect: bool,
+    client: tuple[str, int] | None,
+) -> None:
     logs.records.clear()
     logs.lines.clear()
     if content_type is not None:
@@ -244,11 +441,17 @@ async def test_hostile_requests_never_get_a_5xx(app: Any, logs: Captured, method
 
 
 @FUZZ
-@given(path=st.sampled_from(WEBHOOKS), method=methods, body=hostile_bodies, query=queries, chunk=st.integers(0, 70),
-       signature=st.one_of(st.none(), header_values))
+@given(
+    path=st.sampled_from(WEBHOOKS),
+    method=methods,
+    body=hostile_bodies,
+    query=queries,
+    chunk=st.integers(0, 70),
+    signature=st.one_of(st.none(), header_values),
+)
 async def test_webhooks_refuse_what_is_not_signed_before_reading_the_fields(
-        app: Any, logs: Captured, path: str, method: str, body: bytes, query: bytes, chunk: int,
-        signature: bytes | None) -> None:
+    app: Any, logs: Captured, path: str, method: str, body: bytes, query: bytes, chunk: int, signature: bytes | None
+) -> None:
     logs.records.clear()
     logs.lines.clear()
     headers = [(b"host", HOST.encode()), (b"content-type", b"application/x-www-form-urlencoded")]
@@ -263,7 +466,8 @@ async def test_webhooks_refuse_what_is_not_signed_before_reading_the_fields(
 @FUZZ
 @given(raw_path=raw_paths, headers=header_lists, subprotocols=st.lists(printable, max_size=2))
 async def test_websocket_upgrades_anywhere_are_refused_or_served_cleanly(
-        app: Any, logs: Captured, raw_path: bytes, headers: list[tuple[bytes, bytes]], subprotocols: list[str]) -> None:
+    app: Any, logs: Captured, raw_path: bytes, headers: list[tuple[bytes, bytes]], subprotocols: list[str]
+) -> None:
     logs.records.clear()
     logs.lines.clear()
     inbox: list[dict[str, Any]] = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1006}]
@@ -275,10 +479,22 @@ async def test_websocket_upgrades_anywhere_are_refused_or_served_cleanly(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "scheme": "ws", "path": unquote(raw_path.decode("ascii")), "raw_path": raw_path, "query_string": b"",
-             "root_path": "", "headers": headers, "client": ("127.0.0.1", 50000), "server": (HOST, 80),
-             "subprotocols": subprotocols, "state": {}, "extensions": {}}
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": unquote(raw_path.decode("ascii")),
+        "raw_path": raw_path,
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": (HOST, 80),
+        "subprotocols": subprotocols,
+        "state": {},
+        "extensions": {},
+    }
     async with asyncio.timeout(10):
         await app(scope, receive, send)
     assert all(m["type"].startswith("websocket.") for m in sent), sent  # never an HTTP response on a socket
@@ -289,24 +505,54 @@ async def test_websocket_upgrades_anywhere_are_refused_or_served_cleanly(
 # ----------------------------------------------------------------------------- signed: into the engine
 
 
-async def signed_post(app: Any, path_and_query: str, pairs: list[tuple[str, str]], *, plus: bool = True,
-                      content_type: bytes = b"application/x-www-form-urlencoded") -> Answer:
+async def signed_post(
+    app: Any,
+    path_and_query: str,
+    pairs: list[tuple[str, str]],
+    *,
+    plus: bool = True,
+    content_type: bytes = b"application/x-www-form-urlencoded",
+) -> Answer:
     path, _, query = path_and_query.partition("?")
     raw_path = quote(path, safe="/%").encode()
     url = BASE + raw_path.decode() + (f"?{query}" if query else "")
-    answer = await asgi_http(app, "POST", raw_path, query.encode(), signed_headers(url, pairs, content_type),
-                             form_body(pairs, plus))
+    answer = await asgi_http(
+        app, "POST", raw_path, query.encode(), signed_headers(url, pairs, content_type), form_body(pairs, plus)
+    )
     check(answer, "POST")
     return answer
 
 
 @FUZZ
-@given(steps=st.lists(st.tuples(
-    st.sampled_from(["/voice", "/voice?mode=relay", "/voice?mode=gather", "/process-speech", "/process-speech",
-                     "/continue", "/status", "/handle-error", "/relay-action"]),
-    field_values(), turn_ids, numbers, st.booleans(), st.one_of(st.none(), printable)), min_size=1, max_size=6))
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "/voice",
+                    "/voice?mode=relay",
+                    "/voice?mode=gather",
+                    "/process-speech",
+                    "/process-speech",
+                    "/continue",
+                    "/status",
+                    "/handle-error",
+                    "/relay-action",
+                ]
+            ),
+            field_values(),
+            turn_ids,
+            numbers,
+            st.booleans(),
+            st.one_of(st.none(), printable),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 async def test_signed_requests_with_hostile_fields_get_well_formed_twiml_or_a_clear_4xx(
-        app: Any, logs: Captured, steps: list[tuple[str, list[tuple[str, str]], str, str, bool, str | None]]) -> None:
+    app: Any, logs: Captured, steps: list[tuple[str, list[tuple[str, str]], str, str, bool, str | None]]
+) -> None:
     logs.records.clear()
     logs.lines.clear()
     for path, pairs, turn, n, plus, retries in steps:
@@ -330,7 +576,8 @@ async def test_signed_requests_with_hostile_fields_get_well_formed_twiml_or_a_cl
 @FUZZ
 @given(speech=hostile_text | sentences, confidence=st.one_of(st.none(), st.none(), confidences), n=st.integers(1, 4))
 async def test_any_speech_gets_escaped_twiml_with_the_echo_of_what_was_heard(
-        app: Any, logs: Captured, speech: str, confidence: str | None, n: int) -> None:
+    app: Any, logs: Captured, speech: str, confidence: str | None, n: int
+) -> None:
     """A valid call with hostile speech: every document is TwiML, and whatever is spoken stays text."""
     logs.records.clear()
     logs.lines.clear()
@@ -357,8 +604,9 @@ async def test_any_speech_gets_escaped_twiml_with_the_echo_of_what_was_heard(
 
 @FUZZ
 @given(accept=header_values, authorized=st.booleans(), method=st.sampled_from(["GET", "HEAD", "POST"]))
-async def test_metrics_and_health_answer_any_accept_header(app: Any, logs: Captured, accept: bytes, authorized: bool,
-                                                           method: str) -> None:
+async def test_metrics_and_health_answer_any_accept_header(
+    app: Any, logs: Captured, accept: bytes, authorized: bool, method: str
+) -> None:
     logs.records.clear()
     logs.lines.clear()
     headers = [(b"accept", accept)] + ([(b"authorization", f"Bearer {METRICS_TOKEN}".encode())] if authorized else [])
@@ -374,40 +622,66 @@ async def test_metrics_and_health_answer_any_accept_header(app: Any, logs: Captu
 # ----------------------------------------------------------------------------- the relay socket
 
 RELAY_URL = f"ws://{HOST}/relay"
-json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), hostile_text),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(printable, inner, max_size=3),
-                           max_leaves=6)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), hostile_text),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(printable, inner, max_size=3),
+    max_leaves=6,
+)
 relay_messages = st.one_of(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["setup", "prompt", "interrupt", "dtmf", "info", "error", "", "PROMPT"]) | printable},
-        optional={"callSid": call_sids | json_values, "voicePrompt": hostile_text | json_values,
-                  "last": st.booleans() | json_values, "utteranceUntilInterrupt": hostile_text | json_values,
-                  "durationUntilInterruptMs": st.one_of(st.integers(), st.floats(), printable, json_values),
-                  "digit": st.sampled_from(list("0123456789*#")) | printable | json_values,
-                  "customParameters": st.dictionaries(printable, printable, max_size=3) | json_values,
-                  "from": hostile_text, "to": hostile_text, "description": hostile_text, "name": hostile_text}),
+        optional={
+            "callSid": call_sids | json_values,
+            "voicePrompt": hostile_text | json_values,
+            "last": st.booleans() | json_values,
+            "utteranceUntilInterrupt": hostile_text | json_values,
+            "durationUntilInterruptMs": st.one_of(st.integers(), st.floats(), printable, json_values),
+            "digit": st.sampled_from(list("0123456789*#")) | printable | json_values,
+            "customParameters": st.dictionaries(printable, printable, max_size=3) | json_values,
+            "from": hostile_text,
+            "to": hostile_text,
+            "description": hostile_text,
+            "name": hostile_text,
+        },
+    ),
     json_values,
 ).map(lambda m: {"type": "websocket.receive", "text": json.dumps(m)})
 raw_frames = st.one_of(
     st.text(max_size=200).map(lambda t: {"type": "websocket.receive", "text": t}),
     st.binary(max_size=200).map(lambda b: {"type": "websocket.receive", "bytes": b}),
-    st.integers(1000, 300_000).map(lambda n: {"type": "websocket.receive", "text": '{"type":"prompt","voicePrompt":"'
-                                              + "a " * n + '"}'}),
+    st.integers(1000, 300_000).map(
+        lambda n: {"type": "websocket.receive", "text": '{"type":"prompt","voicePrompt":"' + "a " * n + '"}'}
+    ),
     st.just({"type": "websocket.receive"}),  # neither text nor bytes
 )
 
 
 def setup_frame(sid: str) -> dict[str, Any]:
-    return {"type": "websocket.receive", "text": json.dumps(
-        {"type": "setup", "sessionId": "VX" + "0" * 32, "callSid": sid, "from": "+15005550006", "to": "+15005550001",
-         "customParameters": {"attempt": "1"}})}
+    return {
+        "type": "websocket.receive",
+        "text": json.dumps(
+            {
+                "type": "setup",
+                "sessionId": "VX" + "0" * 32,
+                "callSid": sid,
+                "from": "+15005550006",
+                "to": "+15005550001",
+                "customParameters": {"attempt": "1"},
+            }
+        ),
+    }
 
 
 @FUZZ
-@given(frames=st.lists(st.one_of(relay_messages, raw_frames), max_size=8), set_up=st.booleans(),
-       n=st.integers(0, 3), pause=st.sampled_from([0.0, 0.0, 0.002, 0.01]))
-async def test_relay_socket_survives_random_frames(app: Any, logs: Captured, frames: list[dict[str, Any]],
-                                                   set_up: bool, n: int, pause: float) -> None:
+@given(
+    frames=st.lists(st.one_of(relay_messages, raw_frames), max_size=8),
+    set_up=st.booleans(),
+    n=st.integers(0, 3),
+    pause=st.sampled_from([0.0, 0.0, 0.002, 0.01]),
+)
+async def test_relay_socket_survives_random_frames(
+    app: Any, logs: Captured, frames: list[dict[str, Any]], set_up: bool, n: int, pause: float
+) -> None:
     logs.records.clear()
     logs.lines.clear()
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -416,11 +690,25 @@ async def test_relay_socket_survives_random_frames(app: Any, logs: Captured, fra
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "scheme": "ws", "path": "/relay", "raw_path": b"/relay", "query_string": b"", "root_path": "",
-             "headers": [(b"host", HOST.encode()),
-                         (b"x-twilio-signature", webhooks.twilio_signature(TOKEN, RELAY_URL, []).encode())],
-             "client": ("127.0.0.1", 50000), "server": (HOST, 80), "subprotocols": [], "state": {}, "extensions": {}}
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/relay",
+        "raw_path": b"/relay",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", HOST.encode()),
+            (b"x-twilio-signature", webhooks.twilio_signature(TOKEN, RELAY_URL, []).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": (HOST, 80),
+        "subprotocols": [],
+        "state": {},
+        "extensions": {},
+    }
     task = asyncio.create_task(app(scope, inbox.get, send))
     await inbox.put({"type": "websocket.connect"})
     if set_up:
@@ -465,28 +753,37 @@ def status_line(port: int, request: bytes) -> bytes:
 
 def test_a_real_server_refuses_hostile_connections_without_a_5xx_or_a_traceback() -> None:
     """What the in-process fuzz found, on the Procfile's server: upgrades, odd signatures, bytes that are not HTTP."""
-    upgrade = (b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    upgrade = (
+        b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
     with server() as (base, proc, log_path):
         port = int(base.rsplit(":", 1)[1])
         for path in (b"/voice", b"/process-speech", b"/health", b"/metrics", b"/audio/" + b"0" * 32 + b".mp3"):
             assert status_line(port, upgrade % path) == b"HTTP/1.1 403 Forbidden", path
-        odd_signature = (b"POST /voice HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Twilio-Signature: \xff\xfe\x80\r\n"
-                         b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 12\r\n\r\nCallSid=CA12")
+        odd_signature = (
+            b"POST /voice HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Twilio-Signature: \xff\xfe\x80\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 12\r\n\r\nCallSid=CA12"
+        )
         assert status_line(port, odd_signature) == b"HTTP/1.1 403 Forbidden"
-        never_sent = (b"POST /process-speech HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
-                      b"application/x-www-form-urlencoded\r\nContent-Length: 100000000\r\n\r\n")  # and no body: not read
+        never_sent = (
+            b"POST /process-speech HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+            b"application/x-www-form-urlencoded\r\nContent-Length: 100000000\r\n\r\n"
+        )  # and no body: not read
         assert status_line(port, never_sent) == b"HTTP/1.1 403 Forbidden"
         assert status_line(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64)).startswith(
-            (b"HTTP/1.1 400", b""))  # TLS to the plain port: the server's own 400, or it hangs up
+            (b"HTTP/1.1 400", b"")
+        )  # TLS to the plain port: the server's own 400, or it hangs up
         assert httpx.get(base + "/health").status_code == 200
     text = log_path.read_text()
     assert "Traceback" not in text and "Exception in ASGI" not in text and " 500" not in text, text[-3000:]
 
 
 @settings(max_examples=500, deadline=None, database=None)
-@given(st.binary().map(lambda b: b.replace(b"\x00", b"")) | st.text(alphabet="ab=&+%2BFz\u00e9\u20ac09", max_size=40).map(
-    str.encode))
+@given(
+    st.binary().map(lambda b: b.replace(b"\x00", b""))
+    | st.text(alphabet="ab=&+%2BFz\u00e9\u20ac09", max_size=40).map(str.encode)
+)
 def test_the_form_parser_agrees_with_urllib_on_any_body(data: bytes) -> None:
     """parse_form is urllib's parse_qsl (blank values kept, strict UTF-8), or both refuse the bytes."""
     from urllib.parse import parse_qsl

@@ -314,7 +314,7 @@ async def test_a_plugin_bug_in_the_model_is_spoken_as_an_apology(logs: Captured)
     assert any(line.startswith("error generation failed") and "bug in a plugin" in line for line in logs.lines)
 
 
-# ----------------------------------------------------------------------------- through a real SDK against the fake vendor
+# ------------------------------------------------------------------------ through a real SDK against the fake vendor
 
 
 async def test_barge_in_closes_the_vendor_stream_and_trims_history(fake_llm: FakeLLM) -> None:
@@ -337,8 +337,15 @@ async def test_barge_in_closes_the_vendor_stream_and_trims_history(fake_llm: Fak
 
 async def test_a_slow_vendor_gets_a_filler_then_the_answer(fake_llm: FakeLLM) -> None:
     fake_llm.script(Reply("Here you go.", ttft=1.0))
-    app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="none", FIRST_AUDIO_DEADLINE="0.3", LLM_FIRST_TOKEN_TIMEOUT="3",
-                              **fake_llm.env("openai")))
+    app = main.create_app(
+        env(
+            LLM_PROVIDER="openai",
+            TOOLS="none",
+            FIRST_AUDIO_DEADLINE="0.3",
+            LLM_FIRST_TOKEN_TIMEOUT="3",
+            **fake_llm.env("openai"),
+        )
+    )
     first, elapsed, rest = await timed_turn(app)
     assert says(first.content) == ["One moment."] and elapsed < 0.8
     assert tree(rest[-1].content) == listening("Here you go.")

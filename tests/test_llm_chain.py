@@ -52,8 +52,14 @@ async def test_a_stalled_first_token_falls_back_to_the_next_provider(fake_llm: F
     with FakeLLM() as openai:
         fake_llm.script(Reply("Too late.", ttft=30), Reply("Anthropic is back."))
         openai.script(Reply("Hello from OpenAI.", input_tokens=12, output_tokens=4))
-        app = main.create_app(env(LLM_PROVIDER="anthropic,openai", LLM_FIRST_TOKEN_TIMEOUT="0.5",
-                                  **fake_llm.env("anthropic"), **openai.env("openai")))
+        app = main.create_app(
+            env(
+                LLM_PROVIDER="anthropic,openai",
+                LLM_FIRST_TOKEN_TIMEOUT="0.5",
+                **fake_llm.env("anthropic"),
+                **openai.env("openai"),
+            )
+        )
         async with running(app) as client:
             twilio = Twilio(client)
             await twilio.call()
@@ -66,15 +72,19 @@ async def test_a_stalled_first_token_falls_back_to_the_next_provider(fake_llm: F
     assert tree(again.content) == listening("Anthropic is back.")  # the chain starts from the first provider each turn
     sid = twilio.call_sid
     assert lines(logs, "warning provider failed") == [
-        f"warning provider failed provider=anthropic call={sid} attempt=1 error=no first token in time turn=1"]
+        f"warning provider failed provider=anthropic call={sid} attempt=1 error=no first token in time turn=1"
+    ]
     turns = lines(logs, "info request route=/process-speech")  # the request's one line names the provider
     assert [re.sub(r" ms=.*", "", line) for line in turns] == [
         f"info request route=/process-speech status=200 call={sid} turn=1 provider=openai",
-        f"info request route=/process-speech status=200 call={sid} turn=2 provider=anthropic"]
+        f"info request route=/process-speech status=200 call={sid} turn=2 provider=anthropic",
+    ]
     assert session.providers == ["openai"] and session.usage == {"openai": Usage(input_tokens=12, output_tokens=4)}
 
 
-@pytest.mark.parametrize(("vendor", "status"), [("openai", 429), ("openai", 500), ("anthropic", 429), ("anthropic", 529)])
+@pytest.mark.parametrize(
+    ("vendor", "status"), [("openai", 429), ("openai", 500), ("anthropic", 429), ("anthropic", 529)]
+)
 async def test_rate_limits_and_server_errors_are_retried_then_answered(
     fake_llm: FakeLLM, logs: Captured, vendor: str, status: int
 ) -> None:
@@ -86,8 +96,9 @@ async def test_rate_limits_and_server_errors_are_retried_then_answered(
     assert tree(answer.content) == listening("Second time lucky.")
     assert len(fake_llm.posts) == 2
     [failed] = lines(logs, "warning provider failed")
-    assert failed.startswith(f"warning provider failed provider={vendor} call={twilio.call_sid} attempt=1 "
-                             f"error={vendor} HTTP {status}")
+    assert failed.startswith(
+        f"warning provider failed provider={vendor} call={twilio.call_sid} attempt=1 error={vendor} HTTP {status}"
+    )
 
 
 async def test_a_stream_cut_mid_reply_keeps_what_was_spoken_and_apologises(fake_llm: FakeLLM, logs: Captured) -> None:
@@ -109,12 +120,19 @@ async def test_when_every_provider_fails_the_caller_hears_an_apology(fake_llm: F
     with FakeLLM() as openai:
         fake_llm.default = Reply(status=529)
         openai.default = Reply(status=500)
-        app = main.create_app(env(LLM_PROVIDER="anthropic,openai", FALLBACK_NUMBER=fallback_number,
-                                  **fake_llm.env("anthropic"), **openai.env("openai")))
+        app = main.create_app(
+            env(
+                LLM_PROVIDER="anthropic,openai",
+                FALLBACK_NUMBER=fallback_number,
+                **fake_llm.env("anthropic"),
+                **openai.env("openai"),
+            )
+        )
         async with running(app) as client:
             answer = await Twilio(client).say("hello")
     apology = app.state.settings.apology
     if fallback_number:
+
         def expected(r: Any) -> None:
             r.say(apology, **VOICE)
             r.dial(fallback_number)
@@ -137,24 +155,32 @@ async def test_a_plugin_bug_in_one_provider_falls_back_to_the_next(logs: Capture
         answer = await twilio.say("hello")
     assert tree(answer.content) == listening("Still here.")
     assert lines(logs, "warning provider failed") == [
-        f"warning provider failed provider=broken call={twilio.call_sid} attempt=1 error=RuntimeError: bug in a plugin turn=1"]
+        f"warning provider failed provider=broken call={twilio.call_sid} attempt=1 "
+        "error=RuntimeError: bug in a plugin turn=1"
+    ]
 
 
 async def test_each_turn_records_its_provider_and_usage(fake_llm: FakeLLM) -> None:
     with FakeLLM() as openai:
-        fake_llm.script(Reply("From Claude.", input_tokens=10, output_tokens=3), Reply(status=500),
-                        Reply("Claude again.", input_tokens=30, output_tokens=3))
+        fake_llm.script(
+            Reply("From Claude.", input_tokens=10, output_tokens=3),
+            Reply(status=500),
+            Reply("Claude again.", input_tokens=30, output_tokens=3),
+        )
         openai.script(Reply("From GPT.", input_tokens=20, output_tokens=4))
-        app = main.create_app(env(LLM_PROVIDER="anthropic,openai", LLM_RETRIES="0",
-                                  **fake_llm.env("anthropic"), **openai.env("openai")))
+        app = main.create_app(
+            env(LLM_PROVIDER="anthropic,openai", LLM_RETRIES="0", **fake_llm.env("anthropic"), **openai.env("openai"))
+        )
         async with running(app) as client:
             twilio = Twilio(client)
             spoken = [await twilio.turn(text) for text in ("one", "two", "three", "four")]
             session = session_of(app, twilio.call_sid)
     assert spoken[:3] == [["From Claude."], ["From GPT."], ["Claude again."]]
     assert session.providers == ["anthropic", "openai", "anthropic"]
-    assert session.usage == {"anthropic": Usage(input_tokens=40, output_tokens=6),
-                             "openai": Usage(input_tokens=20, output_tokens=4)}
+    assert session.usage == {
+        "anthropic": Usage(input_tokens=40, output_tokens=6),
+        "openai": Usage(input_tokens=20, output_tokens=4),
+    }
 
 
 async def test_markdown_and_emoji_from_the_model_are_cleaned_before_speaking(fake_llm: FakeLLM) -> None:

@@ -8,8 +8,8 @@ import sys
 import time
 from typing import Any
 
-import pytest
 import httpx
+import pytest
 from conftest import ROOT, TOKEN, Captured, Scripted, Twilio, env, plugin, running
 
 import main
@@ -112,7 +112,10 @@ def test_python_main_py_serves_the_app_with_no_alias_for_plugins() -> None:
     which works because the contract they share lives in contract.py."""
     port = phone.free_port()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, str(ROOT / "main.py")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PORT": str(port), "TWILIO_AUTH_TOKEN": TOKEN},
     )
     try:
@@ -122,7 +125,9 @@ def test_python_main_py_serves_the_app_with_no_alias_for_plugins() -> None:
                 health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
                 break
             except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.stderr else ""
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    process.stderr.read() if process.stderr else ""
+                )
                 time.sleep(0.1)
         assert health.status_code == 200
         assert health.json()["plugins"] == {"llm": ["echo"], "tts": "say", "session": "memory"}

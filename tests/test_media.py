@@ -15,7 +15,9 @@ import httpx
 import msgspec
 import websockets
 from conftest import TOKEN, VALKEY_URL, Captured, Twilio, concurrent, env, new_call_sid, server, tree, twiml
+from fake_realtime import FakeRealtime, Response, Utterance
 from litestar import Litestar
+from test_relay import webhook_post
 
 import main
 import pcm
@@ -37,9 +39,7 @@ from main import (
     Usage,
     hookimpl,
 )
-from fake_realtime import FakeRealtime, Response, Utterance
 from plugins.speech_parrot import Parrot, ParrotSession
-from test_relay import webhook_post
 
 WS_URL = "ws://testserver.local/media"
 GREETING = "Hello! You are talking to switchboard. How can I help?"
@@ -541,8 +541,9 @@ async def test_a_transfer_says_so_in_the_calls_voice_then_dials() -> None:
         [CallerSpeaking(), CallerDone(), ToolCall(id="t1", name="transfer_call", arguments={}), ReplyDone()],
         [*spoken("a2", "Connecting you now.", 200), ReplyDone()],
     ]
-    app = main.create_app(env(MODE="media", SPEECH_MODEL="scripted", TRANSFER_NUMBER="+15005550009"),
-                          plugins=[ScriptedPlugin()])
+    app = main.create_app(
+        env(MODE="media", SPEECH_MODEL="scripted", TRANSFER_NUMBER="+15005550009"), plugins=[ScriptedPlugin()]
+    )
     async with concurrent(app) as client:
         twilio = Twilio(client)
         async with media_call(app, twilio) as (socket, player):
@@ -573,8 +574,10 @@ async def test_a_realtime_call_stores_both_transcripts_and_prices_them_at_the_sp
             await until(lambda: (s := session_of(app, twilio.call_sid)) is not None and s.turns == 1)
             session = session_of(app, twilio.call_sid)
             assert session is not None
-            assert session.history == [Message(role="user", content="what time is it"),
-                                       Message(role="assistant", content="It is noon.")]
+            assert session.history == [
+                Message(role="user", content="what time is it"),
+                Message(role="assistant", content="It is noon."),
+            ]
             assert len(player.played) == 300 * 8
             assert list(session.usage) == ["speech:openai"] and session.usage["speech:openai"].audio_output_tokens > 0
         cost = app.state.calls.obs.prices.cost("speech:openai", session.usage["speech:openai"])
@@ -582,10 +585,14 @@ async def test_a_realtime_call_stores_both_transcripts_and_prices_them_at_the_sp
 
 
 async def test_a_realtime_barge_in_truncates_at_the_audio_twilio_played(fake_realtime: FakeRealtime) -> None:
-    fake_realtime.hear(Utterance(start_ms=100, end_ms=500, transcript="tell me a story"),
-                       Utterance(start_ms=2100, end_ms=2400, transcript="stop"))
-    fake_realtime.script(Response("Once upon a time there was a very long story about a phone.", audio_ms=3000,
-                                  chunk_ms=100), Response("Okay.", audio_ms=200))
+    fake_realtime.hear(
+        Utterance(start_ms=100, end_ms=500, transcript="tell me a story"),
+        Utterance(start_ms=2100, end_ms=2400, transcript="stop"),
+    )
+    fake_realtime.script(
+        Response("Once upon a time there was a very long story about a phone.", audio_ms=3000, chunk_ms=100),
+        Response("Okay.", audio_ms=200),
+    )
     app = main.create_app(env(MODE="media", **fake_realtime.env()))
     async with concurrent(app) as client:
         twilio = Twilio(client)

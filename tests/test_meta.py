@@ -26,7 +26,9 @@ def test_every_hookspec_has_a_docstring_and_a_docs_entry() -> None:
 
 def test_every_hookspec_is_used_by_a_plugin_and_a_test() -> None:
     plugin_code = "\n".join(p.read_text() for p in (ROOT / "plugins").glob("*.py"))
-    test_code = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")) + (ROOT / "tests/conftest.py").read_text()
+    test_code = (
+        "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")) + (ROOT / "tests/conftest.py").read_text()
+    )
     for hook in HOOKS:
         assert f"def {hook}(" in plugin_code, f"no plugin implements {hook}"
         assert f"def {hook}(" in test_code or hook in test_code, f"no test exercises {hook}"
@@ -87,8 +89,20 @@ def test_the_container_carries_every_file_the_browser_phone_serves() -> None:
 
 # The core, bottom to top (DESIGN.md): a module imports only modules listed before it.
 LAYERS = [
-    "contract", "twiml", "deadlines", "pcm", "speech", "observe", "webhooks", "audio", "calls", "gather", "relay", "media",
-    "browser", "main",
+    "contract",
+    "twiml",
+    "deadlines",
+    "pcm",
+    "speech",
+    "observe",
+    "webhooks",
+    "audio",
+    "calls",
+    "gather",
+    "relay",
+    "media",
+    "browser",
+    "main",
 ]
 
 

@@ -28,20 +28,36 @@ import observe
 import phone
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTES = ("/voice", "/process-speech", "/continue", "/status", "/handle-error", "/relay-action", "/media-action",
-          "/media-status")
+ROUTES = (
+    "/voice",
+    "/process-speech",
+    "/continue",
+    "/status",
+    "/handle-error",
+    "/relay-action",
+    "/media-action",
+    "/media-status",
+)
 CALLER = "+15005550006"
 
 
 class Counted(Scripted):
     """A scripted model that also reports its usage, like the real providers do."""
 
-    def __init__(self, name: str = "scripted", replies: Sequence[str] = ("Hello there.",), *,
-                 usage: tuple[int, int] = (100, 20), **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str = "scripted",
+        replies: Sequence[str] = ("Hello there.",),
+        *,
+        usage: tuple[int, int] = (100, 20),
+        **kw: Any,
+    ) -> None:
         super().__init__(name, replies, **kw)
         self.usage = usage
 
-    async def stream(self, messages: Sequence[main.Message], *, system: str, tools: Sequence[Any] = ()) -> AsyncIterator[Any]:
+    async def stream(
+        self, messages: Sequence[main.Message], *, system: str, tools: Sequence[Any] = ()
+    ) -> AsyncIterator[Any]:
         async for event in super().stream(messages, system=system, tools=tools):
             yield event
         yield main.Usage(input_tokens=self.usage[0], output_tokens=self.usage[1])
@@ -81,7 +97,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def histogram(name: str, labels: dict[str, str], count: int, value: float, buckets: Sequence[float]) -> dict[Any, float]:
+def histogram(
+    name: str, labels: dict[str, str], count: int, value: float, buckets: Sequence[float]
+) -> dict[Any, float]:
     """The bucket and count samples of a histogram holding `count` observations of `value`."""
     out = {}
     for le in [*buckets, float("inf")]:
@@ -103,8 +121,13 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
     model = Counted("scripted", ["Hello there. How can I help?"], ttft=0.3)
     memo = Memo()
     app = main.create_app(
-        env(LLM_PROVIDER="down,scripted", LLM_RETRIES="0", CALL_RECORDERS="log,memo",
-            PRICES='{"scripted": [1.0, 2.0]}', CALL_PRICE_PER_MINUTE="0.01"),
+        env(
+            LLM_PROVIDER="down,scripted",
+            LLM_RETRIES="0",
+            CALL_RECORDERS="log,memo",
+            PRICES='{"scripted": [1.0, 2.0]}',
+            CALL_PRICE_PER_MINUTE="0.01",
+        ),
         plugins=[plugin(llm=[down, model]), recorders(memo=memo)],
     )
     async with concurrent(app) as client:
@@ -130,10 +153,14 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
     assert 0.29 < first_token <= reply < 5 and 0.29 < first_audio < 5
 
     expected = {
-        **{("switchboard_request_seconds_count", (("route", r),)): float(n)
-           for r, n in zip(ROUTES, (2, 1, 1, 1, 0, 0, 0, 0), strict=True)},
-        **{("switchboard_responses_total", (("route", r), ("status", "200"))): float(n)
-           for r, n in zip(ROUTES, (1, 1, 1, 1, 0, 0, 0, 0), strict=True)},
+        **{
+            ("switchboard_request_seconds_count", (("route", r),)): float(n)
+            for r, n in zip(ROUTES, (2, 1, 1, 1, 0, 0, 0, 0), strict=True)
+        },
+        **{
+            ("switchboard_responses_total", (("route", r), ("status", "200"))): float(n)
+            for r, n in zip(ROUTES, (1, 1, 1, 1, 0, 0, 0, 0), strict=True)
+        },
         ("switchboard_responses_total", (("route", "/voice"), ("status", "403"))): 1.0,
         **counters("switchboard_signature_rejections", "route", {r: r == "/voice" for r in ROUTES}),
         ("switchboard_session_backend_errors_total", ()): 0.0,
@@ -149,16 +176,25 @@ async def test_metrics_after_a_scripted_call_with_a_fallback() -> None:
         **counters("switchboard_calls_ended", "outcome", {o: o == "completed" for o in main.TERMINAL_STATUSES}),
         **counters("switchboard_provider_errors", "provider", {"down": 1, "scripted": 0}),
         **counters("switchboard_provider_fallbacks", "provider", {"down": 0, "scripted": 1}),
-        **{("switchboard_llm_tokens_total", (("direction", d), ("provider", p))): float(n)
-           for p, d, n in (("down", "input", 0), ("down", "output", 0), ("scripted", "input", 100),
-                           ("scripted", "output", 20))},
+        **{
+            ("switchboard_llm_tokens_total", (("direction", d), ("provider", p))): float(n)
+            for p, d, n in (
+                ("down", "input", 0),
+                ("down", "output", 0),
+                ("scripted", "input", 100),
+                ("scripted", "output", 20),
+            )
+        },
         **counters("switchboard_llm_cost_dollars", "provider", {"down": 0, "scripted": cost}),
         **histogram("switchboard_call_cost_dollars", {}, 1, cost + 0.01, COST),
         **counters("switchboard_call_records_dropped", "recorder", {"log": 0, "memo": 0}),
         # audio.py counts for the whole process (this call used <Say>, which never counts)
         ("switchboard_tts_fallbacks_total", ()): float(observe.audio_counts["fallback"]),
-        **counters("switchboard_tts_audio", "event", {e: observe.audio_counts[e] for e in ("synthesized", "reused", "served",
-                                                                              "missing")}),
+        **counters(
+            "switchboard_tts_audio",
+            "event",
+            {e: observe.audio_counts[e] for e in ("synthesized", "reused", "served", "missing")},
+        ),
         # media mode's series exist from the start (this was a Gather call)
         **counters("switchboard_media_audio_seconds", "direction", {"in": 0, "out": 0}),
         **histogram("switchboard_media_first_audio_seconds", {}, 0, 0, LAT),
@@ -186,9 +222,13 @@ async def test_turn_failures_are_counted_by_reason_and_against_the_provider() ->
         answer = await twilio.say("hello")
         got = samples((await client.get("/metrics")).text)
     assert tree(answer.content) == listening(app.state.settings.apology)
-    failures = {k: v for k, v in got.items() if k[0] in ("switchboard_turn_failures_total", "switchboard_provider_errors_total")}
-    assert failures == {("switchboard_turn_failures_total", (("reason", "provider error"),)): 1.0,
-                        ("switchboard_provider_errors_total", (("provider", "flaky"),)): 1.0}
+    failures = {
+        k: v for k, v in got.items() if k[0] in ("switchboard_turn_failures_total", "switchboard_provider_errors_total")
+    }
+    assert failures == {
+        ("switchboard_turn_failures_total", (("reason", "provider error"),)): 1.0,
+        ("switchboard_provider_errors_total", (("provider", "flaky"),)): 1.0,
+    }
 
 
 async def test_a_failing_voice_is_counted_as_a_tts_fallback() -> None:
@@ -264,19 +304,56 @@ async def test_recorders_hear_every_turn_and_the_call_with_latency_tokens_and_co
     blank = dict(started=0.0, first_token_ms=None, first_audio_ms=None, reply_ms=None)
     sid = twilio.call_sid
     assert [msgspec.structs.replace(t, **blank) for t in memo.turns] == [
-        main.TurnRecord(call_sid=sid, turn=1, turn_id=t1.turn_id, started=0.0, speech="hi", reply="Hello there.",
-                        provider="scripted", input_tokens=1000, output_tokens=500, cost=round(turn_cost, 6)),
-        main.TurnRecord(call_sid=sid, turn=2, turn_id=t2.turn_id, started=0.0, speech="count to three", reply="One.",
-                        interrupted=True),
-        main.TurnRecord(call_sid=sid, turn=3, turn_id=t3.turn_id, started=0.0, speech="stop", reply="Ok.",
-                        provider="scripted", input_tokens=1000, output_tokens=500, cost=round(turn_cost, 6)),
+        main.TurnRecord(
+            call_sid=sid,
+            turn=1,
+            turn_id=t1.turn_id,
+            started=0.0,
+            speech="hi",
+            reply="Hello there.",
+            provider="scripted",
+            input_tokens=1000,
+            output_tokens=500,
+            cost=round(turn_cost, 6),
+        ),
+        main.TurnRecord(
+            call_sid=sid,
+            turn=2,
+            turn_id=t2.turn_id,
+            started=0.0,
+            speech="count to three",
+            reply="One.",
+            interrupted=True,
+        ),
+        main.TurnRecord(
+            call_sid=sid,
+            turn=3,
+            turn_id=t3.turn_id,
+            started=0.0,
+            speech="stop",
+            reply="Ok.",
+            provider="scripted",
+            input_tokens=1000,
+            output_tokens=500,
+            cost=round(turn_cost, 6),
+        ),
     ]
     (call,) = memo.calls
     assert call.ended - call.started == pytest.approx(time.time() - call.started, abs=1)
     assert msgspec.structs.replace(call, started=0.0, ended=0.0) == main.CallRecord(
-        call_sid=sid, caller=CALLER, to="+15005550001", started=0.0, ended=0.0, outcome="completed", turns=3,
-        providers=["scripted"], usage={"scripted": main.Usage(input_tokens=2000, output_tokens=1000)},
-        input_tokens=2000, output_tokens=1000, llm_cost=round(2 * turn_cost, 6), phone_cost=0.0,
+        call_sid=sid,
+        caller=CALLER,
+        to="+15005550001",
+        started=0.0,
+        ended=0.0,
+        outcome="completed",
+        turns=3,
+        providers=["scripted"],
+        usage={"scripted": main.Usage(input_tokens=2000, output_tokens=1000)},
+        input_tokens=2000,
+        output_tokens=1000,
+        llm_cost=round(2 * turn_cost, 6),
+        phone_cost=0.0,
         cost=round(2 * turn_cost, 6),
     )
 
@@ -301,10 +378,14 @@ def test_prices_by_model_or_provider(prices: str, provider: Counted, expected: t
 
 
 def test_the_shipped_providers_default_models_have_prices() -> None:
-    app = main.create_app(env(LLM_PROVIDER="openai,anthropic", OPENAI_API_KEY="sk-made-up", ANTHROPIC_API_KEY="made-up"))
+    app = main.create_app(
+        env(LLM_PROVIDER="openai,anthropic", OPENAI_API_KEY="sk-made-up", ANTHROPIC_API_KEY="made-up")
+    )
     assert app.state.calls.obs.prices.rates == {
-        "openai": observe.Rate(input=0.75, output=4.50), "anthropic": observe.Rate(input=0.10, output=0.50),
-        "speech:parrot": observe.Rate()}  # the default speech model (media mode) is offline and free
+        "openai": observe.Rate(input=0.75, output=4.50),
+        "anthropic": observe.Rate(input=0.10, output=0.50),
+        "speech:parrot": observe.Rate(),
+    }  # the default speech model (media mode) is offline and free
 
 
 def test_unknown_prices_cost_nothing_and_are_logged_once(logs: Captured) -> None:
@@ -312,7 +393,8 @@ def test_unknown_prices_cost_nothing_and_are_logged_once(logs: Captured) -> None
     assert prices.cost("mystery", main.Usage(input_tokens=10)) == 0.0
     assert prices.cost("mystery", main.Usage(audio_output_tokens=5)) == 0.0
     assert [line for line in logs.lines if "no price" in line] == [
-        "warning no price for this provider's model; its cost counts as 0 (set PRICES) provider=mystery"]
+        "warning no price for this provider's model; its cost counts as 0 (set PRICES) provider=mystery"
+    ]
 
 
 def test_phone_minutes_are_billed_per_started_minute() -> None:
@@ -364,9 +446,13 @@ async def settled(app: Any) -> None:
 
 @pytest.mark.parametrize("json_lines", [False, True])
 async def test_log_lines_carry_the_call_and_turn_and_never_secrets_or_numbers(json_lines: bool) -> None:
-    secrets = {"TWILIO_AUTH_TOKEN": TOKEN, "OPENAI_API_KEY": "sk-made-up-openai-key-123",
-               "ANTHROPIC_API_KEY": "sk-ant-made-up-key-456", "METRICS_TOKEN": "made-up-metrics-token",
-               "DATABASE_URL": f"postgresql://postgres:made-up-db-password@127.0.0.1:{phone.free_port()}/calls"}
+    secrets = {
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "OPENAI_API_KEY": "sk-made-up-openai-key-123",
+        "ANTHROPIC_API_KEY": "sk-ant-made-up-key-456",
+        "METRICS_TOKEN": "made-up-metrics-token",
+        "DATABASE_URL": f"postgresql://postgres:made-up-db-password@127.0.0.1:{phone.free_port()}/calls",
+    }
     speech = "my card is 4111 and my number is plus one five zero zero"
 
     class Buggy(Counted):
@@ -378,8 +464,16 @@ async def test_log_lines_carry_the_call_and_turn_and_never_secrets_or_numbers(js
 
     model = Buggy("buggy", ["Sure thing."])
     app = main.create_app(
-        {**env(LLM_PROVIDER="buggy", CALL_RECORDERS="log,postgres", CALLS_RETRIES="0", CALLS_TIMEOUT="0.2",
-               LOG_FORMAT="json" if json_lines else "text"), **secrets},
+        {
+            **env(
+                LLM_PROVIDER="buggy",
+                CALL_RECORDERS="log,postgres",
+                CALLS_RETRIES="0",
+                CALLS_TIMEOUT="0.2",
+                LOG_FORMAT="json" if json_lines else "text",
+            ),
+            **secrets,
+        },
         plugins=[plugin(llm=[model])],
     )
     handler = Captured(json_lines=json_lines)
@@ -403,12 +497,21 @@ async def test_log_lines_carry_the_call_and_turn_and_never_secrets_or_numbers(js
     for secret in [*secrets.values(), "made-up-db-password", CALLER, CALLER[2:], "+15005550001", speech]:
         assert secret not in everything
     sid = twilio.call_sid
-    about_the_call = [r for r in handler.records if r.name == "switchboard" and r.getMessage() not in (
-        "switchboard ready", "switchboard stopped", "call records dropped")]
+    about_the_call = [
+        r
+        for r in handler.records
+        if r.name == "switchboard"
+        and r.getMessage() not in ("switchboard ready", "switchboard stopped", "call records dropped")
+    ]
     assert about_the_call and all(getattr(r, "call", None) == sid for r in about_the_call)
     turns = [(r.getMessage(), getattr(r, "turn", None)) for r in about_the_call if r.getMessage() != "request"]
-    assert turns == [("no price for this provider's model; its cost counts as 0 (set PRICES)", 1),
-                     ("provider failed", 2), ("generation failed", 2), ("call ended", None), ("call record", None)]
+    assert turns == [
+        ("no price for this provider's model; its cost counts as 0 (set PRICES)", 1),
+        ("provider failed", 2),
+        ("generation failed", 2),
+        ("call ended", None),
+        ("call record", None),
+    ]
     turn_of_requests = [(r.route, getattr(r, "turn", None)) for r in about_the_call if r.getMessage() == "request"]
     assert turn_of_requests == [("/voice", None), ("/process-speech", 1), ("/process-speech", 2), ("/status", None)]
     record = next(line for line in handler.lines if "call record" in line)
@@ -419,23 +522,45 @@ async def test_log_lines_carry_the_call_and_turn_and_never_secrets_or_numbers(js
 
 
 def test_switchboards_log_output_blanks_secrets_even_inside_library_messages_and_tracebacks() -> None:
-    secrets = {"TWILIO_AUTH_TOKEN": TOKEN, "OPENAI_API_KEY": "sk-made-up-openai-key-123",
-               "DATABASE_URL": "postgresql://app:made-up-db-password@db.internal:5432/calls", "LOG_FORMAT": "json"}
+    secrets = {
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "OPENAI_API_KEY": "sk-made-up-openai-key-123",
+        "DATABASE_URL": "postgresql://app:made-up-db-password@db.internal:5432/calls",
+        "LOG_FORMAT": "json",
+    }
     main.create_app(secrets)
     handler = next(h for h in main.log.handlers if h.get_name() == "switchboard")
     try:
         raise RuntimeError("vendor said: bad key sk-made-up-openai-key-123")
     except RuntimeError:
-        record = main.log.makeRecord("switchboard", logging.ERROR, "x", 1, "connect to %s failed",
-                                     ("postgresql://app:made-up-db-password@db.internal:5432/calls",),
-                                     sys.exc_info(), extra={"error": f"token {TOKEN}"})
+        record = main.log.makeRecord(
+            "switchboard",
+            logging.ERROR,
+            "x",
+            1,
+            "connect to %s failed",
+            ("postgresql://app:made-up-db-password@db.internal:5432/calls",),
+            sys.exc_info(),
+            extra={"error": f"token {TOKEN}"},
+        )
     line = msgspec.json.decode(handler.format(record))
-    assert (line["msg"], line["error"]) == ("connect to postgresql://app:***@db.internal:5432/calls failed", "token ***")
+    assert (line["msg"], line["error"]) == (
+        "connect to postgresql://app:***@db.internal:5432/calls failed",
+        "token ***",
+    )
     assert line["exception"].endswith("RuntimeError: vendor said: bad key ***")
-    assert observe.secrets_of(main.load_settings({
-        "SENTRY_DSN": "https://made-up-public-key@o1.ingest.example/42", "REDIS_URL": "redis://:made-up-redis@r:6379",
-        "LANGUAGE": "en-US", "MAX_TURNS": "4", "KEY": "short", "PUBLIC_URL": "https://agent.example"})) == [
-        "made-up-public-key", "made-up-redis"]
+    assert observe.secrets_of(
+        main.load_settings(
+            {
+                "SENTRY_DSN": "https://made-up-public-key@o1.ingest.example/42",
+                "REDIS_URL": "redis://:made-up-redis@r:6379",
+                "LANGUAGE": "en-US",
+                "MAX_TURNS": "4",
+                "KEY": "short",
+                "PUBLIC_URL": "https://agent.example",
+            }
+        )
+    ) == ["made-up-public-key", "made-up-redis"]
 
 
 @pytest.mark.parametrize("json_lines", [False, True])
@@ -460,7 +585,7 @@ async def test_request_lines_skip_log_records_but_read_as_the_logging_call_would
         fast = out.getvalue().splitlines()
         requests = [line for line in fast if "request" in line and "route=/" in line or '"msg":"request"' in line]
         assert len(requests) == 2 and not made.count(logging.INFO) - (len(fast) - len(requests))  # no record each
-        fields = {"route": "/voice", "status": 200, "call": "CA1", "error": f"token {TOKEN} said <x> & \"y\"", "ms": 0.5}
+        fields = {"route": "/voice", "status": 200, "call": "CA1", "error": f'token {TOKEN} said <x> & "y"', "ms": 0.5}
         observe.request_line(dict(fields))
         main.log.info("request", extra=dict(fields))
     finally:
@@ -474,7 +599,9 @@ async def test_request_lines_skip_log_records_but_read_as_the_logging_call_would
         assert decoded[0].pop("ts") == pytest.approx(decoded[1].pop("ts"), abs=5)
         assert decoded[0] == decoded[1] and list(decoded[0]) == ["level", "msg", *fields]
     else:
-        assert direct == by_record == "info request route=/voice status=200 call=CA1 error=token *** said <x> & \"y\" ms=0.5"
+        assert (
+            direct == by_record == 'info request route=/voice status=200 call=CA1 error=token *** said <x> & "y" ms=0.5'
+        )
 
 
 async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> None:
@@ -484,7 +611,9 @@ async def test_the_context_never_leaks_into_the_next_request(logs: Captured) -> 
         await twilio.call()
         await twilio.say("hello")
         await client.get("/health")
-        await client.post("/voice", content="CallSid=CA1", headers={"content-type": "application/x-www-form-urlencoded"})
+        await client.post(
+            "/voice", content="CallSid=CA1", headers={"content-type": "application/x-www-form-urlencoded"}
+        )
     assert observe.request_fields.get(None) is None
     refused = next(r for r in logs.records if r.getMessage() == "request" and r.status == 403)
     assert refused.call == "" and not hasattr(refused, "turn")
@@ -499,7 +628,12 @@ def test_json_logs_are_one_object_per_line() -> None:
         main.log.removeHandler(handler)
     line = msgspec.json.decode(handler.lines[0])
     assert {k: line[k] for k in ("level", "msg", "route", "status", "call")} == {
-        "level": "info", "msg": "request", "route": "/voice", "status": 200, "call": "CA1"}
+        "level": "info",
+        "msg": "request",
+        "route": "/voice",
+        "status": 200,
+        "call": "CA1",
+    }
 
 
 # ----------------------------------------------------------------------------- Sentry
@@ -564,7 +698,8 @@ def collector() -> Iterator[Collector]:
 def test_a_plugin_error_reaches_sentry_tagged_with_the_call_and_without_personal_data(
     collector: Collector, tmp_path: Path
 ) -> None:
-    (tmp_path / "sb_boom.py").write_text(textwrap.dedent("""
+    (tmp_path / "sb_boom.py").write_text(
+        textwrap.dedent("""
         from main import LLMProvider, hookimpl
 
         class Boom(LLMProvider):
@@ -579,7 +714,8 @@ def test_a_plugin_error_reaches_sentry_tagged_with_the_call_and_without_personal
         @hookimpl
         def register_llm_providers(register):
             register("boom", Boom)
-    """))
+    """)
+    )
     dist = tmp_path / "sb_boom-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sb-boom\nVersion: 1.0\n")
@@ -610,9 +746,18 @@ def test_a_plugin_error_reaches_sentry_tagged_with_the_call_and_without_personal
 
 def test_the_scrubber_keeps_the_request_line_and_drops_bodies_users_and_numbers() -> None:
     event = {
-        "request": {"method": "POST", "url": "https://agent.example/process-speech", "data": {"From": CALLER},
-                    "headers": {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "sig",
-                                "Cookie": "a=b"}, "cookies": {"a": "b"}, "query_string": "n=1"},
+        "request": {
+            "method": "POST",
+            "url": "https://agent.example/process-speech",
+            "data": {"From": CALLER},
+            "headers": {
+                "Content-Type": "application/x-www-form-urlencoded",
+                "X-Twilio-Signature": "sig",
+                "Cookie": "a=b",
+            },
+            "cookies": {"a": "b"},
+            "query_string": "n=1",
+        },
         "user": {"ip_address": "203.0.113.9"},
         "message": f"call from {CALLER}",
         "breadcrumbs": {"values": [{"message": "caller +1 (500) 555-0006 said hi"}]},
@@ -624,8 +769,11 @@ def test_the_scrubber_keeps_the_request_line_and_drops_bodies_users_and_numbers(
     finally:
         observe.request_fields.reset(token)
     assert scrubbed == {
-        "request": {"method": "POST", "url": "https://agent.example/process-speech",
-                    "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        "request": {
+            "method": "POST",
+            "url": "https://agent.example/process-speech",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        },
         "tags": {"call_sid": "CA123", "turn": "2"},
         "message": "call from …0006",
         "breadcrumbs": {"values": [{"message": "caller …0006 said hi"}]},

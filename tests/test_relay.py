@@ -58,10 +58,21 @@ WS_URL = BASE.replace("http://", "ws://") + "/relay"
 
 def setup_message(call_sid: str, **custom: str) -> dict[str, Any]:
     """The `setup` message as Twilio's documentation shows it."""
-    return {"type": "setup", "sessionId": "VX" + secrets.token_hex(16), "accountSid": "AC" + "0" * 32,
-            "parentCallSid": "", "callSid": call_sid, "from": "+15005550006", "to": "+15005550001",
-            "forwardedFrom": "+15005550002", "callType": "PSTN", "callerName": "", "direction": "inbound",
-            "callStatus": "RINGING", "customParameters": custom or {"attempt": "1"}}
+    return {
+        "type": "setup",
+        "sessionId": "VX" + secrets.token_hex(16),
+        "accountSid": "AC" + "0" * 32,
+        "parentCallSid": "",
+        "callSid": call_sid,
+        "from": "+15005550006",
+        "to": "+15005550001",
+        "forwardedFrom": "+15005550002",
+        "callType": "PSTN",
+        "callerName": "",
+        "direction": "inbound",
+        "callStatus": "RINGING",
+        "customParameters": custom or {"attempt": "1"},
+    }
 
 
 def prompt(text: str, *, last: bool = True) -> dict[str, Any]:
@@ -113,17 +124,29 @@ def text_of(messages: list[dict[str, Any]]) -> str:
 class AsgiPeer(Peer):
     """Drives the app's WS /relay in this event loop through raw ASGI messages (like uvicorn does)."""
 
-    def __init__(self, app: Litestar, headers: dict[str, str], *, send_delay: float = 0.0, path: str = "/relay") -> None:
+    def __init__(
+        self, app: Litestar, headers: dict[str, str], *, send_delay: float = 0.0, path: str = "/relay"
+    ) -> None:
         self.app, self.send_delay = app, send_delay
         self.to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.received = []
         self.accepted: bool | None = None
         self.scope = {
-            "type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-            "scheme": "ws", "server": ("testserver.local", 80), "client": ("127.0.0.1", 50000), "root_path": "",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "subprotocols": [], "state": {},
-            "headers": [(b"host", b"testserver.local")] + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            "type": "websocket",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "server": ("testserver.local", 80),
+            "client": ("127.0.0.1", 50000),
+            "root_path": "",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "subprotocols": [],
+            "state": {},
+            "headers": [(b"host", b"testserver.local")]
+            + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
             "extensions": {},
         }
         self.task: asyncio.Task[None] | None = None
@@ -183,7 +206,9 @@ def signed(url: str, token: str = TOKEN) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def relay_call(app: Litestar, call_sid: str | None = None, **custom: str) -> AsyncIterator[tuple[AsgiPeer, Twilio]]:
+async def relay_call(
+    app: Litestar, call_sid: str | None = None, **custom: str
+) -> AsyncIterator[tuple[AsgiPeer, Twilio]]:
     """The app running; a call answered in relay mode; its socket open and set up."""
     async with concurrent(app) as client:
         twilio = Twilio(client, call_sid=call_sid)
@@ -255,14 +280,25 @@ async def test_the_socket_url_is_the_public_wss_url_and_the_voice_supplies_its_a
         def relay_attrs(self) -> dict[str, str]:
             return {"ttsProvider": "ElevenLabs", "voice": "UgBBYS2sOqTuMpoF3BR0"}
 
-    for extra, headers in [({"PUBLIC_URL": "https://agent.example.com"}, {}),
-                           ({}, {"x-forwarded-proto": "https", "x-forwarded-host": "agent.example.com"})]:
-        app = main.create_app(env(MODE="relay", TTS_VOICE="eleven", **extra), plugins=[plugin(tts={"eleven": RelayVoice()})])
+    for extra, headers in [
+        ({"PUBLIC_URL": "https://agent.example.com"}, {}),
+        ({}, {"x-forwarded-proto": "https", "x-forwarded-host": "agent.example.com"}),
+    ]:
+        app = main.create_app(
+            env(MODE="relay", TTS_VOICE="eleven", **extra), plugins=[plugin(tts={"eleven": RelayVoice()})]
+        )
         async with concurrent(app) as client:
             data = {"CallSid": new_call_sid(), "From": "+15005550006"}
             signature = webhooks.twilio_signature(TOKEN, "https://agent.example.com/voice?x=1", list(data.items()))
-            answer = await client.post("/voice?x=1", content=urlencode(data), headers={
-                "content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature, **headers})
+            answer = await client.post(
+                "/voice?x=1",
+                content=urlencode(data),
+                headers={
+                    "content-type": "application/x-www-form-urlencoded",
+                    "x-twilio-signature": signature,
+                    **headers,
+                },
+            )
         expected = connect_doc("wss://agent.example.com/relay", tts_provider="ElevenLabs", voice="UgBBYS2sOqTuMpoF3BR0")
         assert tree(answer.content) == expected, extra or headers
 
@@ -280,13 +316,18 @@ async def test_mode_is_overridable_per_number_on_the_voice_url() -> None:
     assert tree(default_gather.content) == tree(gather_number.content) == greeting
     expected = connect_doc("ws://testserver.local/relay", **voice_attrs(relay_app))
     assert tree(relay_number.content) == tree(default_relay.content) == expected
-    assert (bogus.status_code, bogus.text) == (400, "400 mode='webhook' on the voice URL must be gather, relay or media\n")
+    assert (bogus.status_code, bogus.text) == (
+        400,
+        "400 mode='webhook' on the voice URL must be gather, relay or media\n",
+    )
 
 
 def test_relay_settings_are_checked_at_startup() -> None:
     with pytest.raises(main.ConfigError, match="RELAY_INTERRUPTIBLE='sometimes' is not valid"):
         main.create_app(env(RELAY_INTERRUPTIBLE="sometimes"))
-    with pytest.raises(main.ConfigError, match="RELAY_DTMF_WAIT=.* is not valid: set it to a number of seconds at least 0"):
+    with pytest.raises(
+        main.ConfigError, match="RELAY_DTMF_WAIT=.* is not valid: set it to a number of seconds at least 0"
+    ):
         main.create_app(env(RELAY_DTMF_WAIT="soon"))
 
 
@@ -315,7 +356,9 @@ async def test_tokens_leave_as_the_model_writes_them_in_order_untrimmed_the_last
     assert times[-1] - times[0] >= 0.05 * (len(tokens) - 2)  # streamed as written, not buffered
     session = session_of(app, twilio.call_sid)
     assert session is not None and session.history == [
-        main.Message(role="user", content="hi"), main.Message(role="assistant", content="Sure thing, here is a spaced reply.")]
+        main.Message(role="user", content="hi"),
+        main.Message(role="assistant", content="Sure thing, here is a spaced reply."),
+    ]
     assert session.current is None and session.providers == ["scripted"]
 
 
@@ -337,8 +380,13 @@ async def test_history_the_model_sees_is_bounded_by_max_turns() -> None:
             await peer.send(prompt(text))
             await peer.reply()
     sent = [(m.role, m.content) for m in model.calls[-1]]
-    assert sent == [("user", "two"), ("assistant", "Second answer."), ("user", "three"), ("assistant", "Third answer."),
-                    ("user", "four")]
+    assert sent == [
+        ("user", "two"),
+        ("assistant", "Second answer."),
+        ("user", "three"),
+        ("assistant", "Third answer."),
+        ("user", "four"),
+    ]
 
 
 async def test_partial_prompts_are_answered_once_when_the_caller_finishes() -> None:
@@ -362,7 +410,7 @@ async def test_info_error_unknown_and_malformed_messages_do_not_disturb_the_call
     app = scripted_app(model)
     async with relay_call(app) as (peer, twilio):
         await peer.send({"type": "info", "name": "agentSpeaking", "value": "on", "ts": 1752091234567})
-        await peer.send({"type": "error", "description": "Invalid message received: { \"foo\" : \"bar\" }"})
+        await peer.send({"type": "error", "description": 'Invalid message received: { "foo" : "bar" }'})
         await peer.send({"type": "somethingNew", "payload": [1, 2]})
         await peer.to_app.put({"type": "websocket.receive", "text": "{not json"})
         await peer.send({"type": "prompt", "voicePrompt": ["not", "text"]})
@@ -393,7 +441,10 @@ async def test_an_interrupt_cancels_the_reply_and_the_model_later_knows_only_wha
     assert len(late) <= 1 and not any(m.get("last") for m in late)
     assert model.closed == 2  # the interrupted stream was closed, then the second reply's
     assert [(m.role, m.content, m.interrupted) for m in model.calls[1]] == [
-        ("user", "tell me about life", False), ("assistant", "Life is a", True), ("user", "go on", False)]
+        ("user", "tell me about life", False),
+        ("assistant", "Life is a", True),
+        ("user", "go on", False),
+    ]
 
 
 async def test_an_interrupt_after_the_reply_was_written_trims_the_stored_turn() -> None:
@@ -408,8 +459,14 @@ async def test_an_interrupt_after_the_reply_was_written_trims_the_stored_turn() 
         await peer.send(interrupt(""))  # a second interrupt: nothing more to trim
         await peer.send(prompt("stop"))
         await peer.reply()
-    assert session is not None and session.history[-1] == main.Message(role="assistant", content="One two three", interrupted=True)
-    assert [(m.role, m.content) for m in model.calls[1]] == [("user", "count"), ("assistant", "One two three"), ("user", "stop")]
+    assert session is not None and session.history[-1] == main.Message(
+        role="assistant", content="One two three", interrupted=True
+    )
+    assert [(m.role, m.content) for m in model.calls[1]] == [
+        ("user", "count"),
+        ("assistant", "One two three"),
+        ("user", "stop"),
+    ]
 
 
 async def test_an_interrupt_before_anything_was_heard_drops_the_reply_from_history() -> None:
@@ -437,7 +494,10 @@ async def test_speech_during_a_reply_starts_a_new_turn_and_keeps_what_was_sent()
         got = await peer.reply()
     assert text_of(got).endswith("New answer.")
     assert [(m.role, m.content, m.interrupted) for m in model.calls[1]] == [
-        ("user", "first", False), ("assistant", "This is", True), ("user", "second", False)]
+        ("user", "first", False),
+        ("assistant", "This is", True),
+        ("user", "second", False),
+    ]
 
 
 # ----------------------------------------------------------------------------- digits
@@ -476,7 +536,9 @@ async def test_digits_are_answered_as_one_turn_at_the_pound_key_or_after_a_pause
         signed(WS_URL + "?extra=1"),
     ],
 )
-async def test_an_unsigned_or_badly_signed_upgrade_is_refused_before_accept(headers: dict[str, str], logs: Captured) -> None:
+async def test_an_unsigned_or_badly_signed_upgrade_is_refused_before_accept(
+    headers: dict[str, str], logs: Captured
+) -> None:
     model = Scripted()
     app = scripted_app(model)
     async with concurrent(app):
@@ -574,8 +636,10 @@ async def test_a_provider_failure_apologises_then_ends_with_a_handoff_that_dials
         assert await peer.quiet(0.1) == []
         handoff = got[-1]["handoffData"]
         callback = await twilio.post("/relay-action", SessionStatus="ended", SessionDuration="3", HandoffData=handoff)
-    assert got == [{"type": "text", "token": apology, "last": True},
-                   {"type": "end", "handoffData": '{"reasonCode":"live-agent-handoff","reason":"the assistant could not answer"}'}]
+    assert got == [
+        {"type": "text", "token": apology, "last": True},
+        {"type": "end", "handoffData": '{"reasonCode":"live-agent-handoff","reason":"the assistant could not answer"}'},
+    ]
     assert tree(callback.content) == twiml(lambda r: r.dial("+15005550009"))
     assert session_of(app, twilio.call_sid) is None and len(model.calls) == 1
     assert any(line.startswith(f"info call ended call={twilio.call_sid} outcome=handoff") for line in logs.lines)
@@ -603,19 +667,27 @@ async def test_the_callback_ends_the_session_when_the_caller_hangs_up(logs: Capt
         await peer.send(prompt("bye"))
         await peer.reply()
         await peer.close()
-        callback = await twilio.post("/relay-action", CallStatus="completed", SessionStatus="completed", SessionDuration="9")
+        callback = await twilio.post(
+            "/relay-action", CallStatus="completed", SessionStatus="completed", SessionDuration="9"
+        )
     assert tree(callback.content) == twiml(lambda r: None)
     assert session_of(app, twilio.call_sid) is None
-    assert any(line.startswith(f"info call ended call={twilio.call_sid} outcome=completed turns=1") for line in logs.lines)
+    assert any(
+        line.startswith(f"info call ended call={twilio.call_sid} outcome=completed turns=1") for line in logs.lines
+    )
 
 
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        ({"SessionStatus": "ended", "HandoffData": '{"reasonCode":"live-agent-handoff","number":"+15005550010"}'},
-         lambda r: r.dial("+15005550010")),
-        ({"SessionStatus": "ended", "HandoffData": '{"reasonCode":"live-agent-handoff"}'},
-         lambda r: (r.say("Sorry, I'm having trouble answering right now.", **VOICE), r.hangup())),
+        (
+            {"SessionStatus": "ended", "HandoffData": '{"reasonCode":"live-agent-handoff","number":"+15005550010"}'},
+            lambda r: r.dial("+15005550010"),
+        ),
+        (
+            {"SessionStatus": "ended", "HandoffData": '{"reasonCode":"live-agent-handoff"}'},
+            lambda r: (r.say("Sorry, I'm having trouble answering right now.", **VOICE), r.hangup()),
+        ),
         ({"SessionStatus": "ended"}, lambda r: r.hangup()),
         ({"SessionStatus": "ended", "HandoffData": "not json"}, lambda r: r.hangup()),
         ({"SessionStatus": "completed", "CallStatus": "in-progress"}, lambda r: None),
@@ -634,8 +706,12 @@ async def test_callback_variants_end_the_session(params: dict[str, str], expecte
 
 async def test_a_failed_session_reconnects_a_few_times_then_apologises() -> None:
     app = main.create_app(env(MODE="relay", FALLBACK_NUMBER="+15005550009"))
-    lost = {"SessionStatus": "failed", "SessionDuration": "2", "ErrorCode": "39001",
-            "ErrorMessage": "Network connection to WebSocket server failed."}
+    lost = {
+        "SessionStatus": "failed",
+        "SessionDuration": "2",
+        "ErrorCode": "39001",
+        "ErrorMessage": "Network connection to WebSocket server failed.",
+    }
     async with concurrent(app) as client:
         twilio = Twilio(client)
         await twilio.call()
@@ -647,8 +723,12 @@ async def test_a_failed_session_reconnects_a_few_times_then_apologises() -> None
     again = "Sorry, we were cut off. Please go on."
     url = "ws://testserver.local/relay"
     voice = voice_attrs(app)
-    assert tree(first.content) == connect_doc(url, greeting=again, action="/relay-action?retries=1", attempt="2", **voice)
-    assert tree(third.content) == connect_doc(url, greeting=again, action="/relay-action?retries=3", attempt="4", **voice)
+    assert tree(first.content) == connect_doc(
+        url, greeting=again, action="/relay-action?retries=1", attempt="2", **voice
+    )
+    assert tree(third.content) == connect_doc(
+        url, greeting=again, action="/relay-action?retries=3", attempt="4", **voice
+    )
     assert tree(after_a_long_talk.content) == tree(first.content)
     assert exists and session_of(app, twilio.call_sid) is None
 
@@ -660,8 +740,9 @@ async def test_a_failed_session_reconnects_a_few_times_then_apologises() -> None
 
 
 async def test_a_dropped_socket_reconnects_in_the_same_process_with_its_history() -> None:
-    model = Scripted(replies=["Nice to meet you, Ada.", "This answer will be cut off by the drop.", "You are Ada."],
-                     gap=0.05)
+    model = Scripted(
+        replies=["Nice to meet you, Ada.", "This answer will be cut off by the drop.", "You are Ada."], gap=0.05
+    )
     app = scripted_app(model)
     async with relay_call(app) as (peer, twilio):
         await peer.send(prompt("my name is Ada"))
@@ -680,8 +761,12 @@ async def test_a_dropped_socket_reconnects_in_the_same_process_with_its_history(
     assert tree(callback.content)[3][0][0] == "Connect"
     assert text_of(got) == "You are Ada."
     assert [(m.role, m.content, m.interrupted) for m in model.calls[-1]] == [
-        ("user", "my name is Ada", False), ("assistant", "Nice to meet you, Ada.", False),
-        ("user", "tell me a story", False), ("assistant", "This answer", True), ("user", "who am I", False)]
+        ("user", "my name is Ada", False),
+        ("assistant", "Nice to meet you, Ada.", False),
+        ("user", "tell me a story", False),
+        ("assistant", "This answer", True),
+        ("user", "who am I", False),
+    ]
     assert model.closed == 3
 
 
@@ -745,8 +830,14 @@ async def test_relay_logs_carry_the_call_sid_and_never_the_numbers_or_token(logs
     sid = twilio.call_sid
     relay_lines = [line for line in logs.lines if not line.startswith(("info request ", "info switchboard "))]
     assert [line.split(" call=")[0] for line in relay_lines] == [
-        "info relay connected", "info turn generated", "info relay interrupted", "warning twilio relay error",
-        "info relay closed", "info call ended", "info call record"]  # relay calls reach the recorders too
+        "info relay connected",
+        "info turn generated",
+        "info relay interrupted",
+        "warning twilio relay error",
+        "info relay closed",
+        "info call ended",
+        "info call record",
+    ]  # relay calls reach the recorders too
     assert all(f"call={sid}" in line for line in relay_lines)
     everything = "\n".join(logs.lines)
     assert TOKEN not in everything and "5005550006" not in everything and "5005550001" not in everything
@@ -791,8 +882,14 @@ def recall(tmp_path: Path) -> dict[str, str]:
 
 async def webhook_post(client: httpx.AsyncClient, url: str, call_sid: str, **params: str) -> httpx.Response:
     """A signed form POST to a real server, as Twilio sends it."""
-    data = {"AccountSid": "AC" + "0" * 32, "CallSid": call_sid, "From": "+15005550006", "To": "+15005550001",
-            "CallStatus": "in-progress", **params}
+    data = {
+        "AccountSid": "AC" + "0" * 32,
+        "CallSid": call_sid,
+        "From": "+15005550006",
+        "To": "+15005550001",
+        "CallStatus": "in-progress",
+        **params,
+    }
     signature = webhooks.twilio_signature(TOKEN, url, list(data.items()))
     return await client.post(url, data=data, headers={"x-twilio-signature": signature})
 
@@ -841,8 +938,13 @@ async def test_the_procfile_server_takes_signed_relay_upgrades_and_streams() -> 
 
 async def test_a_call_reconnects_on_another_process_with_its_history(recall: dict[str, str]) -> None:
     prefix = "sb-relay-test-" + secrets.token_hex(6)
-    shared = recall | {"SESSION_BACKEND": "valkey", "VALKEY_URL": "redis://127.0.0.1:6379/0", "VALKEY_PREFIX": prefix,
-                       "MODE": "relay", "RECALL_GAP": "0.05"}
+    shared = recall | {
+        "SESSION_BACKEND": "valkey",
+        "VALKEY_URL": "redis://127.0.0.1:6379/0",
+        "VALKEY_PREFIX": prefix,
+        "MODE": "relay",
+        "RECALL_GAP": "0.05",
+    }
     try:
         with server(shared) as (base_a, proc_a, _), server(shared) as (base_b, _proc_b, log_b):
             call_sid = new_call_sid()
@@ -858,8 +960,14 @@ async def test_a_call_reconnects_on_another_process_with_its_history(recall: dic
                     proc_a.terminate()  # the replica goes away mid-reply
                     proc_a.wait(15)
                 # Twilio calls the <Connect action> URL; the load balancer picks the other replica
-                callback = await webhook_post(client, base_b + "/relay-action", call_sid, SessionStatus="failed",
-                                              SessionDuration="3", ErrorCode="39001")
+                callback = await webhook_post(
+                    client,
+                    base_b + "/relay-action",
+                    call_sid,
+                    SessionStatus="failed",
+                    SessionDuration="3",
+                    ErrorCode="39001",
+                )
                 url_b, _ = relay_target(callback.content, base_b)
                 async with ws_peer(url_b, call_sid, attempt="2") as peer:
                     await peer.send(prompt("who am I"))
@@ -878,18 +986,29 @@ async def test_a_call_reconnects_on_another_process_with_its_history(recall: dic
 
 
 async def test_the_dev_phone_drives_a_relay_call_in_the_terminal(recall: dict[str, str]) -> None:
-    lines = iter([("hello from the dev phone", None), ("tell me more please", None), ("/interrupt", None),
-                  ("", None), ("12#", None), ("/bye", None)])
+    lines = iter(
+        [
+            ("hello from the dev phone", None),
+            ("tell me more please", None),
+            ("/interrupt", None),
+            ("", None),
+            ("12#", None),
+            ("/bye", None),
+        ]
+    )
     printed: list[str] = []
     streamed: list[str] = []
     with server(recall | {"RECALL_GAP": "0.15"}) as (base, _proc, log_path):
-        call = phone.Phone(base, TOKEN, out=printed.append, write=streamed.append, voice="/voice?mode=relay",
-                           typing=True)
+        call = phone.Phone(
+            base, TOKEN, out=printed.append, write=streamed.append, voice="/voice?mode=relay", typing=True
+        )
         ended = await asyncio.to_thread(call.run, lines)
     assert ended == "completed"
-    assert call.spoken == [GREETING, "I heard: hello from the dev phone.",
-                           "I heard: hello from the dev phone | tell me more please | "
-                           "(The caller pressed 1 2 on the keypad.)."]
+    assert call.spoken == [
+        GREETING,
+        "I heard: hello from the dev phone.",
+        "I heard: hello from the dev phone | tell me more please | (The caller pressed 1 2 on the keypad.).",
+    ]
     interrupted = next(line for line in printed if "you interrupted after" in line)
     heard = interrupted.split("after: ")[1][1:-2]  # at least the first token; the model writes one per 150 ms
     assert heard and "I heard: hello from the dev phone | tell me more please.".startswith(heard)
@@ -897,7 +1016,8 @@ async def test_the_dev_phone_drives_a_relay_call_in_the_terminal(recall: dict[st
     assert "".join(streamed) == (  # in a terminal the reply overwrites the "you: " prompt, then shows it again
         f"\ragent: I heard: hello from the dev phone.\nyou: \ragent: {heard}\n"
         "\ragent: I heard: hello from the dev phone | tell me more please | (The caller pressed 1 2 on the keypad.).\n"
-        "you: ")
+        "you: "
+    )
     text = log_path.read_text()
     assert "relay interrupted" in text and "trimmed=True" in text and f"call ended call={call.call_sid}" in text
 
@@ -935,8 +1055,9 @@ async def test_a_session_backend_outage_is_apologised_for_and_setup_failure_clos
 
     model = Scripted(replies=["Fine."])
     backend = Flaky(main.load_settings(env()))
-    app = main.create_app(env(LLM_PROVIDER="scripted", SESSION_BACKEND="flaky"),
-                          plugins=[plugin(llm=[model], session={"flaky": backend})])
+    app = main.create_app(
+        env(LLM_PROVIDER="scripted", SESSION_BACKEND="flaky"), plugins=[plugin(llm=[model], session={"flaky": backend})]
+    )
     async with relay_call(app) as (peer, twilio):
         await peer.send(prompt("hello"))
         assert text_of(await peer.reply()) == "Fine."
@@ -978,9 +1099,15 @@ async def test_transfer_call_in_relay_mode_hands_off_and_the_callback_dials_with
         handoff = got[-1]["handoffData"]
         callback = await twilio.post("/relay-action", SessionStatus="ended", SessionDuration="4", HandoffData=handoff)
     assert text_of(got[:-1]) == "Transferring you now."
-    assert json.loads(handoff) == {"reasonCode": "live-agent-handoff", "reason": "the caller asked for a person",
-                                   "number": "+15005550009", "callerId": setup_message(twilio.call_sid)["from"]}
-    assert tree(callback.content) == twiml(lambda r: r.dial("+15005550009", caller_id=setup_message(twilio.call_sid)["from"]))
+    assert json.loads(handoff) == {
+        "reasonCode": "live-agent-handoff",
+        "reason": "the caller asked for a person",
+        "number": "+15005550009",
+        "callerId": setup_message(twilio.call_sid)["from"],
+    }
+    assert tree(callback.content) == twiml(
+        lambda r: r.dial("+15005550009", caller_id=setup_message(twilio.call_sid)["from"])
+    )
 
 
 async def test_sigterm_lets_relay_replies_finish_then_asks_twilio_to_reconnect_elsewhere() -> None:
@@ -1003,6 +1130,7 @@ async def test_sigterm_lets_relay_replies_finish_then_asks_twilio_to_reconnect_e
     other = main.create_app(env())  # Twilio calls the <Connect action> URL: another replica answers it
     async with running(other) as client:
         callback = await Twilio(client, call_sid=call_sid).post(
-            "/relay-action", SessionStatus="ended", SessionDuration="3", HandoffData=got[-1]["handoffData"])
+            "/relay-action", SessionStatus="ended", SessionDuration="3", HandoffData=got[-1]["handoffData"]
+        )
     url_again, action_again = relay_target(callback.content, "")
     assert url_again == "ws://testserver.local/relay" and action_again == "/relay-action"

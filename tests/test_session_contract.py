@@ -245,8 +245,13 @@ async def test_a_call_through_the_app_keeps_a_bounded_history(name: str) -> None
             assert await twilio.turn(f"question {n}") == [f"Answer {n}."]
         await twilio.post("/status", CallStatus="completed")
     sent = [(m.role, m.content) for m in model.calls[-1]]
-    assert sent == [("user", "question 3"), ("assistant", "Answer 3."), ("user", "question 4"),
-                    ("assistant", "Answer 4."), ("user", "question 5")]
+    assert sent == [
+        ("user", "question 3"),
+        ("assistant", "Answer 3."),
+        ("user", "question 4"),
+        ("assistant", "Answer 4."),
+        ("user", "question 5"),
+    ]
 
 
 # ----------------------------------------------------------------------------- leases and fencing

@@ -12,8 +12,8 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -59,12 +59,37 @@ class PrivateValkey:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                "--dir", str(self.dir), "--logfile", str(self.dir / "server.log")]
+        args = [
+            SERVER,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            str(self.dir / "server.log"),
+        ]
         if self.tls:
             cert, key = self.tls
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
-                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+            args += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+                "--tls-ca-cert-file",
+                str(cert),
+                "--tls-auth-clients",
+                "no",
+            ]
         else:
             args += ["--port", str(self.port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -154,9 +179,13 @@ def test_bad_urls_and_numbers_are_config_errors_that_never_show_the_password() -
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://cache:6379/0?sockettimeout=3"))
     with pytest.raises(main.ConfigError, match="not a usable Valkey/Redis URL: .*Certificate Requirements"):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="rediss://cache:6379/0?ssl_cert_reqs=maybe"))
-    with pytest.raises(main.ConfigError, match="VALKEY_TIMEOUT='soon' is not valid: set it to a number of seconds above 0"):
+    with pytest.raises(
+        main.ConfigError, match="VALKEY_TIMEOUT='soon' is not valid: set it to a number of seconds above 0"
+    ):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_TIMEOUT="soon"))
-    with pytest.raises(main.ConfigError, match="VALKEY_MAX_CONNECTIONS='0' is not valid: set it to a whole number above 0"):
+    with pytest.raises(
+        main.ConfigError, match="VALKEY_MAX_CONNECTIONS='0' is not valid: set it to a whole number above 0"
+    ):
         main.create_app(env(SESSION_BACKEND="valkey", VALKEY_URL="redis://x", VALKEY_MAX_CONNECTIONS="0"))
     assert server_name("rediss://default:hunter2@red.example:6380") == "rediss://red.example:6380"
 
@@ -167,7 +196,12 @@ def test_tls_urls_build_tls_connections_that_check_the_certificate_and_the_host(
     conn = pool.make_connection()
     assert isinstance(conn, SSLConnection)
     assert (conn.host, conn.port, conn.db, conn.username, conn.password) == (
-        "red.example.com", 6380, 1, "default", "s3cret")
+        "red.example.com",
+        6380,
+        1,
+        "default",
+        "s3cret",
+    )
     assert (conn.cert_reqs, conn.check_hostname) == (ssl.CERT_REQUIRED, True)
     assert (conn.socket_timeout, conn.socket_connect_timeout) == (1.0, 1.0)
     # a self-signed server: the URL relaxes the check explicitly; the URL's own options always win
@@ -179,9 +213,28 @@ def test_tls_urls_build_tls_connections_that_check_the_certificate_and_the_host(
 
 async def test_a_tls_server_is_reached_through_a_rediss_url(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     with private_valkey(tmp_path, tls=(cert, key)) as server:
         good = f"rediss://localhost:{server.port}/0?ssl_ca_certs={cert}"
         async with opened(VALKEY_URL=good) as backend:
@@ -202,7 +255,9 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
     async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix, SESSION_TTL="120") as backend:
         call = "CA" + secrets.token_hex(16)
         snap = await backend.begin(call, [], 120)
-        session = main.Session(call_sid=call, turns=1, current=main.Turn(id="ab12cd34", user="hi", keys=["k"], started=1.0))
+        session = main.Session(
+            call_sid=call, turns=1, current=main.Turn(id="ab12cd34", user="hi", keys=["k"], started=1.0)
+        )
         await backend.commit(call, snap.token, session, turn_changed=True)
         await backend.serve(call, "ab12cd34", ["k"], [main.Segment(text="Hello.")])
         await backend.push(call, "ab12cd34", [main.Segment(text="More.")])
@@ -210,8 +265,10 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
         raw = valkey.asyncio.Valkey.from_url(SHARED_URL)
         try:
             keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix}:*", count=1000)])
-            assert keys == sorted([f"{prefix}:{{{call}}}:{name}" for name in ("s", "c", "v", "q", "r", "g", "h")]
-                                  + [f"{prefix}:blob:audio-1"])
+            assert keys == sorted(
+                [f"{prefix}:{{{call}}}:{name}" for name in ("s", "c", "v", "q", "r", "g", "h")]
+                + [f"{prefix}:blob:audio-1"]
+            )
             assert len({key_slot(k.encode()) for k in keys if "blob" not in k}) == 1
             for k in keys:
                 assert 0 < await raw.pttl(k) <= (30_000 if "blob" in k else 120_000), k
@@ -224,17 +281,23 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
 
 
 @pytest.mark.parametrize("packer", ["libvalkey", "python"])
-async def test_a_long_reply_is_stored_and_served_whole(prefix: str, packer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_long_reply_is_stored_and_served_whole(
+    prefix: str, packer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert session_valkey.pack is not None  # libvalkey is a runtime requirement: the C packer is the one used
     if packer == "python":  # where libvalkey has no wheel, the client's own packing does the same
         monkeypatch.setattr(session_valkey, "pack", None)
     segments = [main.Segment(text=f"Sentence {n}.") for n in range(70_000 // 1000 * 20)] + [main.END]
     async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as backend:
         snap = await backend.begin("CAlong", [], 60)
-        await backend.commit("CAlong", snap.token, main.Session(call_sid="CAlong", current=main.Turn(
-            id="feed0001", user="x", keys=["k"], started=1.0)), turn_changed=True)
+        await backend.commit(
+            "CAlong",
+            snap.token,
+            main.Session(call_sid="CAlong", current=main.Turn(id="feed0001", user="x", keys=["k"], started=1.0)),
+            turn_changed=True,
+        )
         for n in range(0, len(segments), 7):
-            assert await backend.push("CAlong", "feed0001", segments[n:n + 7])
+            assert await backend.push("CAlong", "feed0001", segments[n : n + 7])
         assert await backend.serve("CAlong", "feed0001", ["k", "feed0001:1"]) == segments
         assert await backend.reply("CAlong", "feed0001:1") == ("feed0001", segments)
 
@@ -242,8 +305,12 @@ async def test_a_long_reply_is_stored_and_served_whole(prefix: str, packer: str,
 async def test_a_server_error_in_a_flight_is_that_command_s_alone(prefix: str) -> None:
     async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as backend:
         await backend._do(backend._send("SET", f"{prefix}:text", "not a number"))
-        replies = await asyncio.gather(backend._send("PING"), backend._send("INCR", f"{prefix}:text"),
-                                       backend._send("GET", f"{prefix}:text"), return_exceptions=True)  # one flight
+        replies = await asyncio.gather(
+            backend._send("PING"),
+            backend._send("INCR", f"{prefix}:text"),
+            backend._send("GET", f"{prefix}:text"),
+            return_exceptions=True,
+        )  # one flight
         assert replies[0] == b"PONG" and replies[2] == b"not a number"
         assert isinstance(replies[1], valkey.exceptions.ResponseError) and "not an integer" in str(replies[1])
         assert await backend.begin("CAafter", [], 60) is not None  # the connection is still in step
@@ -269,8 +336,10 @@ async def test_scripts_are_loaded_again_when_the_server_forgets_them(tmp_path: P
 
 
 async def test_cancels_and_pushes_reach_the_other_processes_once(prefix: str) -> None:
-    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as a, \
-            opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as b:
+    async with (
+        opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as a,
+        opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as b,
+    ):
         heard_a: list[str] = []
         heard_b: list[str] = []
         a.on_cancel(heard_a.append)
@@ -296,8 +365,10 @@ async def test_cancels_and_pushes_reach_the_other_processes_once(prefix: str) ->
 
 
 async def test_deployments_with_different_prefixes_share_a_server_without_seeing_each_other(prefix: str) -> None:
-    async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-a") as a, \
-            opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-b") as b:
+    async with (
+        opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-a") as a,
+        opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix + "-b") as b,
+    ):
         heard: list[str] = []
         b.on_cancel(heard.append)
         snap = await a.begin("CAsame", [], 60)
@@ -360,12 +431,16 @@ async def test_an_outage_mid_call_is_spoken_logged_once_and_recovers_by_itself(t
             third = await twilio.say("two")
             assert tree(third.content) == answer("Second answer.")
     assert [(m.role, m.content) for m in model.calls[-1]] == [
-        ("user", "one"), ("assistant", "First answer."), ("user", "two")]
+        ("user", "one"),
+        ("assistant", "First answer."),
+        ("user", "two"),
+    ]
     failures = [line for line in logs.lines if "valkey unreachable" in line]
     assert len(failures) == 1, logs.lines  # one line for the outage, not one per request or health check
     assert "ConnectionError" in failures[0]
     assert [line.split(" down_s=")[0] for line in logs.lines if "valkey reachable again" in line] == [
-        f"warning valkey reachable again server={server.url}"]
+        f"warning valkey reachable again server={server.url}"
+    ]
     assert not [line for line in logs.lines if line.startswith(("error session backend", "warning health check"))]
     assert len([line for line in logs.lines if "error=session backend unavailable" in line]) == 3  # request lines
 
@@ -446,14 +521,23 @@ async def test_a_turn_taken_over_is_recorded_as_such_with_the_surviving_generati
 
     model, kept = Metered(replies=["One. Two. Three."]), Records()
     app = main.create_app(
-        env(SESSION_BACKEND="valkey", VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix, LLM_PROVIDER=model.name,
-            CALL_RECORDERS="kept"),
+        env(
+            SESSION_BACKEND="valkey",
+            VALKEY_URL=SHARED_URL,
+            VALKEY_PREFIX=prefix,
+            LLM_PROVIDER=model.name,
+            CALL_RECORDERS="kept",
+        ),
         plugins=[plugin(llm=[model]), kept],
     )
     async with running(app) as client:
         twilio, turn = Twilio(client), new_turn_id()
-        session = main.Session(call_sid=twilio.call_sid, started=time.time(), turns=1,
-                               current=main.Turn(id=turn, user="count", keys=["k0"], started=time.time()))
+        session = main.Session(
+            call_sid=twilio.call_sid,
+            started=time.time(),
+            turns=1,
+            current=main.Turn(id=turn, user="count", keys=["k0"], started=time.time()),
+        )
         key = f"{prefix}:{{{twilio.call_sid}}}:"
         async with valkey.asyncio.Valkey.from_url(SHARED_URL) as vk:  # what a replica that died left behind
             await vk.set(key + "s", msgspec.msgpack.encode(session), px=60_000)
@@ -466,5 +550,14 @@ async def test_a_turn_taken_over_is_recorded_as_such_with_the_surviving_generati
     assert [(m.role, m.content) for m in model.calls[0]] == [("user", "count")]
     (record,) = kept.turns
     assert msgspec.structs.replace(record, started=0.0, first_token_ms=None, reply_ms=None) == main.TurnRecord(
-        call_sid=twilio.call_sid, turn=1, turn_id=turn, started=0.0, speech="count", reply="One. Two. Three.",
-        provider="scripted", input_tokens=30, output_tokens=7, taken_over=True)
+        call_sid=twilio.call_sid,
+        turn=1,
+        turn_id=turn,
+        started=0.0,
+        speech="count",
+        reply="One. Two. Three.",
+        provider="scripted",
+        input_tokens=30,
+        output_tokens=7,
+        taken_over=True,
+    )

@@ -107,8 +107,9 @@ class Replicas:
     @contextlib.asynccontextmanager
     async def connected(self) -> AsyncIterator[Replicas]:
         """HTTP clients for this test's event loop."""
-        self.clients = [httpx.AsyncClient(base_url=u, timeout=30, limits=httpx.Limits(max_connections=200))
-                        for u in self.urls]
+        self.clients = [
+            httpx.AsyncClient(base_url=u, timeout=30, limits=httpx.Limits(max_connections=200)) for u in self.urls
+        ]
         try:
             yield self
         finally:
@@ -123,9 +124,17 @@ def start_replicas(directory: Path, valkey_url: str, prefix: str, count: int = 2
         package.mkdir()
         recorder_package(package)
     recorded = directory / "model-requests.jsonl"
-    environ = {"SESSION_BACKEND": "valkey", "VALKEY_URL": valkey_url, "VALKEY_PREFIX": prefix,
-               "LLM_PROVIDER": "recorder", "RECORDER_FILE": str(recorded), "PYTHONPATH": str(package),
-               "PUBLIC_URL": BASE, "LOG_LEVEL": "WARNING", **extra}
+    environ = {
+        "SESSION_BACKEND": "valkey",
+        "VALKEY_URL": valkey_url,
+        "VALKEY_PREFIX": prefix,
+        "LLM_PROVIDER": "recorder",
+        "RECORDER_FILE": str(recorded),
+        "PYTHONPATH": str(package),
+        "PUBLIC_URL": BASE,
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
     with contextlib.ExitStack() as stack:
         started = [stack.enter_context(server(environ)) for _ in range(count)]
         yield Replicas([u for u, _, _ in started], [p for _, p, _ in started], [g for _, _, g in started], recorded)
@@ -235,7 +244,8 @@ async def test_worker_processes_of_one_server_share_the_calls_too(tmp_path: Path
     for i in range(8):
         turns = [f"wc{token} {i} turn {n}" for n in range(4)]
         assert [r["messages"] for r in records(replicas.recorded, f"wc{token} {i} ")] == [
-            history(*turns[: n + 1]) for n in range(4)]
+            history(*turns[: n + 1]) for n in range(4)
+        ]
 
 
 async def test_a_replica_killed_mid_call_loses_no_turn(tmp_path: Path, shared_prefix: str) -> None:
@@ -254,13 +264,19 @@ async def test_a_replica_killed_mid_call_loses_no_turn(tmp_path: Path, shared_pr
             assert await b.turn(t4) == [reply(t4)]
     seen = records(replicas.recorded, f"kill{token}")
     assert [r["messages"] for r in seen] == [
-        history(t1), history(t1, t2), history(t1, t2, t3, interrupted=(t2,)), history(t1, t2, t3, t4, interrupted=(t2,))]
+        history(t1),
+        history(t1, t2),
+        history(t1, t2, t3, interrupted=(t2,)),
+        history(t1, t2, t3, t4, interrupted=(t2,)),
+    ]
 
 
 async def test_valkey_stopped_and_restarted_mid_call_means_an_apology_then_recovery(tmp_path: Path) -> None:
     (tmp_path / "valkey").mkdir()
-    with private_valkey(tmp_path / "valkey") as vk, \
-            start_replicas(tmp_path, vk.url, "sb", VALKEY_TIMEOUT="0.5") as replicas:
+    with (
+        private_valkey(tmp_path / "valkey") as vk,
+        start_replicas(tmp_path, vk.url, "sb", VALKEY_TIMEOUT="0.5") as replicas,
+    ):
         async with replicas.connected():
             a, b = replicas.phones()
             await a.call()
@@ -318,10 +334,17 @@ async def test_a_replica_killed_while_generating_is_replaced_and_the_turn_answer
     assert took < 10
     seen = records(replicas.recorded, f"tk{token}")
     pids = [p.pid for p in replicas.procs]
-    assert [r["messages"] for r in seen] == [history(t1), history(t1, t2), history(t1, t2),
-                                             [*history(t1, t2)[:-1], ["user", t2, False],
-                                              ["assistant", " ".join(reply(t2, n) for n in range(1, 5)), False],
-                                              ["user", t3, False]]]
+    assert [r["messages"] for r in seen] == [
+        history(t1),
+        history(t1, t2),
+        history(t1, t2),
+        [
+            *history(t1, t2)[:-1],
+            ["user", t2, False],
+            ["assistant", " ".join(reply(t2, n) for n in range(1, 5)), False],
+            ["user", t3, False],
+        ],
+    ]
     assert seen[1]["pid"] == pids[0] and seen[2]["pid"] in pids[1:]  # asked again by the replica taking over
 
 
@@ -346,15 +369,21 @@ async def test_a_retried_webhook_whose_replica_died_before_answering_is_answered
     assert (retried.status_code, spoken(docs)) == (200, [reply(text)])
     assert took < 10
     assert [(r["messages"], r["pid"]) for r in records(replicas.recorded, text)] == [
-        (history(text), replicas.procs[0].pid), (history(text), replicas.procs[1].pid)]
+        (history(text), replicas.procs[0].pid),
+        (history(text), replicas.procs[1].pid),
+    ]
 
 
 def leave_a_dead_generation(prefix: str, call: str, turn: str, user: str, served: list[Any]) -> None:
     """Write into Valkey what a replica leaves when it dies generating `turn`: its lease will run out."""
     import main
 
-    session = main.Session(call_sid=call, started=time.time(), turns=1,
-                           current=main.Turn(id=turn, user=user, keys=["k0"], started=time.time()))
+    session = main.Session(
+        call_sid=call,
+        started=time.time(),
+        turns=1,
+        current=main.Turn(id=turn, user=user, keys=["k0"], started=time.time()),
+    )
     key = f"{prefix}:{{{call}}}:"
     with valkey.Valkey.from_url(SHARED_URL) as vk:
         vk.set(key + "s", msgspec.msgpack.encode(session), px=60_000)
@@ -383,8 +412,12 @@ async def test_a_lease_left_behind_by_a_dead_process_is_taken_over(pair: Any, sh
     seen = records(replicas.recorded, text)
     assert [r["messages"] for r in seen] == [
         [["user", text, False]],
-        [["user", text, False], ["assistant", " ".join(reply(text, n) for n in range(1, 5)), False],
-         ["user", f"then {text}", False]]]
+        [
+            ["user", text, False],
+            ["assistant", " ".join(reply(text, n) for n in range(1, 5)), False],
+            ["user", f"then {text}", False],
+        ],
+    ]
 
 
 async def test_a_stalled_holder_cannot_write_after_its_turn_was_taken_over(tmp_path: Path, shared_prefix: str) -> None:
@@ -409,11 +442,15 @@ async def test_a_stalled_holder_cannot_write_after_its_turn_was_taken_over(tmp_p
     assert spoken(docs) == [reply(text, n) for n in range(1, 5)]
     assert after == [reply(f"st{token} next")]
     seen = records(replicas.recorded, f"st{token}")
-    assert seen[-1]["messages"] == [["user", text, False],
-                                    ["assistant", " ".join(reply(text, n) for n in range(1, 5)), False],
-                                    ["user", f"st{token} next", False]]  # nothing of A's after the takeover
+    assert seen[-1]["messages"] == [
+        ["user", text, False],
+        ["assistant", " ".join(reply(text, n) for n in range(1, 5)), False],
+        ["user", f"st{token} next", False],
+    ]  # nothing of A's after the takeover
     # what Twilio got: A's first sentence, then only the new generation's (A's own later ones were refused)
     assert [(seg.get("kind", "speech"), seg.get("text", ""), seg.get("taken_over", False)) for seg in served] == [
-        ("speech", reply(text, 1), False), *[("speech", reply(text, n), True) for n in range(2, 5)],
-        ("end", "", True)]
+        ("speech", reply(text, 1), False),
+        *[("speech", reply(text, n), True) for n in range(2, 5)],
+        ("end", "", True),
+    ]
     assert queued == 0

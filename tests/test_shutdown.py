@@ -14,12 +14,21 @@ import phone
 
 
 def test_sigterm_lets_a_slow_turn_finish_and_exits_cleanly() -> None:
-    with server({"ECHO_FIRST_TOKEN_MS": "1500", "ECHO_TOKEN_MS": "200", "DRAIN_SECONDS": "5"}) as (base, proc, log_path):
+    with server({"ECHO_FIRST_TOKEN_MS": "1500", "ECHO_TOKEN_MS": "200", "DRAIN_SECONDS": "5"}) as (
+        base,
+        proc,
+        log_path,
+    ):
         call = phone.Phone(base, TOKEN, out=lambda _: None)
         call.post("/voice")
         answers: list[bytes] = []
-        turn = threading.Thread(target=lambda: answers.append(
-            call.post("/process-speech", {"SpeechResult": "Opening hours. And prices too", "Confidence": "0.9"}).content))
+        turn = threading.Thread(
+            target=lambda: answers.append(
+                call.post(
+                    "/process-speech", {"SpeechResult": "Opening hours. And prices too", "Confidence": "0.9"}
+                ).content
+            )
+        )
         turn.start()
         time.sleep(0.4)
         proc.send_signal(signal.SIGTERM)

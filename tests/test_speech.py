@@ -106,7 +106,9 @@ def test_tokens_lose_markdown_urls_and_emoji_however_they_are_cut(raw: str, spok
     assert clean(words(raw)) == spoken
 
 
-_markdownish = st.lists(st.sampled_from(list("ab .,1-#>*_~`[]()\n:/hw") + ["http", "www.", "🎉", "  "]), max_size=40).map("".join)
+_markdownish = st.lists(
+    st.sampled_from(list("ab .,1-#>*_~`[]()\n:/hw") + ["http", "www.", "🎉", "  "]), max_size=40
+).map("".join)
 
 
 @hsettings(max_examples=400, deadline=None)

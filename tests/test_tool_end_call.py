@@ -20,8 +20,9 @@ def spoken_then(docs: list[Any]) -> tuple[Any, ...]:
 
 async def test_end_call_asks_for_a_hangup_after_the_reply() -> None:
     result = await EndCall(main.load_settings(env())).run({}, main.CallInfo(call_sid="CA1"))
-    assert result == main.ToolResult(content="The call ends after your reply. Say a short goodbye.",
-                                     action=main.Segment(kind="hangup"))
+    assert result == main.ToolResult(
+        content="The call ends after your reply. Say a short goodbye.", action=main.Segment(kind="hangup")
+    )
 
 
 @pytest.mark.parametrize("vendor", ["openai", "anthropic"])
@@ -46,8 +47,11 @@ async def test_the_model_ends_the_call_goodbye_then_hangup(fake_llm: FakeLLM, ve
     assert names == ["end_call"]  # transfer_call is not offered: no TRANSFER_NUMBER
     result = fake_llm.posts[1].body["messages"][-1]
     if vendor == "openai":
-        assert result == {"role": "tool", "tool_call_id": "call_end_1",
-                          "content": "The call ends after your reply. Say a short goodbye."}
+        assert result == {
+            "role": "tool",
+            "tool_call_id": "call_end_1",
+            "content": "The call ends after your reply. Say a short goodbye.",
+        }
     else:
         assert result["role"] == "user" and result["content"][0]["type"] == "tool_result"
         assert result["content"][0]["tool_use_id"] == "call_end_1"
@@ -92,10 +96,13 @@ async def test_a_failing_tool_is_explained_by_the_model_never_a_traceback(fake_l
         def register_tools(self, register: Any) -> None:
             register("lookup_order", lambda settings: Broken())
 
-    fake_llm.script(Reply("", tool_calls=[main.ToolCall(id="c1", name="lookup_order", arguments={"id": "42"})]),
-                    Reply("Sorry, I can't look up orders right now."))
-    app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="lookup_order", **fake_llm.env("openai")),
-                          plugins=[Plugin()])
+    fake_llm.script(
+        Reply("", tool_calls=[main.ToolCall(id="c1", name="lookup_order", arguments={"id": "42"})]),
+        Reply("Sorry, I can't look up orders right now."),
+    )
+    app = main.create_app(
+        env(LLM_PROVIDER="openai", TOOLS="lookup_order", **fake_llm.env("openai")), plugins=[Plugin()]
+    )
     async with running(app) as client:
         twilio = Twilio(client)
         spoken = await twilio.turn("where is my order")
@@ -106,8 +113,9 @@ async def test_a_failing_tool_is_explained_by_the_model_never_a_traceback(fake_l
 
 
 async def test_a_tool_the_model_invents_is_refused_politely(fake_llm: FakeLLM) -> None:
-    fake_llm.script(Reply("", tool_calls=[main.ToolCall(id="c1", name="launch_rocket", arguments={})]),
-                    Reply("I can't do that."))
+    fake_llm.script(
+        Reply("", tool_calls=[main.ToolCall(id="c1", name="launch_rocket", arguments={})]), Reply("I can't do that.")
+    )
     app = main.create_app(env(LLM_PROVIDER="openai", **fake_llm.env("openai")))
     async with running(app) as client:
         spoken = await Twilio(client).turn("launch the rocket")

@@ -29,11 +29,17 @@ def test_without_a_number_the_tool_is_not_offered() -> None:
     assert list(app.state.calls.tools) == ["end_call"]
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"TRANSFER_NUMBER": "555-1234"}, "TRANSFER_NUMBER: '555-1234' for 'default' is not an E.164 number"),
-    ({"TRANSFER_DESTINATIONS": "sales=+1555"}, "TRANSFER_DESTINATIONS: '+1555' for 'sales' is not an E.164 number"),
-    ({"TRANSFER_NUMBER": "+15005550009", "TRANSFER_CALLER_ID": "me"}, "TRANSFER_CALLER_ID='me': use caller, number"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"TRANSFER_NUMBER": "555-1234"}, "TRANSFER_NUMBER: '555-1234' for 'default' is not an E.164 number"),
+        ({"TRANSFER_DESTINATIONS": "sales=+1555"}, "TRANSFER_DESTINATIONS: '+1555' for 'sales' is not an E.164 number"),
+        (
+            {"TRANSFER_NUMBER": "+15005550009", "TRANSFER_CALLER_ID": "me"},
+            "TRANSFER_CALLER_ID='me': use caller, number",
+        ),
+    ],
+)
 def test_bad_transfer_settings_fail_at_startup_with_a_fix(extra: dict[str, str], message: str) -> None:
     with pytest.raises(main.ConfigError, match=re.escape(message)):
         main.create_app(env(**extra))
@@ -49,8 +55,10 @@ async def test_named_destinations_become_an_enum_and_dial_with_caller_id() -> No
     assert unknown.action is None and "choose one of sales, support" in unknown.content
 
 
-@pytest.mark.parametrize(("caller_id", "expected"), [("caller", "+15005550006"), ("number", "+15005550001"),
-                                                      ("+15005550099", "+15005550099")])
+@pytest.mark.parametrize(
+    ("caller_id", "expected"),
+    [("caller", "+15005550006"), ("number", "+15005550001"), ("+15005550099", "+15005550099")],
+)
 async def test_caller_id_is_the_caller_the_number_called_or_a_fixed_one(caller_id: str, expected: str) -> None:
     result = await tool(TRANSFER_NUMBER="+15005550009", TRANSFER_CALLER_ID=caller_id).run({}, CALL)
     assert result.action == main.Segment(kind="dial", number="+15005550009", caller_id=expected)
@@ -59,8 +67,10 @@ async def test_caller_id_is_the_caller_the_number_called_or_a_fixed_one(caller_i
 @pytest.mark.parametrize("vendor", ["openai", "anthropic"])
 async def test_the_model_transfers_the_call_with_dial(fake_llm: FakeLLM, vendor: str) -> None:
     fake_llm.script(
-        Reply("Let me get you a person.",
-              tool_calls=[main.ToolCall(id="call_t1", name="transfer_call", arguments={"reason": "billing"})]),
+        Reply(
+            "Let me get you a person.",
+            tool_calls=[main.ToolCall(id="call_t1", name="transfer_call", arguments={"reason": "billing"})],
+        ),
         Reply("Please hold."),
     )
     app = main.create_app(env(LLM_PROVIDER=vendor, TRANSFER_NUMBER="+15005550009", **fake_llm.env(vendor)))
@@ -79,7 +89,10 @@ async def test_the_model_transfers_the_call_with_dial(fake_llm: FakeLLM, vendor:
     assert offered == {"end_call", "transfer_call"}
     if vendor == "openai":
         assistant = fake_llm.posts[1].body["messages"][-2]
-        assert assistant["tool_calls"][0]["function"] == {"name": "transfer_call", "arguments": json.dumps({"reason": "billing"})}
+        assert assistant["tool_calls"][0]["function"] == {
+            "name": "transfer_call",
+            "arguments": json.dumps({"reason": "billing"}),
+        }
 
 
 async def test_the_echo_model_transfers_on_request_for_the_dev_phone() -> None:

@@ -54,15 +54,23 @@ async def test_an_entry_point_tool_is_discovered_offered_and_called(
         Reply("", tool_calls=[main.ToolCall(id="call_h1", name="business_hours", arguments={"day": "Monday"})]),
         Reply("On Monday we open at eight."),
     )
-    app = main.create_app(env(LLM_PROVIDER="openai", TOOLS="end_call,business_hours", HOURS="8 to 6",
-                              **fake_llm.env("openai")))
+    app = main.create_app(
+        env(LLM_PROVIDER="openai", TOOLS="end_call,business_hours", HOURS="8 to 6", **fake_llm.env("openai"))
+    )
     async with running(app) as client:
         spoken = await Twilio(client).turn("are you open on monday")
     offered = [t["function"] for t in fake_llm.posts[0].body["tools"]]
     assert [t["name"] for t in offered] == ["end_call", "business_hours"]
-    assert offered[1]["parameters"] == {"type": "object", "properties": {"day": {"type": "string"}}, "required": ["day"]}
+    assert offered[1]["parameters"] == {
+        "type": "object",
+        "properties": {"day": {"type": "string"}},
+        "required": ["day"],
+    }
     assert fake_llm.posts[1].body["messages"][-1] == {
-        "role": "tool", "tool_call_id": "call_h1", "content": "On Monday we are open 8 to 6."}
+        "role": "tool",
+        "tool_call_id": "call_h1",
+        "content": "On Monday we are open 8 to 6.",
+    }
     assert spoken == ["On Monday we open at eight."]
 
 

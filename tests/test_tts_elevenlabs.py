@@ -46,8 +46,14 @@ async def test_the_greeting_is_played_from_the_exact_bytes_elevenlabs_sent(fake:
 
 
 async def test_voice_model_and_a_wav_format_are_configurable(fake: FakeTTS) -> None:
-    app = main.create_app(eleven_env(fake, ELEVENLABS_VOICE_ID="21m00Tcm4TlvDq8ikWAM",
-                                     ELEVENLABS_MODEL="eleven_turbo_v2_5", ELEVENLABS_OUTPUT_FORMAT="wav_8000"))
+    app = main.create_app(
+        eleven_env(
+            fake,
+            ELEVENLABS_VOICE_ID="21m00Tcm4TlvDq8ikWAM",
+            ELEVENLABS_MODEL="eleven_turbo_v2_5",
+            ELEVENLABS_OUTPUT_FORMAT="wav_8000",
+        )
+    )
     async with running(app) as client:
         url = play_url((await Twilio(client).call()).content)
         got = await client.get(url.removeprefix(BASE))
@@ -80,10 +86,13 @@ async def test_a_reply_is_voiced_sentence_by_sentence(fake: FakeTTS) -> None:
     assert [tree(d.content) for d in docs] == [expected(d, u, d is docs[-1]) for d, u in zip(docs, urls, strict=True)]
 
 
-@pytest.mark.parametrize(("status", "key", "asked", "message"), [
-    (500, KEY, 2, "The server had an error while processing your request."),  # worth one retry
-    (401, "not-the-key", 1, "Invalid API key"),  # not worth any
-])
+@pytest.mark.parametrize(
+    ("status", "key", "asked", "message"),
+    [
+        (500, KEY, 2, "The server had an error while processing your request."),  # worth one retry
+        (401, "not-the-key", 1, "Invalid API key"),  # not worth any
+    ],
+)
 async def test_a_failing_vendor_falls_back_to_say(
     fake: FakeTTS, logs: Captured, status: int, key: str, asked: int, message: str
 ) -> None:
@@ -94,11 +103,13 @@ async def test_a_failing_vendor_falls_back_to_say(
         twilio = Twilio(client)
         answer = await twilio.call()
     assert tree(answer.content) == twiml(
-        lambda r: r.gather(**GATHER).say("Hi.", voice="Google.en-US-Neural2-F", language="en-US"))
+        lambda r: r.gather(**GATHER).say("Hi.", voice="Google.en-US-Neural2-F", language="en-US")
+    )
     assert len(fake.calls) == asked
     assert [line for line in logs.lines if line.startswith("warning voice failed")] == [
         f"warning voice failed, speaking with FALLBACK_SAY_VOICE voice=elevenlabs "
-        f"error=ProviderError: ElevenLabs answered {status}: {message} call={twilio.call_sid}"]
+        f"error=ProviderError: ElevenLabs answered {status}: {message} call={twilio.call_sid}"
+    ]
     assert observe.audio_counts["fallback"] == before + 1
     assert key not in "\n".join(logs.lines)
 
@@ -110,15 +121,18 @@ async def test_an_unreachable_vendor_falls_back_to_say(logs: Captured) -> None:
     async with running(app) as client:
         answer = await Twilio(client).call()
     assert tree(answer.content) == twiml(
-        lambda r: r.gather(**GATHER).say("Hi.", voice="Polly.Joanna-Neural", language="en-US"))
+        lambda r: r.gather(**GATHER).say("Hi.", voice="Polly.Joanna-Neural", language="en-US")
+    )
     assert any("error=ProviderError: ElevenLabs unreachable: ConnectError" in line for line in logs.lines)
 
 
 async def test_the_stream_endpoint_speaks_the_same_wire_format(fake: FakeTTS) -> None:
     async with httpx.AsyncClient(base_url=fake.url, headers={"xi-api-key": KEY}) as client:
-        got = await client.post("/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb/stream",
-                                params={"output_format": "mp3_22050_32"},
-                                json={"text": "Hello.", "model_id": "eleven_flash_v2_5"})
+        got = await client.post(
+            "/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb/stream",
+            params={"output_format": "mp3_22050_32"},
+            json={"text": "Hello.", "model_id": "eleven_flash_v2_5"},
+        )
     assert (got.status_code, got.headers["content-type"]) == (200, "audio/mpeg")
     assert got.headers["transfer-encoding"] == "chunked"
     assert got.content == fake.audio_of("Hello.")
@@ -129,13 +143,20 @@ def test_relay_mode_uses_the_same_elevenlabs_voice() -> None:
     assert voice.relay_attrs() == {"ttsProvider": "ElevenLabs", "voice": "UgBBYS2sOqTuMpoF3BR0"}
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({}, "ELEVENLABS_API_KEY is not set; TTS_VOICE=elevenlabs needs it"),
-    ({"ELEVENLABS_API_KEY": KEY, "ELEVENLABS_VOICE_ID": "../voices"},
-     "ELEVENLABS_VOICE_ID='../voices' is not a voice id"),
-    ({"ELEVENLABS_API_KEY": KEY, "ELEVENLABS_OUTPUT_FORMAT": "ulaw_8000"},
-     "ELEVENLABS_OUTPUT_FORMAT='ulaw_8000' is not playable by Twilio; use an mp3_\\* or wav_\\* format"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "ELEVENLABS_API_KEY is not set; TTS_VOICE=elevenlabs needs it"),
+        (
+            {"ELEVENLABS_API_KEY": KEY, "ELEVENLABS_VOICE_ID": "../voices"},
+            "ELEVENLABS_VOICE_ID='../voices' is not a voice id",
+        ),
+        (
+            {"ELEVENLABS_API_KEY": KEY, "ELEVENLABS_OUTPUT_FORMAT": "ulaw_8000"},
+            "ELEVENLABS_OUTPUT_FORMAT='ulaw_8000' is not playable by Twilio; use an mp3_\\* or wav_\\* format",
+        ),
+    ],
+)
 def test_config_errors_name_what_to_set(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(main.ConfigError, match=message):
         main.create_app(env(TTS_VOICE="elevenlabs", **extra))

@@ -67,19 +67,36 @@ async def test_the_greeting_is_played_from_the_audio_the_vendor_sent(fake: FakeT
     assert (got.status_code, got.headers["content-type"], got.content) == (200, "audio/mpeg", fake.calls[0].audio)
     [call] = fake.calls
     assert call.path == "/v1/audio/speech" and call.headers["authorization"] == f"Bearer {KEY}"
-    assert call.body == {"model": "gpt-4o-mini-tts", "input": app.state.settings.greeting, "voice": "alloy",
-                         "response_format": "mp3"}
+    assert call.body == {
+        "model": "gpt-4o-mini-tts",
+        "input": app.state.settings.greeting,
+        "voice": "alloy",
+        "response_format": "mp3",
+    }
 
 
 async def test_model_voice_format_and_instructions_reach_the_vendor(fake: FakeTTS) -> None:
-    app = main.create_app(openai_env(fake, OPENAI_TTS_MODEL="tts-1-hd", OPENAI_TTS_VOICE="voice_1234",
-                                     OPENAI_TTS_FORMAT="wav", OPENAI_TTS_INSTRUCTIONS="Speak warmly.", GREETING="Hi."))
+    app = main.create_app(
+        openai_env(
+            fake,
+            OPENAI_TTS_MODEL="tts-1-hd",
+            OPENAI_TTS_VOICE="voice_1234",
+            OPENAI_TTS_FORMAT="wav",
+            OPENAI_TTS_INSTRUCTIONS="Speak warmly.",
+            GREETING="Hi.",
+        )
+    )
     async with running(app) as client:
         [url] = plays((await Twilio(client).call()).content)
         got = await fetch(client, url)
     assert url.endswith(".wav") and got.headers["content-type"] == "audio/wav" and got.content == fake.audio_of("Hi.")
-    assert fake.calls[0].body == {"model": "tts-1-hd", "input": "Hi.", "voice": {"id": "voice_1234"},
-                                  "response_format": "wav", "instructions": "Speak warmly."}
+    assert fake.calls[0].body == {
+        "model": "tts-1-hd",
+        "input": "Hi.",
+        "voice": {"id": "voice_1234"},
+        "response_format": "wav",
+        "instructions": "Speak warmly.",
+    }
 
 
 class Timed(Scripted):
@@ -126,14 +143,18 @@ async def test_a_vendor_500_falls_back_to_say_logged_with_the_call_and_counted(f
         fake.status = 200
         again = await Twilio(client).call()
     assert tree(answer.content) == twiml(
-        lambda r: r.gather(**gather).say("Hi.", voice="Polly.Amy-Neural", language="en-GB"))
+        lambda r: r.gather(**gather).say("Hi.", voice="Polly.Amy-Neural", language="en-GB")
+    )
     assert tree(reply.content) == twiml(
-        lambda r: r.gather(**gather).say("You said: hello there.", voice="Polly.Amy-Neural", language="en-GB"))
+        lambda r: r.gather(**gather).say("You said: hello there.", voice="Polly.Amy-Neural", language="en-GB")
+    )
     assert tree(again.content) == played(*plays(again.content), gather=gather)  # the greeting is not stuck on <Say>
     failures = [line for line in logs.lines if line.startswith("warning voice failed")]
     assert len(failures) == 2 == observe.audio_counts["fallback"] - before
-    assert all("voice=openai error=ProviderError: OpenAI speech failed" in f and f" call={twilio.call_sid}" in f
-               for f in failures)
+    assert all(
+        "voice=openai error=ProviderError: OpenAI speech failed" in f and f" call={twilio.call_sid}" in f
+        for f in failures
+    )
     assert fake.texts() == ["Hi.", "Hi.", "You said: hello there.", "You said: hello there.", "Hi."]  # one SDK retry
 
 
@@ -144,14 +165,18 @@ def test_config_errors_name_what_to_set() -> None:
         main.create_app(env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, OPENAI_TTS_FORMAT="ogg"))
     with pytest.raises(main.ConfigError, match=r"FALLBACK_SAY_VOICE='Joanna' is not .*; did you mean 'Polly.Joanna'\?"):
         main.create_app(env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, FALLBACK_SAY_VOICE="Joanna"))
-    with pytest.raises(main.ConfigError, match="TTS_TIMEOUT='soon' is not valid: set it to a number of seconds above 0"):
+    with pytest.raises(
+        main.ConfigError, match="TTS_TIMEOUT='soon' is not valid: set it to a number of seconds above 0"
+    ):
         main.create_app(env(TTS_VOICE="openai", OPENAI_API_KEY=KEY, TTS_TIMEOUT="soon"))
 
 
 def test_the_sdk_is_imported_only_when_the_voice_opens() -> None:
-    code = ("import sys, main; s = main.load_settings({'TWILIO_AUTH_TOKEN': 't', 'TTS_VOICE': 'openai', "
-            "'OPENAI_API_KEY': 'k'}); main.select(main.plugin_manager(), 'tts', ['openai'], s); "
-            "print('openai' in sys.modules)")
+    code = (
+        "import sys, main; s = main.load_settings({'TWILIO_AUTH_TOKEN': 't', 'TTS_VOICE': 'openai', "
+        "'OPENAI_API_KEY': 'k'}); main.select(main.plugin_manager(), 'tts', ['openai'], s); "
+        "print('openai' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -162,12 +187,18 @@ def test_relay_mode_gets_a_documented_amazon_voice(logs: Captured) -> None:
     assert voice.relay_attrs() == voice.relay_attrs() == {"ttsProvider": "Amazon", "voice": "Joanna-Neural"}
     assert [line for line in logs.lines if "ConversationRelay" in line] == [
         "info OpenAI voices are not available in ConversationRelay; relay mode speaks with an Amazon voice "
-        "relay_voice=Joanna-Neural"]
+        "relay_voice=Joanna-Neural"
+    ]
 
 
 def test_a_real_process_plays_and_serves_the_audio(fake: FakeTTS) -> None:
-    extra = {"TTS_VOICE": "openai", "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": fake.url + "/v1", "GREETING": "Hi.",
-             "PUBLIC_URL": ""}
+    extra = {
+        "TTS_VOICE": "openai",
+        "OPENAI_API_KEY": KEY,
+        "OPENAI_BASE_URL": fake.url + "/v1",
+        "GREETING": "Hi.",
+        "PUBLIC_URL": "",
+    }
     with server(extra) as (base, _proc, _log):
         params = {"CallSid": "CA" + "1" * 32, "From": "+15005550006", "To": "+15005550001"}
         signature = webhooks.twilio_signature(TOKEN, base + "/voice", list(params.items()))
@@ -176,4 +207,3 @@ def test_a_real_process_plays_and_serves_the_audio(fake: FakeTTS) -> None:
         got = httpx.get(url)
     assert url.startswith(base + "/audio/") and got.content == fake.audio_of("Hi.")
     assert got.headers["content-type"] == "audio/mpeg"
-

@@ -35,12 +35,17 @@ from twilio.request_validator import RequestValidator
 import main
 import webhooks
 
-# ----------------------------------------------------------------------------- signatures (vectors from the wire reference)
+# ------------------------------------------------------------------------- signatures (vectors from the wire reference)
 
 
 URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
-P = [("CallSid", "CA1234567890ABCDE"), ("Caller", "+14158675309"), ("Digits", "1234"), ("From", "+14158675309"),
-     ("To", "+18005551212")]
+P = [
+    ("CallSid", "CA1234567890ABCDE"),
+    ("Caller", "+14158675309"),
+    ("Digits", "1234"),
+    ("From", "+14158675309"),
+    ("To", "+18005551212"),
+]
 
 
 def signer(public_url: str = "") -> webhooks.Signer:
@@ -52,14 +57,29 @@ def signer(public_url: str = "") -> webhooks.Signer:
     [
         (URL, P, "RSOYDt4T1cUTdK1PDd93/VVr8B8="),  # V1
         ("http://mycompany.com:1234/myapp.php?foo=1&bar=2", P, "Zmvh+3yNM1Phv2jhDCwEM3q5ebU="),  # V3
-        (URL, [("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"), ("Digits", "1234"), ("Digits", "1234")],
-         "IK+Dwps556ElfBT0I3Rgjkr1wJU="),  # V10: repeated keys, key-then-value order
-        (URL, [("MessagingBinding.Address", "+1415xxxxxxx"), ("MessagingBinding.Address", "+1325xxxxxxx")],
-         "83O6e2vORAoJHUNzJjDWN1jz+BA="),  # V11
+        (
+            URL,
+            [("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"), ("Digits", "1234"), ("Digits", "1234")],
+            "IK+Dwps556ElfBT0I3Rgjkr1wJU=",
+        ),  # V10: repeated keys, key-then-value order
+        (
+            URL,
+            [("MessagingBinding.Address", "+1415xxxxxxx"), ("MessagingBinding.Address", "+1325xxxxxxx")],
+            "83O6e2vORAoJHUNzJjDWN1jz+BA=",
+        ),  # V11
         ("https://user:pass@mycompany.com/myapp.php?foo=1&bar=2", P, "CukzLTc1tT5dXEDIHm/tKBanW10="),  # V12
         ("https://user@mycompany.com/myapp.php?foo=1&bar=2", P, "2YRLlVAflCqxaNicjMpJcSTgzSs="),  # V13
-        (URL, [("CallSid", "CA1234567890ABCDE"), ("Caller", "+12349013030"), ("Digits", "1234"),
-               ("From", "+12349013030"), ("To", "+18005551212")], "0/KCTR6DLpKmkAf8muzZqo1nDgQ="),  # V17
+        (
+            URL,
+            [
+                ("CallSid", "CA1234567890ABCDE"),
+                ("Caller", "+12349013030"),
+                ("Digits", "1234"),
+                ("From", "+12349013030"),
+                ("To", "+18005551212"),
+            ],
+            "0/KCTR6DLpKmkAf8muzZqo1nDgQ=",
+        ),  # V17
         (URL, [("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "1234")], "CgUWP726jjuqn1zmicHVG/3A2ak="),
         ("wss://mycompany.com/relay", [], "bueH7sLBnC+oqtcUZf4hX9Jxrmo="),
         ("wss://mycompany.com:443/relay", [], "sX+QkcfIDL5TG225HwHzbAL4+/Y="),
@@ -121,7 +141,10 @@ _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_si
     scheme=st.sampled_from(["https", "http"]),
     port=st.sampled_from(["", ":443", ":80", ":8443"]),
     path=st.from_regex(r"(/[A-Za-z0-9_.-]{0,12}){1,3}", fullmatch=True),
-    query=st.lists(st.tuples(st.from_regex(r"[A-Za-z]{1,6}", fullmatch=True), st.from_regex(r"[A-Za-z0-9]{0,6}", fullmatch=True)), max_size=3),
+    query=st.lists(
+        st.tuples(st.from_regex(r"[A-Za-z]{1,6}", fullmatch=True), st.from_regex(r"[A-Za-z0-9]{0,6}", fullmatch=True)),
+        max_size=3,
+    ),
     params=st.lists(st.tuples(_text, _text), max_size=8),
 )
 def test_signature_agrees_with_twilio_request_validator(
@@ -138,10 +161,17 @@ def test_signature_agrees_with_twilio_request_validator(
 # ----------------------------------------------------------------------------- the URL Twilio signed
 
 
-def _scope(path: str = "/voice", query: bytes = b"", scheme: str = "http", client: str = "10.0.0.7",
-           kind: str = "http") -> dict[str, Any]:
-    return {"type": kind, "path": path, "raw_path": path.encode(), "query_string": query, "scheme": scheme,
-            "client": (client, 5555)}
+def _scope(
+    path: str = "/voice", query: bytes = b"", scheme: str = "http", client: str = "10.0.0.7", kind: str = "http"
+) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "scheme": scheme,
+        "client": (client, 5555),
+    }
 
 
 def test_signed_url_prefers_public_url_and_keeps_the_raw_query() -> None:
@@ -152,7 +182,11 @@ def test_signed_url_prefers_public_url_and_keeps_the_raw_query() -> None:
 
 
 def test_forwarded_headers_are_trusted_only_from_configured_proxies() -> None:
-    headers = {b"host": b"internal:8080", b"x-forwarded-proto": b"https, http", b"x-forwarded-host": b"agent.example.com"}
+    headers = {
+        b"host": b"internal:8080",
+        b"x-forwarded-proto": b"https, http",
+        b"x-forwarded-host": b"agent.example.com",
+    }
     settings = main.load_settings({"TWILIO_AUTH_TOKEN": "t", "TRUSTED_PROXIES": "10.0.0.0/8"})
     trusted = webhooks.Signer(settings)
     assert trusted.url(_scope(), headers) == "https://agent.example.com/voice"
@@ -167,7 +201,9 @@ async def test_mismatch_answers_403_and_logs_the_url_checked_and_what_to_set(log
     async with running(app) as client:
         twilio = Twilio(client)  # signs for http://testserver.local, not the public URL
         response = await twilio.call()
-        unsigned = await client.post("/voice", content="CallSid=CA1", headers={"content-type": "application/x-www-form-urlencoded"})
+        unsigned = await client.post(
+            "/voice", content="CallSid=CA1", headers={"content-type": "application/x-www-form-urlencoded"}
+        )
     assert (response.status_code, response.text) == (403, "403 signature mismatch\n")
     assert unsigned.status_code == 403
     line = next(line for line in logs.lines if "signature mismatch" in line)
@@ -180,10 +216,16 @@ async def test_signature_through_a_trusted_proxy_uses_the_forwarded_url() -> Non
     async with running(app) as client:
         data = {"CallSid": new_call_sid(), "From": "+15005550006"}
         signature = webhooks.twilio_signature(TOKEN, "https://agent.example.com/voice", list(data.items()))
-        headers = {"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": signature,
-                   "x-forwarded-proto": "https", "x-forwarded-host": "agent.example.com"}
+        headers = {
+            "content-type": "application/x-www-form-urlencoded",
+            "x-twilio-signature": signature,
+            "x-forwarded-proto": "https",
+            "x-forwarded-host": "agent.example.com",
+        }
         ok = await client.post("/voice", content=urlencode(data), headers=headers)
-        spoofed = await client.post("/voice", content=urlencode(data), headers=headers | {"x-forwarded-host": "evil.example"})
+        spoofed = await client.post(
+            "/voice", content=urlencode(data), headers=headers | {"x-forwarded-host": "evil.example"}
+        )
     assert (ok.status_code, spoofed.status_code) == (200, 403)
 
 
@@ -195,8 +237,10 @@ async def test_a_webhook_url_with_a_retry_override_fragment_passes_the_signature
     app = main.create_app(env(PUBLIC_URL="https://agent.example.com"))
     async with running(app) as client:
         data = {"CallSid": new_call_sid(), "From": "+15005550006", "SpeechResult": "hello", "Confidence": "0.9"}
-        headers = {"content-type": "application/x-www-form-urlencoded",
-                   "x-twilio-signature": webhooks.twilio_signature(TOKEN, requested, list(data.items()))}
+        headers = {
+            "content-type": "application/x-www-form-urlencoded",
+            "x-twilio-signature": webhooks.twilio_signature(TOKEN, requested, list(data.items())),
+        }
         ok = await client.post("/process-speech?mode=x", content=urlencode(data), headers=headers)
     assert ok.status_code == 200 and b"<Gather" in ok.content  # answered, not refused with a 403
 
@@ -236,13 +280,19 @@ async def test_a_percent_encoded_url_is_checked_as_configured_and_replies_keep_t
         ("application/x-www-form-urlencoded", b"CallSid=CA1&Confidence=high", 400),
     ],
 )
-async def test_bad_input_gets_a_clear_4xx_and_a_log_line(content_type: str, body: bytes, status: int, logs: Captured) -> None:
+async def test_bad_input_gets_a_clear_4xx_and_a_log_line(
+    content_type: str, body: bytes, status: int, logs: Captured
+) -> None:
     app = main.create_app(env())
     async with running(app) as client:
-        params = [(k, v) for k, v in __import__("urllib.parse").parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)]
+        params = [
+            (k, v)
+            for k, v in __import__("urllib.parse").parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True)
+        ]
         signature = webhooks.twilio_signature(TOKEN, BASE + "/process-speech", params)
-        response = await client.post("/process-speech", content=body,
-                                     headers={"content-type": content_type, "x-twilio-signature": signature})
+        response = await client.post(
+            "/process-speech", content=body, headers={"content-type": content_type, "x-twilio-signature": signature}
+        )
     assert response.status_code == status
     assert response.headers["content-type"] == "text/plain"
     assert [line for line in logs.lines if f"status={status}" in line]
@@ -292,8 +342,15 @@ async def test_health_reports_plugins_and_503_when_the_backend_is_down() -> None
     broken = main.create_app(env(SESSION_BACKEND="down"), plugins=[plugin(session={"down": down})])
     async with running(app) as client, running(broken) as broken_client:
         ok, bad = await client.get("/health"), await broken_client.get("/health")
-    assert (ok.status_code, ok.json()) == (200, {"status": "ok", "version": main.VERSION, "mode": "gather",
-                                                 "plugins": {"llm": ["echo"], "tts": "say", "session": "memory"}})
+    assert (ok.status_code, ok.json()) == (
+        200,
+        {
+            "status": "ok",
+            "version": main.VERSION,
+            "mode": "gather",
+            "plugins": {"llm": ["echo"], "tts": "say", "session": "memory"},
+        },
+    )
     assert (bad.status_code, bad.json()["status"]) == (503, "unavailable")
 
 
