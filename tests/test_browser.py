@@ -394,7 +394,9 @@ def test_a_call_from_the_browser_hears_the_parrot_then_hangs_up_and_calls_again(
         assert stats["received"] >= 8000 and stats["played"] == stats["received"]  # the parrot's answer, all played
         assert stats["marks"] >= stats["received"] // 800  # a mark echoed per 100 ms message, once played
         (latency,) = stats["latencies"]
-        assert 500 <= latency["page"] < 3000 and 0 <= latency["server"] < 500  # (the parrot waits 500 ms of quiet)
+        # the parrot waits 500 ms of quiet; the page finds the end of speech with its own level meter, which
+        # may call it up to three 20 ms frames later than the parrot does
+        assert 440 <= latency["page"] < 3000 and 0 <= latency["server"] < 500
         lines = transcript(page)
         assert lines[0] == (
             "Agent: Hello! You are talking to switchboard. How can I help? "
