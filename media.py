@@ -49,7 +49,7 @@ from contract import (
 )
 from observe import speech_key
 from twiml import document, esc, verb
-from webhooks import CALL_SID, Gate, Receive, Scope, Send, webhook
+from webhooks import CALL_SID, Gate, Receive, Scope, Send, socket_url, webhook
 
 STREAM_PATH, ACTION_PATH, STATUS_PATH = "/media", "/media-action", "/media-status"
 START_WAIT = 10.0  # seconds Twilio has to send `start` after the upgrade
@@ -466,7 +466,7 @@ class Bridge:
         if self.model is not None:
             await self.model.tool_result(request.id, result.content)
 
-    async def _end_after_goodbye(self, mark: str = "") -> None:
+    async def _end_after_goodbye(self, mark: str) -> None:
         """Close the socket once the goodbye has played (its mark echoed), or after a bounded wait."""
         unplayed = sum(size for _, size in self.marks.values()) / pcm.RATE
         with contextlib.suppress(TimeoutError):
@@ -580,8 +580,7 @@ class MediaMode:
 
     def connect(self, base_url: str, *, attempt: int) -> str:
         """<Connect action><Stream url=wss://…/media statusCallback><Parameter/></Stream></Connect>."""
-        scheme, _, host = base_url.partition("://")
-        url = f"{'wss' if scheme == 'https' else 'ws'}://{host}{STREAM_PATH}"  # no query string: see <Parameter>
+        url = socket_url(base_url, STREAM_PATH)
         return (
             f'<Connect action="{ACTION_PATH}"><Stream url="{esc(url)}" statusCallback="{STATUS_PATH}">'
             f'<Parameter name="attempt" value="{attempt}"/></Stream></Connect>'

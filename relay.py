@@ -35,7 +35,7 @@ from contract import (
 )
 from speech import TokenCleaner
 from twiml import document, esc, verb
-from webhooks import CALL_SID, Gate, Receive, Scope, Send, webhook
+from webhooks import CALL_SID, Gate, Receive, Scope, Send, socket_url, webhook
 
 RELAY_PATH, ACTION_PATH = "/relay", "/relay-action"
 QUEUE = 32  # messages waiting for a slow socket before tokens coalesce
@@ -546,8 +546,7 @@ class Relay:
             attrs = {"language": s.language, "interruptible": self.interruptible, "dtmfDetection": "true"}
             attrs |= self.calls.voice.relay_attrs()
             self.attrs = "".join(f' {k}="{esc(str(v))}"' for k, v in attrs.items())
-        scheme, _, host = base_url.partition("://")
-        url = f"{'wss' if scheme == 'https' else 'ws'}://{host}{RELAY_PATH}"  # no query string: see <Parameter>
+        url = socket_url(base_url, RELAY_PATH)
         action = ACTION_PATH + (f"?retries={retries}" if retries else "")
         welcome = f' welcomeGreeting="{esc(greeting)}"' if greeting else ""
         return document(

@@ -205,6 +205,13 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
+def socket_url(base_url: str, path: str) -> str:
+    """The WebSocket URL Twilio should open at `path` of the public base URL (wss for https); no query string,
+    which a socket URL may not carry (what it needs travels as <Parameter>s)."""
+    scheme, _, host = base_url.partition("://")
+    return f"{'wss' if scheme == 'https' else 'ws'}://{host}{path}"
+
+
 async def refuse_upgrade(send: Send, route: str) -> None:
     """A WebSocket upgrade on a plain HTTP route: refuse it (the server answers 403) with one log line."""
     await send({"type": "websocket.close", "code": 1008})
