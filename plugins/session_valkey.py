@@ -255,6 +255,20 @@ def pool_options(url: str, timeout: float, max_connections: int) -> dict[str, An
     return options
 
 
+def cluster_options(url: str, timeout: float, max_connections: int) -> dict[str, Any]:
+    """The same for a cluster client: per node, and no wait for a free connection (the backend queues flights)."""
+    options = pool_options(url, timeout, max_connections)
+    del options["timeout"]
+    return options
+
+
+def key_of(command: tuple[Any, ...]) -> Any:
+    """The key a command's cluster slot is computed from (a script's first key), or None for PING and INFO."""
+    if command[0] in ("EVALSHA", "EVAL"):
+        return command[3] if int(command[2]) else None
+    return command[1] if command[0] not in ("PING", "INFO") else None
+
+
 class ValkeyBackend(SessionBackend):
     """Calls in Valkey: every replica sees every call; one connection pool and one subscription per process."""
 
@@ -267,21 +281,36 @@ class ValkeyBackend(SessionBackend):
                 "or choose SESSION_BACKEND=memory."
             )
         import valkey.asyncio as valkey  # the SDK is loaded only when this backend is selected
-        from valkey.exceptions import ConnectionError, TimeoutError, ValkeyError
+        from valkey.exceptions import ConnectionError, TimeoutError, ValkeyClusterException, ValkeyError
 
-        self.errors = (ValkeyError, OSError)  # what a round trip can raise: all of it becomes BackendError
-        self.unreachable = (ConnectionError, TimeoutError, OSError)
+        # what a round trip can raise: all of it becomes BackendError (a cluster nobody answers for is the last)
+        self.errors = (ValkeyError, OSError, ValkeyClusterException)
+        self.unreachable = (ConnectionError, TimeoutError, OSError, ValkeyClusterException)
+        self.url = url
 
         self.prefix = settings.get("VALKEY_PREFIX", "sb")
         self.timeout = settings.number("VALKEY_TIMEOUT", 1.0, unit="seconds")
-        size = settings.number("VALKEY_MAX_CONNECTIONS", 64)
+        self.size = size = settings.number("VALKEY_MAX_CONNECTIONS", 64)
         self.where = server_name(url)
+        mode = settings.get("VALKEY_CLUSTER").strip().lower()
+        if mode not in ("", "auto", "0", "1", "false", "true", "no", "yes"):
+            raise ConfigError(
+                f"VALKEY_CLUSTER must be 1, 0 or unset (detected when Valkey first answers), not {mode!r}"
+            )
+        # whether VALKEY_URL names a cluster node: None until the server first answers INFO, unless said
+        self.is_cluster: bool | None = None if mode in ("", "auto") else mode in ("1", "true", "yes")
         try:
             self.pool = valkey.BlockingConnectionPool.from_url(url, **pool_options(url, self.timeout, size))
             self.pool.make_connection()  # checks the URL's options now (no network), not at the first call
-        except (ValueError, TypeError, ValkeyError) as e:
+            self.cluster: Any = self._cluster() if self.is_cluster else None  # else made when INFO says cluster
+        except (ValueError, TypeError, ValkeyError, ValkeyClusterException) as e:
             raise ConfigError(f"VALKEY_URL (or REDIS_URL) is not a usable Valkey/Redis URL: {e}") from None
         self.client = valkey.Valkey(connection_pool=self.pool)
+        self.node_slots: dict[str, asyncio.Semaphore] = {}  # per cluster node: at most `size` flights at once
+        self.connecting = asyncio.Lock()
+        self.stale = False  # a cluster node failed: ask the cluster who holds what before the next flight
+        self.refreshing: asyncio.Future[None] | None = None
+        self.listen_turn = 0  # which cluster node the subscription uses next (it moves on after a failure)
         self.ttl_ms = max(1, int(settings.session_ttl * 1000))
         self.channel = f"{self.prefix}:events"
         self.origin = secrets.token_hex(4)  # this process, so it can skip its own pub/sub messages
@@ -324,6 +353,8 @@ class ValkeyBackend(SessionBackend):
         await self.client.aclose()
         with contextlib.suppress(RuntimeError):  # connections made on an event loop already closed (tests do that)
             await self.pool.aclose()
+            if self.cluster is not None:
+                await self.cluster.aclose()
 
     def _failed(self, error: BaseException) -> BackendError:
         """Log the first failure of each class (not every request), and say it as a BackendError."""
@@ -374,10 +405,10 @@ class ValkeyBackend(SessionBackend):
                 raise
             return
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:  # the server forgot our scripts (a restart): load them and run those again, one more flight
-            loads = [("SCRIPT", "LOAD", self.scripts[sha]) for sha in {batch[i][0][1] for i in missing}]
+        if missing:  # the server (or cluster node) forgot our scripts: run those with EVAL, which loads them too
+            again_commands = [("EVAL", self.scripts[batch[i][0][1]], *batch[i][0][2:]) for i in missing]
             try:
-                again = (await self._round_trip([*loads, *(batch[i][0] for i in missing)]))[-len(missing) :]
+                again = await self._round_trip(again_commands)
             except Exception as e:
                 again = [e] * len(missing)
             for i, reply in zip(missing, again, strict=True):
@@ -390,12 +421,23 @@ class ValkeyBackend(SessionBackend):
                     future.set_result(reply)
 
     async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Write the commands at once on one pooled connection and read their replies in order; a server error
-        is that command's reply. The client's own Pipeline does the same with a Python layer per command
-        (packing, callbacks, a command stack) that costs more than the round trip under load."""
+        """Send the commands and return their replies in order; a server error is that command's reply."""
+        if self.cluster is None and self.is_cluster is not False:
+            await self._connect()
+        if self.cluster is not None:
+            return await self._cluster_round_trip(commands)
+        connection = await self.pool.get_connection("pipeline")
+        try:
+            return await self._exchange(connection, commands)
+        finally:
+            await self.pool.release(connection)
+
+    async def _exchange(self, connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Write the commands at once on one connection and read their replies in order. The client's own
+        Pipeline does the same with a Python layer per command (packing, callbacks, a command stack) that
+        costs more than the round trip under load."""
         from valkey.exceptions import ResponseError
 
-        connection = await self.pool.get_connection("pipeline")
         try:
             await connection.send_packed_command(
                 pack(commands) if pack else connection.pack_commands(commands), check_health=False
@@ -410,8 +452,113 @@ class ValkeyBackend(SessionBackend):
         except BaseException:
             await connection.disconnect(nowait=True)  # replies may be left unread: never reuse it as it is
             raise
-        finally:
-            await self.pool.release(connection)
+
+    # -- a cluster: each command goes to the node holding its slot; one write per node per flight
+
+    def _cluster(self) -> Any:
+        import valkey.asyncio as valkey
+
+        return valkey.ValkeyCluster.from_url(self.url, **cluster_options(self.url, self.timeout, self.size))
+
+    async def _connect(self) -> None:
+        """Learn once whether VALKEY_URL names a cluster node (INFO's cluster_enabled), unless VALKEY_CLUSTER said."""
+        async with self.connecting:
+            if self.is_cluster is None:
+                connection = self.pool.make_connection()  # a connection of its own, closed after
+                try:
+                    (info,) = await self._exchange(connection, [("INFO", "cluster")])
+                finally:
+                    await connection.disconnect()
+                if isinstance(info, Exception):
+                    raise info
+                self.is_cluster = b"cluster_enabled:1" in info
+                if self.is_cluster:
+                    self.cluster = self._cluster()
+                    log.info("valkey is a cluster", extra={"server": self.where})
+
+    async def _cluster_round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Group the flight by node (the slot of each command's key), one write per node, all at once; then
+        follow MOVED (the slot moved for good: note its new owner), ASK (it is moving: ASKING + the command on
+        the node named) and TRYAGAIN for the commands that got one. A script whose keys are not all on one side
+        of a moving slot (absent keys count: no lock, no queue) gets TRYAGAIN until the move is over, so it is
+        sent again, backing off, for up to VALKEY_TIMEOUT."""
+        from valkey.exceptions import AskError, MovedError, TryAgainError
+
+        cluster = self.cluster
+        await cluster.initialize()  # once; again after a failed start
+        if self.stale:
+            self.stale = False
+            await self._refresh()
+        replies: list[Any] = [None] * len(commands)
+        todo: dict[int, Any] = dict.fromkeys(range(len(commands)))  # index -> the node an ASK named, or None
+        give_up = asyncio.get_running_loop().time() + self.timeout  # TRYAGAIN lasts as long as the slot's move
+        for attempt in range(16):
+            flights: dict[tuple[str, bool], tuple[Any, list[int]]] = {}
+            for i, asked in todo.items():
+                key = key_of(commands[i])
+                node = asked or (
+                    cluster.get_default_node()
+                    if key is None
+                    else cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+                )
+                flights.setdefault((node.name, asked is not None), (node, []))[1].append(i)
+            done = await asyncio.gather(
+                *(
+                    self._on_node(node, [commands[i] for i in at], asking=asking)
+                    for (_, asking), (node, at) in flights.items()
+                ),
+                return_exceptions=True,
+            )
+            for (_, at), got in zip(flights.values(), done, strict=True):
+                if isinstance(got, BaseException) and not isinstance(got, Exception):
+                    raise got
+                for n, i in enumerate(at):
+                    replies[i] = got if isinstance(got, Exception) else got[n]
+            todo = {}
+            for i in [i for _, at in flights.values() for i in at]:
+                reply = replies[i]
+                if isinstance(reply, MovedError):
+                    node = cluster.nodes_manager.get_node(host=reply.host, port=reply.port)
+                    if node is None:  # a node we have not met: ask the cluster
+                        await self._refresh()
+                    else:
+                        cluster.nodes_manager.slots_cache[reply.slot_id] = [node]
+                    todo[i] = None
+                elif isinstance(reply, AskError):
+                    todo[i] = cluster.nodes_manager.get_node(host=reply.host, port=reply.port)
+                elif isinstance(reply, TryAgainError):
+                    todo[i] = None
+            if not todo:
+                break
+            if any(isinstance(replies[i], TryAgainError) for i in todo):
+                if asyncio.get_running_loop().time() > give_up:
+                    break
+                await asyncio.sleep(min(0.1, 0.01 * 2**attempt))
+        return replies
+
+    async def _on_node(self, node: Any, commands: list[tuple[Any, ...]], *, asking: bool) -> list[Any]:
+        """One write to one cluster node (each command after ASKING when an ASK sent it there)."""
+        slots = self.node_slots.get(node.name)
+        if slots is None:
+            slots = self.node_slots[node.name] = asyncio.Semaphore(self.size)
+        if asking:
+            commands = [c for command in commands for c in (("ASKING",), command)]
+        async with slots:
+            connection = node.acquire_connection()
+            try:
+                replies = await self._exchange(connection, commands)
+            except Exception:
+                self.stale = True  # failed over or gone: learn the slots again before the next flight
+                raise
+            finally:
+                node._free.append(connection)  # how the client's own ClusterNode returns a connection
+        return replies[1::2] if asking else replies
+
+    async def _refresh(self) -> None:
+        """Ask the cluster who holds which slots (one CLUSTER SLOTS), once for everyone who needs it now."""
+        if self.refreshing is None or self.refreshing.done():
+            self.refreshing = asyncio.ensure_future(self.cluster.nodes_manager.initialize())
+        await asyncio.shield(self.refreshing)
 
     async def _do(self, *futures: asyncio.Future[Any]) -> Any:
         """Await replies; connection failures, timeouts and server errors become BackendError."""
@@ -584,14 +731,33 @@ class ValkeyBackend(SessionBackend):
         elif kind == "p":
             self._wake(what)
 
+    async def _subscriber(self) -> Any:
+        """The client to subscribe with: the pool's (the node VALKEY_URL names); on a cluster, each resubscription
+        after a failure takes the next node the request path knows of. PUBLISH reaches every node's subscribers
+        over the cluster bus, so one subscription per process hears every replica (sharded pub/sub would need a
+        subscription per call, confirmed before each /continue looks at its queue: a round trip more)."""
+        if self.cluster is None and self.is_cluster is not False:
+            await self._connect()
+        nodes = self.cluster.get_nodes() if self.cluster is not None else []  # as the request path last saw them
+        turn, self.listen_turn = self.listen_turn, self.listen_turn + 1
+        if not nodes or turn == 0:
+            return self.client  # the node VALKEY_URL names
+        import valkey.asyncio as valkey
+
+        node = nodes[turn % len(nodes)]
+        pool = valkey.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+        return valkey.Valkey(connection_pool=pool)
+
     async def _listen_forever(self, ping_every: float = 5.0) -> None:
         """Keep one subscription to the events channel alive; resubscribe after any failure."""
         from valkey.exceptions import ConnectionError
 
         backoff = 0.05
         while True:
-            pubsub = self.client.pubsub()
+            client, pubsub = self.client, None
             try:
+                client = await self._subscriber()
+                pubsub = client.pubsub()
                 await pubsub.subscribe(self.channel)
                 heard = time.monotonic()
                 while True:
@@ -621,7 +787,10 @@ class ValkeyBackend(SessionBackend):
                     for event in waiting:
                         event.set()
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                    if pubsub is not None:
+                        await asyncio.shield(pubsub.aclose())
+                    if client is not self.client:
+                        await asyncio.shield(client.aclose(close_connection_pool=True))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

@@ -376,4 +376,29 @@ def _delete_this_runs_valkey_keys() -> Iterator[None]:
             client.unlink(key)
 
 
+# -- a three-node Valkey Cluster of this run's own (started by the first test that needs it)
+
+_cluster: list[Any] = []
+
+
+def shared_cluster() -> Any:
+    """The run's cluster (tests/valkey_cluster.py), started once on first use and stopped when the run ends."""
+    if not _cluster:
+        import tempfile
+
+        from valkey_cluster import Cluster
+
+        cluster = Cluster(Path(tempfile.mkdtemp(prefix="sb-cluster-")))
+        _cluster.append(cluster)
+        cluster.start()
+    return _cluster[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_cluster() -> Iterator[None]:
+    yield
+    for cluster in _cluster:
+        cluster.stop()
+
+
 __all__ = ["ProviderError", "Scripted"]

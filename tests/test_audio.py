@@ -90,7 +90,7 @@ class Shared:
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Any]]:
     """Two handles on one session store: the same object in memory, two clients of a shared server otherwise."""
     settings = main.load_settings(backend_env(request.param))
-    build = lambda: main.select(main.plugin_manager(), "session", [request.param], settings)[0]  # noqa: E731
+    build = lambda: main.select(main.plugin_manager(), "session", [settings.session_backend], settings)[0]  # noqa: E731
     first = build()
     second = first if request.param == "memory" else build()
     for backend in {id(first): first, id(second): second}.values():

@@ -8,16 +8,19 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import VALKEY_PREFIX, VALKEY_URL, Scripted, Twilio, env, plugin, running
+from conftest import VALKEY_PREFIX, VALKEY_URL, Scripted, Twilio, env, plugin, running, shared_cluster
 
 import main
 
-BACKENDS = ["memory", "valkey"]
+BACKENDS = ["memory", "valkey", "cluster"]  # cluster: the valkey backend on a three-node Valkey Cluster
 
 
 def backend_env(name: str, **extra: str) -> dict[str, str]:
     if name == "valkey":  # the shared server, under this run's prefix (conftest deletes its keys at the end)
         extra = {"VALKEY_URL": VALKEY_URL, "VALKEY_PREFIX": VALKEY_PREFIX, **extra}
+    elif name == "cluster":  # the run's own cluster; VALKEY_URL names one node, the backend finds the others
+        extra = {"VALKEY_URL": shared_cluster().url, "VALKEY_PREFIX": VALKEY_PREFIX, **extra}
+        name = "valkey"
     return env(SESSION_BACKEND=name, **extra)
 
 
@@ -28,7 +31,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[object]:
 
     async def build(**extra: str) -> main.SessionBackend:
         settings = main.load_settings(backend_env(request.param, **extra))
-        backend = main.select(main.plugin_manager(), "session", [request.param], settings)[0]
+        backend = main.select(main.plugin_manager(), "session", [settings.session_backend], settings)[0]
         await backend.aopen()
         opened.append(backend)
         return backend

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import shutil
 import socket
@@ -31,6 +32,7 @@ from conftest import (
     redirect_of,
     running,
     says,
+    shared_cluster,
     tree,
     twiml,
 )
@@ -335,10 +337,13 @@ async def test_scripts_are_loaded_again_when_the_server_forgets_them(tmp_path: P
 # ----------------------------------------------------------------------------- between processes
 
 
-async def test_cancels_and_pushes_reach_the_other_processes_once(prefix: str) -> None:
+@pytest.mark.parametrize("where", ["valkey", "cluster"])
+async def test_cancels_and_pushes_reach_the_other_processes_once(prefix: str, where: str) -> None:
+    # on a cluster, the two processes are told different nodes: they subscribe there and publish elsewhere
+    urls = [SHARED_URL] * 2 if where == "valkey" else [f"redis://127.0.0.1:{p}/0" for p in shared_cluster().ports[1:]]
     async with (
-        opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as a,
-        opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as b,
+        opened(VALKEY_URL=urls[0], VALKEY_PREFIX=prefix) as a,
+        opened(VALKEY_URL=urls[1], VALKEY_PREFIX=prefix) as b,
     ):
         heard_a: list[str] = []
         heard_b: list[str] = []
@@ -400,9 +405,10 @@ async def test_a_silent_server_is_a_backend_error_within_the_timeout() -> None:
             assert time.monotonic() - t0 < 1.0
         assert started < 2.0  # the start does not hang on it either
     finally:
+        await asyncio.sleep(0.05)  # the backend is closed: let the server take what it accepted last, then close all
+        silent.close()
         for writer in hung:
             writer.close()
-        silent.close()
         await silent.wait_closed()
 
 
@@ -561,3 +567,116 @@ async def test_a_turn_taken_over_is_recorded_as_such_with_the_surviving_generati
         output_tokens=7,
         taken_over=True,
     )
+
+
+# ----------------------------------------------------------------------------- Valkey Cluster
+
+
+def sid() -> str:
+    return "CA" + secrets.token_hex(16)
+
+
+async def one_turn(backend: ValkeyBackend, call: str, text: str) -> None:
+    """begin, commit a turn's history, serve: the three round trips of an ordinary turn."""
+    snap = await backend.begin(call, ["k"], 60)
+    assert snap is not None
+    session = snap.session or main.Session(call_sid=call)
+    session.history.append(main.Message(role="user", content=text))
+    assert await backend.commit(call, snap.token, session)
+
+
+async def history_of(backend: ValkeyBackend, call: str) -> list[str]:
+    snap = await backend.begin(call, [], 60)
+    assert snap is not None and snap.session is not None
+    assert await backend.unlock(call, snap.token)
+    return [m.content for m in snap.session.history]
+
+
+async def test_a_cluster_is_found_from_any_node_and_each_call_lives_on_its_slot_s_node(prefix: str) -> None:
+    cluster = shared_cluster()
+    async with opened(VALKEY_URL=f"redis://127.0.0.1:{cluster.ports[2]}/0", VALKEY_PREFIX=prefix) as backend:
+        calls = [sid() for _ in range(24)]
+        await asyncio.gather(*(one_turn(backend, call, f"hello {call}") for call in calls))
+        assert backend.is_cluster is True
+        assert [await history_of(backend, call) for call in calls] == [[f"hello {call}"] for call in calls]
+    homes = set()
+    for call in calls:
+        key = f"{prefix}:{{{call}}}:s"
+        home = cluster.owner(key)
+        homes.add(home)
+        with cluster.client(home) as c:
+            assert c.exists(key) == 1  # on the node that holds its slot (another node would answer MOVED)
+    assert len(homes) == 3  # the calls spread over the whole cluster
+
+
+async def test_a_call_whose_slot_moves_mid_call_follows_ask_tryagain_and_moved(prefix: str) -> None:
+    cluster = shared_cluster()
+    async with opened(VALKEY_URL=cluster.url, VALKEY_PREFIX=prefix) as backend:
+        call = sid()
+        await one_turn(backend, call, "one")
+        key = f"{prefix}:{{{call}}}:s"
+        source = cluster.owner(key)
+        target = next(port for port in cluster.ports if port != source)
+        slot, _ = cluster.begin_moving_slot(key, target)
+        try:
+            # a script's keys while their slot moves, some of them absent (no lock now): TRYAGAIN until it is over
+            turn = asyncio.create_task(one_turn(backend, call, "two"))
+            await asyncio.sleep(0.05)
+            cluster.migrate_keys(slot, source, target)  # every key moved, the slot not yet handed over
+            # one key: the source answers ASK, the target (after ASKING) has the call, so a second create fails
+            assert await backend.create(call, main.Session(call_sid=call), 60) is False
+            await asyncio.sleep(0.05)
+            assert not turn.done()
+        finally:
+            cluster.finish_moving_slot(slot, target)
+        await turn  # the source now answers MOVED: the backend learns the new owner and the turn goes through
+        assert int(backend.cluster.nodes_manager.get_node_from_slot(slot).port) == target
+        await one_turn(backend, call, "three")
+        assert await history_of(backend, call) == ["one", "two", "three"]
+
+
+async def test_a_cluster_down_at_start_is_found_when_it_first_answers(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    from valkey_cluster import Cluster
+
+    cluster = Cluster(tmp_path)  # its ports are chosen, nothing listens yet
+    logger = logging.getLogger("switchboard")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    async with opened(VALKEY_URL=cluster.url, VALKEY_TIMEOUT="0.3") as backend:
+        with pytest.raises(main.BackendError):
+            await backend.ping()
+        assert backend.is_cluster is None
+        try:
+            cluster.start()
+            call = sid()
+            for _ in range(100):
+                with contextlib.suppress(main.BackendError):
+                    await one_turn(backend, call, "hello")
+                    break
+                await asyncio.sleep(0.05)
+            assert backend.is_cluster is True
+            assert await history_of(backend, call) == ["hello"]
+            for _ in range(100):
+                if backend.listening:
+                    break
+                await asyncio.sleep(0.05)
+            assert backend.listening
+        finally:
+            cluster.stop()
+            logger.setLevel(level)
+    assert [line.split(" server=")[0] for line in logs.lines if "valkey" in line] == [
+        "error valkey unreachable",  # once, not once per try
+        "warning starting without valkey: /health answers 503 and callers hear an apology until it answers",
+        "info valkey is a cluster",
+        "warning valkey reachable again",
+    ]
+
+
+def test_valkey_cluster_says_yes_no_or_detect() -> None:
+    def backend(value: str) -> ValkeyBackend:
+        settings = env(SESSION_BACKEND="valkey", VALKEY_URL=SHARED_URL, VALKEY_CLUSTER=value)
+        return ValkeyBackend(main.load_settings(settings))
+
+    assert [backend(v).is_cluster for v in ("", "auto", "1", "0")] == [None, None, True, False]
+    with pytest.raises(main.ConfigError, match="VALKEY_CLUSTER must be 1, 0 or unset"):
+        backend("sometimes")

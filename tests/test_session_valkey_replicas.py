@@ -1,4 +1,5 @@
-"""Real replicas: two server processes (the Procfile's command) share one Valkey, as on Railway.
+"""Real replicas: two server processes (the Procfile's command) share one Valkey, as on Railway, or one
+Valkey Cluster (each replica's VALKEY_URL names a different node).
 
 What the model receives is observed through a real plugin: an entry-point package `sb_recorder`
 (on PYTHONPATH for the servers) whose model appends every request it gets to a JSON-lines file."""
@@ -21,7 +22,19 @@ import httpx
 import msgspec
 import pytest
 import valkey
-from conftest import BASE, GATHER, VALKEY_PREFIX, Twilio, new_call_sid, redirect_of, says, server, tree, twiml
+from conftest import (
+    BASE,
+    GATHER,
+    VALKEY_PREFIX,
+    Twilio,
+    new_call_sid,
+    redirect_of,
+    says,
+    server,
+    shared_cluster,
+    tree,
+    twiml,
+)
 from test_session_valkey import SHARED_URL, private_valkey
 
 RECORDER = '''
@@ -118,7 +131,11 @@ class Replicas:
 
 
 @contextlib.contextmanager
-def start_replicas(directory: Path, valkey_url: str, prefix: str, count: int = 2, **extra: str) -> Iterator[Replicas]:
+def start_replicas(
+    directory: Path, valkey_url: str | list[str], prefix: str, count: int = 2, **extra: str
+) -> Iterator[Replicas]:
+    """`count` replicas on one Valkey; given several URLs (a cluster's nodes), replica i uses URL i (round robin)."""
+    urls = [valkey_url] if isinstance(valkey_url, str) else valkey_url
     package = directory / "plugin"
     if not package.exists():
         package.mkdir()
@@ -126,7 +143,6 @@ def start_replicas(directory: Path, valkey_url: str, prefix: str, count: int = 2
     recorded = directory / "model-requests.jsonl"
     environ = {
         "SESSION_BACKEND": "valkey",
-        "VALKEY_URL": valkey_url,
         "VALKEY_PREFIX": prefix,
         "LLM_PROVIDER": "recorder",
         "RECORDER_FILE": str(recorded),
@@ -136,7 +152,7 @@ def start_replicas(directory: Path, valkey_url: str, prefix: str, count: int = 2
         **extra,
     }
     with contextlib.ExitStack() as stack:
-        started = [stack.enter_context(server(environ)) for _ in range(count)]
+        started = [stack.enter_context(server({**environ, "VALKEY_URL": urls[i % len(urls)]})) for i in range(count)]
         yield Replicas([u for u, _, _ in started], [p for _, p, _ in started], [g for _, _, g in started], recorded)
 
 
@@ -156,6 +172,24 @@ def pair(tmp_path_factory: pytest.TempPathFactory, shared_prefix: str) -> Iterat
         yield replicas
 
 
+def cluster_nodes() -> list[str]:
+    """The URL of every node of the run's cluster."""
+    return [f"redis://127.0.0.1:{port}/0" for port in shared_cluster().ports]
+
+
+@pytest.fixture(scope="module")
+def cluster_pair(tmp_path_factory: pytest.TempPathFactory, shared_prefix: str) -> Iterator[Replicas]:
+    """Two replicas on the run's Valkey Cluster, each told a different node."""
+    with start_replicas(tmp_path_factory.mktemp("cluster"), cluster_nodes(), shared_prefix) as replicas:
+        yield replicas
+
+
+@pytest.fixture(params=["valkey", "cluster"])
+def replicas(request: pytest.FixtureRequest) -> Replicas:
+    """Two replicas, on one Valkey server or on a three-node cluster."""
+    return request.getfixturevalue("pair" if request.param == "valkey" else "cluster_pair")  # type: ignore[no-any-return]
+
+
 async def follow(phones: list[Twilio], first: httpx.Response) -> list[httpx.Response]:
     """Follow <Redirect>s, alternating between the replicas, from the one after the first's."""
     docs = [first]
@@ -168,8 +202,8 @@ def spoken(docs: list[httpx.Response]) -> list[str]:
     return [text for doc in docs for text in says(doc.content)]
 
 
-async def test_a_call_alternating_between_replicas_keeps_its_whole_history(pair: Any) -> None:
-    async with pair.connected() as replicas:
+async def test_a_call_alternating_between_replicas_keeps_its_whole_history(replicas: Any) -> None:
+    async with replicas.connected():
         phones = replicas.phones()
         token = secrets.token_hex(4)
         await phones[0].call()
@@ -181,8 +215,8 @@ async def test_a_call_alternating_between_replicas_keeps_its_whole_history(pair:
     assert [r["pid"] for r in seen] == [p.pid for p in replicas.procs] * 3
 
 
-async def test_a_long_reply_continues_on_the_other_replica(pair: Any) -> None:
-    async with pair.connected() as replicas:
+async def test_a_long_reply_continues_on_the_other_replica(replicas: Any) -> None:
+    async with replicas.connected():
         phones = replicas.phones()
         await phones[0].call()
         text = f"long{secrets.token_hex(4)}"
@@ -192,8 +226,8 @@ async def test_a_long_reply_continues_on_the_other_replica(pair: Any) -> None:
     assert tree(docs[-1].content)[3][-1][0] == "Gather"  # the last part listens
 
 
-async def test_the_same_webhook_sent_to_both_replicas_is_answered_once_identically(pair: Any) -> None:
-    async with pair.connected() as replicas:
+async def test_the_same_webhook_sent_to_both_replicas_is_answered_once_identically(replicas: Any) -> None:
+    async with replicas.connected():
         a, b = replicas.phones()
         await a.call()
         text = f"slow dup{secrets.token_hex(4)}"
@@ -313,11 +347,13 @@ async def test_valkey_stopped_and_restarted_mid_call_means_an_apology_then_recov
 # ----------------------------------------------------------------------------- replicas dying mid-turn
 
 
+@pytest.mark.parametrize("where", ["valkey", "cluster"])
 async def test_a_replica_killed_while_generating_is_replaced_and_the_turn_answered_whole(
-    tmp_path: Path, shared_prefix: str
+    tmp_path: Path, shared_prefix: str, where: str
 ) -> None:
     token = secrets.token_hex(4)
-    with start_replicas(tmp_path, SHARED_URL, shared_prefix, count=3) as replicas:
+    urls = SHARED_URL if where == "valkey" else cluster_nodes()
+    with start_replicas(tmp_path, urls, shared_prefix, count=3) as replicas:
         async with replicas.connected():
             a, b, c = replicas.phones()
             await a.call()
