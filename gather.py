@@ -41,7 +41,7 @@ from contract import (
 from deadlines import within
 from observe import note
 from speech import Segmenter, clip, has_words, speakable
-from twiml import NOT_XML, document, gather_tag, render
+from twiml import NOT_XML, document, gather_tag, hang_up_after, render
 from webhooks import Gate, Reject, webhook
 
 _TURN = re.compile(r"[0-9a-f]{8,32}")
@@ -221,8 +221,7 @@ class Gather:
         await self.calls.commit(form.call_sid, snap.token, session, turn_changed=closed)
         log.info("no usable speech", extra={"call": form.call_sid, "misses": session.misses, "heard": heard})
         if session.misses >= self.settings.max_misses:
-            goodbye = await self.calls.phrase(self.settings.goodbye, base_url)
-            return render([goodbye, Segment(kind="hangup"), END], gather="")
+            return hang_up_after(await self.calls.phrase(self.settings.goodbye, base_url))
         return await self.listen_phrase(self.settings.low_confidence if heard else self.settings.reprompt, base_url)
 
     async def continuation(self, form: TwilioForm, turn: str, n: int, base_url: str) -> bytes:

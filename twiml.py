@@ -48,6 +48,11 @@ def document(body: str) -> bytes:
     return f"{XML_HEAD}{body}</Response>".encode()
 
 
+def hang_up_after(seg: Segment) -> bytes:
+    """A document that speaks one last phrase, then hangs up (the goodbye after MAX_MISSES misses)."""
+    return document(verb(seg) + "<Hangup/>")
+
+
 def render(segments: Sequence[Segment], *, gather: str, next_url: str = "") -> bytes:
     """A reply document: speech, then the next <Redirect>, an action, or the last part in a <Gather>."""
     final = any(s.kind == "end" for s in segments)

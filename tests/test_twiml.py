@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from conftest import VOICE, Twilio, continuing, env, listening, running, tree
+from conftest import VOICE, Twilio, continuing, env, listening, running, tree, twiml
 
 import main
-from twiml import gather_tag, render
+from twiml import gather_tag, hang_up_after, render
 
 
 def test_continuing_documents_redirect_to_the_continuation() -> None:
     doc = render([main.Segment(text="Part one.", **VOICE)], gather="", next_url="/continue?n=1&turn=abc")
     assert tree(doc) == continuing("Part one.", url="/continue?n=1&turn=abc")
+
+
+def test_a_last_phrase_is_spoken_then_the_call_hangs_up() -> None:
+    said = hang_up_after(main.Segment(text="Goodbye & thanks!", **VOICE))
+    played = hang_up_after(main.Segment(url="https://example.com/audio/ab.mp3"))
+    assert tree(said) == twiml(lambda r: (r.say("Goodbye & thanks!", **VOICE), r.hangup()))
+    assert tree(played) == twiml(lambda r: (r.play("https://example.com/audio/ab.mp3"), r.hangup()))
 
 
 def test_documents_stay_under_64kb() -> None:
