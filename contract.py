@@ -652,6 +652,11 @@ class CallerDone(msgspec.Struct, gc=False, frozen=True, tag=True):
     """The model heard the caller stop speaking: the end of the caller's turn."""
 
 
+class CallerSilent(msgspec.Struct, gc=False, frozen=True, tag=True):
+    """The model's idle timeout ran out: the caller said nothing for that long after its last reply had played
+    (or since the session opened). A reply that follows is the model's own reprompt."""
+
+
 class Transcript(msgspec.Struct, gc=False, frozen=True, tag=True):
     """The final text of an item: what the caller said ("user"), or what the model's audio says."""
 
@@ -667,7 +672,7 @@ class ReplyDone(msgspec.Struct, gc=False, frozen=True, tag=True):
     interrupted: bool = False
 
 
-SpeechEvent = SpeechAudio | CallerSpeaking | CallerDone | Transcript | ReplyDone | ToolCall
+SpeechEvent = SpeechAudio | CallerSpeaking | CallerDone | CallerSilent | Transcript | ReplyDone | ToolCall
 
 
 class SpeechSession(Protocol):
@@ -686,7 +691,10 @@ class SpeechSession(Protocol):
         """The caller heard only the first `heard_ms` of the reply item `item`: forget the rest."""
 
     def events(self) -> AsyncIterator[SpeechEvent]:
-        """The model's events; ends when the session is over, raises ProviderError when it failed."""
+        """The model's events; ends when the session is over, raises ProviderError when it failed.
+
+        A model with an idle timeout yields CallerSilent each time it runs out (media mode counts these as
+        misses: MAX_MISSES in a row end the call with GOODBYE); one without never does."""
         ...
 
     async def close(self) -> None:

@@ -7,6 +7,11 @@ Events are encoded and decoded here with msgspec, keeping only the fields used.
 
 The socket URL follows OPENAI_REALTIME_URL, else OPENAI_BASE_URL (shared with the LLM plugin), so a
 compatible or local server works; the SDK turns http(s) into ws(s) and appends `/realtime?model=...`.
+
+OPENAI_REALTIME_IDLE_TIMEOUT_MS (default 8000, 0 turns it off) is server VAD's `idle_timeout_ms`: when the
+caller says nothing for that long after a reply has played, the server sends
+`input_audio_buffer.timeout_triggered` (a CallerSilent: a miss in media mode) and speaks a reprompt of its
+own. Only server VAD has it, and server VAD is what this plugin asks for.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import msgspec
 
 from main import (
     CallerDone,
+    CallerSilent,
     CallerSpeaking,
     ConfigError,
     Message,
@@ -51,6 +57,7 @@ PCMU_BYTES_PER_MS = 8
 # the vendor refuses this account or key: reconnecting cannot help (LiveKit's list, plus the session limit)
 FATAL = {"invalid_api_key", "insufficient_quota", "account_deactivated", "billing_hard_limit_reached"}
 RETRYABLE = {"session_expired"}  # a new session, seeded with the history, carries on
+IDLE_TIMEOUT_MS = 8000  # the caller's silence after a reply that makes a miss (media mode's MAX_MISSES)
 
 
 # -- client events (encoded as tagged structs: the tag is the event type)
@@ -163,6 +170,10 @@ class SpeechStopped(msgspec.Struct, tag="input_audio_buffer.speech_stopped", tag
     audio_end_ms: int = 0
 
 
+class TimeoutTriggered(msgspec.Struct, tag="input_audio_buffer.timeout_triggered", tag_field="type"):
+    pass  # (its audio_start_ms, audio_end_ms and item_id are not needed: the silence is the news)
+
+
 class InputTranscript(msgspec.Struct, tag="conversation.item.input_audio_transcription.completed", tag_field="type"):
     item_id: str
     transcript: str
@@ -202,6 +213,7 @@ Known = (
     | SessionUpdated
     | SpeechStarted
     | SpeechStopped
+    | TimeoutTriggered
     | InputTranscript
     | ResponseCreated
     | AudioDelta
@@ -228,7 +240,9 @@ def decode(data: bytes) -> Known | None:
 
 
 def session_body(model: RealtimeModel, instructions: str, tools: Sequence[ToolSpec]) -> dict[str, Any]:
-    """The session.update payload (GA shape): μ-law both ways, server VAD, input transcription, tools."""
+    """The session.update payload (GA shape): μ-law both ways, server VAD, input transcription, tools.
+
+    Server VAD, not semantic_vad: only server VAD has `idle_timeout_ms`, which media mode's misses need."""
     turn: dict[str, Any] = {
         "type": "server_vad",
         "threshold": model.threshold,
@@ -294,7 +308,9 @@ class RealtimeModel(VendorSDK, SpeechModel):
             raise ConfigError(f"OPENAI_REALTIME_VAD_THRESHOLD={self.threshold:g} is not valid: set it between 0 and 1")
         self.silence_ms = settings.number("OPENAI_REALTIME_VAD_SILENCE_MS", 500, unit="milliseconds")
         self.prefix_ms = settings.number("OPENAI_REALTIME_VAD_PREFIX_MS", 300, inclusive=True, unit="milliseconds")
-        self.idle_ms = settings.number("OPENAI_REALTIME_IDLE_TIMEOUT_MS", 0, inclusive=True, unit="milliseconds")
+        self.idle_ms = settings.number(
+            "OPENAI_REALTIME_IDLE_TIMEOUT_MS", IDLE_TIMEOUT_MS, inclusive=True, unit="milliseconds"
+        )
         self.organization = settings.get("OPENAI_ORG_ID") or None
         self.project = settings.get("OPENAI_PROJECT_ID") or None
         self.closed_errors: tuple[type[BaseException], ...] = (OSError,)
@@ -469,6 +485,8 @@ class RealtimeSession(SpeechSession):
             elif isinstance(event, SpeechStopped):
                 self.heard[event.item_id] = event.audio_end_ms - self.spoken.pop(event.item_id, event.audio_end_ms)
                 yield CallerDone()
+            elif isinstance(event, TimeoutTriggered):  # the server answers it with a reprompt of its own
+                yield CallerSilent()
             elif isinstance(event, InputTranscript):
                 heard = self.heard.pop(event.item_id, 0)
                 usage = event.usage

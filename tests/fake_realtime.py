@@ -22,7 +22,10 @@ VAD would find it: each `Utterance` in `fake.utterances` (times counted from the
 append) gives `speech_started` at `start_ms` (minus the prefix padding), `speech_stopped` once the
 session's silence duration has passed after `end_ms`, then `committed`, the user item, and its input
 transcription (with usage) when transcription is on; then, with `create_response`, a response.
-Speech starting during a response with `interrupt_response` cancels it (`turn_detected`).
+Speech starting during a response with `interrupt_response` cancels it (`turn_detected`). With server VAD
+and `idle_timeout_ms`, that much appended audio without speech after a response's audio has played (or
+from the start) gives `input_audio_buffer.timeout_triggered{audio_start_ms, audio_end_ms, item_id}`,
+the empty user item committed, and a response: the model's reprompt (the next scripted one).
 
 Each response (automatic, or on `response.create`) takes the next scripted `Response`, else
 `fake.default`. A `Response` controls the spoken transcript (word deltas), the audio (`audio_ms`
@@ -69,6 +72,10 @@ TURN = {
     "interrupt_response": None,
     "idle_timeout_ms": None,
     "eagerness": None,
+}
+TURN_TYPES = {  # each turn detection type's own fields (idle_timeout_ms is server VAD's alone)
+    "server_vad": set(TURN) - {"eagerness"},
+    "semantic_vad": {"type", "eagerness", "create_response", "interrupt_response"},
 }
 SESSION = {
     "type": None,
@@ -185,8 +192,13 @@ def check_session(session: dict[str, Any]) -> None:
     if voice is not None and not (voice in VOICES or isinstance(voice, dict)):
         raise Invalid("invalid_value", "session.audio.output.voice", f"Invalid value: '{voice}'.")
     turn = (audio.get("input") or {}).get("turn_detection")
-    if turn is not None and turn.get("type") not in ("server_vad", "semantic_vad"):
-        raise Invalid("invalid_value", "session.audio.input.turn_detection.type", "Invalid turn detection type.")
+    if turn is not None:
+        if turn.get("type") not in TURN_TYPES:
+            raise Invalid("invalid_value", "session.audio.input.turn_detection.type", "Invalid turn detection type.")
+        for key in turn:
+            if key not in TURN_TYPES[turn["type"]]:
+                name = f"session.audio.input.turn_detection.{key}"
+                raise Invalid("unknown_parameter", name, f"Unknown parameter: '{name}'.")
     for i, tool in enumerate(session.get("tools") or []):
         check_fields(tool, {"type": None, "name": None, "description": None, "parameters": None}, f"session.tools[{i}]")
         if tool.get("type") != "function" or not tool.get("name"):
@@ -273,6 +285,7 @@ class Active:
     output: list[dict[str, Any]] = field(default_factory=list)
     audio_ms: int = 0  # generated so far
     done: bool = False
+    started_ms: int = 0  # the appended audio when it began
 
 
 def default_session(model: str) -> dict[str, Any]:
@@ -478,6 +491,7 @@ class _State:
         self.fake, self.ws, self.conn = fake, ws, conn
         self.response: Active | None = None
         self.speaking: tuple[Utterance, str] | None = None  # the utterance in progress and its item id
+        self.idle_from = 0  # appended audio (ms) from which the caller's silence counts towards idle_timeout_ms
         self.tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -638,11 +652,20 @@ class _State:
             utterance, item_id = self.speaking
             stopped = utterance.end_ms + turn.get("silence_duration_ms", 200)
             if now >= stopped:
-                self.speaking = None
+                self.speaking, self.idle_from = None, stopped
                 await self.send("input_audio_buffer.speech_stopped", audio_end_ms=stopped, item_id=item_id)
                 await self.commit(item_id, utterance.transcript, None, utterance)
                 if turn.get("create_response", True) and self.response is None:
                     self.start_response()
+        idle = turn.get("idle_timeout_ms") if turn.get("type") == "server_vad" else None
+        if idle and self.speaking is None and self.response is None and now - self.idle_from >= idle:
+            # the silent stretch is committed as an (empty) user item and answered: the model's reprompt
+            item_id, start, self.idle_from = self.fake._id("item"), self.idle_from, now
+            await self.send(
+                "input_audio_buffer.timeout_triggered", audio_start_ms=start, audio_end_ms=now, item_id=item_id
+            )
+            await self.commit(item_id, "", None)
+            self.start_response()
 
     async def commit(
         self, item_id: str, transcript: str, event: dict[str, Any] | None, utterance: Utterance | None = None
@@ -711,7 +734,7 @@ class _State:
     def start_response(self) -> None:
         script = self.fake.responses.pop(0) if self.fake.responses else self.fake.default
         reply = script(self.conn) if callable(script) else script
-        self.response = Active(id=self.fake._id("resp"))
+        self.response = Active(id=self.fake._id("resp"), started_ms=self.conn.audio_bytes // self.per_ms)
         self.response.task = self.spawn(self.respond(self.response, reply))
 
     async def respond(self, active: Active, reply: Response) -> None:
@@ -863,6 +886,9 @@ class _State:
             return
         active.done = True
         self.response = None
+        # the idle timeout counts from when the reply's audio has played (response.done plus its playback);
+        # this server makes a reply at once, so that is where it began plus its audio
+        self.idle_from = max(self.idle_from, active.started_ms + active.audio_ms)
         reply = reply or Response()
         said = sum(
             len(str(i.get("content", [{}])[0].get("transcript", "")).split())

@@ -14,7 +14,7 @@ from fake_realtime import FakeRealtime, Response, Utterance
 
 import main
 import observe
-from plugins.speech_openai import DEFAULT_MODEL, RealtimeError, RealtimeModel, RealtimeSession
+from plugins.speech_openai import DEFAULT_MODEL, RealtimeError, RealtimeModel, RealtimeSession, session_body
 
 SILENCE = b"\xff" * 160  # one 20 ms frame of μ-law silence
 HISTORY = [
@@ -102,6 +102,7 @@ async def test_open_configures_pcmu_server_vad_transcription_and_tools_then_seed
                             "silence_duration_ms": 600,
                             "create_response": True,
                             "interrupt_response": True,
+                            "idle_timeout_ms": 8000,  # on by default: media mode's misses need it
                         },
                     },
                     "output": {"format": {"type": "audio/pcmu"}, "voice": "marin"},
@@ -217,6 +218,73 @@ async def test_a_turn_is_caller_speaking_done_audio_transcripts_and_the_reply_wi
             )
         ),
     ]
+
+
+async def test_the_idle_timeout_is_caller_silent_then_the_models_own_reprompt(fake_realtime: FakeRealtime) -> None:
+    fake_realtime.script(Response("Are you still there?", audio_ms=200))
+    m, session = await opened(fake_realtime, OPENAI_REALTIME_IDLE_TIMEOUT_MS="300")
+    speak(session, 400)  # silence: the timeout at 300 ms, then the reprompt's 200 ms count before the next
+    events = await collect(session.events(), main.ReplyDone)
+    await fake_realtime.until(lambda: fake_realtime.connections[0].audio_bytes == 400 * 8)
+    await session.close()
+    await m.aclose()
+    conn = fake_realtime.connections[0]
+    assert conn.session["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 300
+    (timeout,) = [{k: v for k, v in e.items() if k != "event_id"} for e in conn.sent if "timeout" in e["type"]]
+    assert timeout == {
+        "type": "input_audio_buffer.timeout_triggered",
+        "audio_start_ms": 0,
+        "audio_end_ms": 300,
+        "item_id": conn.items[0]["id"],  # the silent stretch, committed as an empty user item
+    }
+    item = events[1][1]
+    assert events == [
+        main.CallerSilent(),
+        ("audio", item, 200 * 8),
+        main.Transcript("assistant", item, "Are you still there?"),
+        main.ReplyDone(main.Usage(input_tokens=120, audio_input_tokens=40, output_tokens=4, audio_output_tokens=4)),
+    ]
+
+
+def test_the_idle_timeout_is_on_by_default_and_zero_turns_it_off() -> None:
+    def turn(**env: str) -> dict[str, Any]:
+        body = session_body(RealtimeModel(main.load_settings({"OPENAI_API_KEY": "k", **env})), "", ())
+        return dict(body["audio"]["input"]["turn_detection"])
+
+    assert turn()["idle_timeout_ms"] == 8000 and turn()["type"] == "server_vad"
+    assert "idle_timeout_ms" not in turn(OPENAI_REALTIME_IDLE_TIMEOUT_MS="0")
+    with pytest.raises(main.ConfigError, match="OPENAI_REALTIME_IDLE_TIMEOUT_MS='soon' is not valid"):
+        turn(OPENAI_REALTIME_IDLE_TIMEOUT_MS="soon")
+
+
+async def test_the_fake_times_out_only_with_server_vad_and_its_idle_timeout(fake_realtime: FakeRealtime) -> None:
+    client = openai.AsyncOpenAI(api_key="k", base_url=fake_realtime.url)
+    conn = await client.realtime.connect(model="gpt-realtime").enter()
+
+    def update(turn: dict[str, Any]) -> str:
+        audio = {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": turn}}
+        return json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": audio}})
+
+    await conn.send_raw(update({"type": "semantic_vad", "idle_timeout_ms": 300}))  # server VAD's alone
+    silence = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(SILENCE).decode()})
+    for turn in ({"type": "semantic_vad", "eagerness": "low"}, {"type": "server_vad"}):  # no idle timeout
+        await conn.send_raw(update(turn))
+        for _ in range(50):  # a second of silence
+            await conn.send_raw(silence)
+    await conn.send_raw(json.dumps({"type": "response.cancel"}))  # its error says every append was handled
+    received: list[dict[str, Any]] = []
+    while not received or received[-1].get("error", {}).get("code") != "response_cancel_not_active":
+        received.append(json.loads(await conn.recv_bytes()))
+    await conn.close()
+    await client.close()
+    assert [(e["type"], e.get("error", {}).get("param")) for e in received] == [
+        ("session.created", None),
+        ("error", "session.audio.input.turn_detection.idle_timeout_ms"),
+        ("session.updated", None),
+        ("session.updated", None),
+        ("error", None),
+    ]
+    assert received[1]["error"]["code"] == "unknown_parameter"
 
 
 async def test_audio_is_passed_through_byte_for_byte(fake_realtime: FakeRealtime) -> None:
