@@ -10,8 +10,8 @@ from conftest import env
 
 import main
 import pcm
-from main import CallerDone, CallerSpeaking, ReplyDone, SpeechAudio, SpeechEvent
-from plugins.speech_parrot import Parrot, ParrotSession, tone
+from main import CallerDone, CallerSilent, CallerSpeaking, ReplyDone, SpeechAudio, SpeechEvent
+from plugins.speech_parrot import NUDGE, PIECE, Parrot, ParrotSession, tone
 
 
 def loud(ms: int) -> bytes:
@@ -87,3 +87,40 @@ async def test_digits_get_a_tone_each_and_events_end_when_the_session_closes() -
     assert audio == tone(600, 150) + tone(640, 150) + tone(680, 150) and events[-1] == ReplyDone()
     assert session.truncated == [("parrot_1", 120)]
     assert await asyncio.wait_for(session.tool_result("x", "{}"), 1) is None
+
+
+def nudge(item: str) -> list[SpeechEvent]:
+    """An idle timeout as the parrot reports it: CallerSilent, then its tone as a reply."""
+    audio = [SpeechAudio(item=item, data=NUDGE[n : n + PIECE]) for n in range(0, len(NUDGE), PIECE)]
+    return [CallerSilent(), *audio, ReplyDone()]
+
+
+async def test_a_silent_caller_gets_an_idle_timeout_and_a_tone_then_another_once_the_tone_has_played() -> None:
+    session = await opened(PARROT_IDLE_MS="300")
+    session.send_audio(quiet(280))
+    assert pending(session) == []
+    session.send_audio(quiet(20))
+    assert pending(session) == nudge("parrot_1") and len(NUDGE) == 200 * 8
+    session.send_audio(quiet(480))  # the tone's 200 ms do not count
+    assert pending(session) == []
+    session.send_audio(quiet(20))
+    assert pending(session) == nudge("parrot_2")
+
+
+async def test_speech_and_keys_start_the_idle_time_again_and_zero_turns_it_off() -> None:
+    session = await opened(PARROT_IDLE_MS="300")
+    session.send_audio(quiet(260) + loud(300) + quiet(500))  # spoken just before the timeout
+    events = pending(session)
+    assert events[:2] == [CallerSpeaking(), CallerDone()] and CallerSilent() not in events
+    session.send_audio(quiet(580))  # the 300 ms answer plays, then 280 ms of silence
+    assert pending(session) == []
+    await session.send_text("(The caller pressed 5 on the keypad.)")  # a 150 ms tone answers the key
+    session.send_audio(quiet(440))
+    assert [e for e in pending(session) if not isinstance(e, SpeechAudio)] == [ReplyDone()]
+    session.send_audio(quiet(20))
+    assert pending(session) == nudge("parrot_3")
+    off = await opened(PARROT_IDLE_MS="0")
+    off.send_audio(quiet(60_000))
+    assert pending(off) == []
+    with pytest.raises(main.ConfigError, match="PARROT_IDLE_MS='-1' is not valid"):
+        Parrot(main.load_settings(env(PARROT_IDLE_MS="-1")))
