@@ -99,11 +99,11 @@ class BrowserBridge(Bridge):
             await self.calls.end_call(self.sid, "completed")
             return
         what, number, _, _ = await self.media.conclude(self.sid)
-        if what == "failed":
-            await self.tell("say", text=self.settings.apology)
+        if what in ("failed", "goodbye"):
+            await self.tell("say", text=self.settings.apology if what == "failed" else self.settings.goodbye)
         if what in ("dial", "failed") and number:
             await self.tell("transfer", number=number)
-        elif what in ("hangup", "failed"):
+        elif what in ("hangup", "failed", "goodbye"):
             await self.tell("hangup")
         elif what == "reconnect":
             await self.tell("reconnect", callSid=self.sid)

@@ -252,7 +252,7 @@ class Session(msgspec.Struct, gc=False, kw_only=True):
     usage: dict[str, Usage] = {}
     stream: str = ""  # media mode: the live stream's id (a second `start` takes the call over)
     streams: list[float] = []  # media mode: when its recent streams started (for the retry limit)
-    ending: str = ""  # media mode: why we closed the stream ("hangup", "dial:<number>", "reconnect", "failed")
+    ending: str = ""  # media mode: why we closed the stream ("hangup", "goodbye", "dial:…", "reconnect", "failed")
     channel: str = "phone"  # "browser": a call from the browser phone (browser.py), no phone network involved
 
 

@@ -10,7 +10,12 @@ the audio the caller heard, counted from mark echoes (echoes a `clear` flushes a
 Both sides' transcripts go into the session's history turn by turn, so when a socket drops, the action
 URL answers a fresh `<Connect>` and the call carries on, on any replica, with a new model session seeded
 from that history. Before closing a socket on purpose we store why (hang-up, transfer, reconnect,
-failure), and the action URL answers `<Hangup/>`, `<Dial>`, a new `<Connect>` or the apology.
+failure, silence), and the action URL answers `<Hangup/>`, `<Dial>`, a new `<Connect>`, the apology or
+the goodbye.
+
+The model's idle timeouts (CallerSilent) are misses, as Gather's empty speech is: the model may reprompt
+in its own voice, and MAX_MISSES in a row close the socket, so the action URL says GOODBYE in the call's
+voice, then hangs up. Fixed phrases are never left to the model.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from calls import Calls, Keypad, end_of_turn, new_turn_id
 from contract import (
     TERMINAL_STATUSES,
     CallerDone,
+    CallerSilent,
     CallerSpeaking,
     CallInfo,
     ConfigError,
@@ -48,7 +54,7 @@ from contract import (
     log,
 )
 from observe import speech_key
-from twiml import document, esc, verb
+from twiml import document, esc, hang_up_after, verb
 from webhooks import CALL_SID, Gate, Receive, Scope, Send, socket_url, webhook
 
 STREAM_PATH, ACTION_PATH, STATUS_PATH = "/media", "/media-action", "/media-status"
@@ -60,6 +66,7 @@ GOODBYE_WAIT = 2.0  # seconds the last mark may take beyond the audio still to p
 GOODBYE_LIMIT = 15.0  # seconds from a hang-up or transfer tool to the socket's close, whatever the model does
 EARLY_LIMIT = 10 * pcm.RATE  # bytes of the caller's audio kept while a model session opens (10 s)
 UNHEARD = "(audio)"  # history text for speech without a transcript (a model like parrot)
+SILENT = "(silence)"  # history text for a turn the caller let pass (the model's idle timeout, then its reprompt)
 
 
 # ----------------------------------------------------------------------------- Twilio's messages
@@ -110,6 +117,7 @@ class Exchange:
         self.heard: dict[str, int] = {}  # bytes of each item Twilio says it played
         self.text: dict[str, str] = {}  # each item's transcript
         self.done = False  # the model finished the reply
+        self.silent = False  # the caller said nothing: the reply is the model's reprompt
         self.first_audio: float | None = None  # seconds from the end of the caller's speech to the first frame sent
 
     def said(self) -> tuple[str, bool]:
@@ -162,6 +170,8 @@ class Bridge:
         self.history: list[Message] = []
         self.early = bytearray()  # the caller's audio from before the model session was open
         self.muted = False
+        self.misses = 0  # the model's idle timeouts in a row, since the caller last spoke or pressed a key
+        self.reprompt = False  # the model's next reply answers an idle timeout (the caller said nothing since)
 
     # -- hooks for a peer that is not Twilio (the browser phone)
 
@@ -332,14 +342,20 @@ class Bridge:
             if not self.muted:
                 await self._play(event.item, pcm.pcm16_to_ulaw(event.data) if self.pcm16 else event.data)
         elif isinstance(event, CallerSpeaking):
+            self._heard_caller()
             await self._barge_in()
         elif isinstance(event, CallerDone):
+            self._heard_caller()
             self.heard_end, self.muted = time.monotonic(), False
             self.turn = self.turn or Exchange()
+        elif isinstance(event, CallerSilent):
+            await self._silent()
         elif isinstance(event, Transcript):
             if event.role == "user":
-                self.turn = self.turn or Exchange()
-                self.turn.user.append(event.text)
+                if event.text:  # (a silent stretch the model committed has an empty one)
+                    self._heard_caller()
+                    self.turn = self.turn or Exchange()
+                    self.turn.user.append(event.text)
             elif self.turn is not None:
                 self.turn.text[event.item] = event.text
         elif isinstance(event, ReplyDone):
@@ -352,7 +368,10 @@ class Bridge:
 
     async def _play(self, item: str, data: bytes) -> None:
         """Send a reply's audio in whole 20 ms frames, with a mark after each message."""
-        turn = self.turn = self.turn or Exchange()
+        if self.turn is None:
+            self.turn = Exchange()
+            self.turn.silent, self.reprompt = self.reprompt, False
+        turn = self.turn
         if item not in turn.sent:
             turn.items.append(item)
             turn.sent[item] = 0
@@ -434,7 +453,7 @@ class Bridge:
             return
         said, whole = turn.said()
         usage, self.unbilled = self.unbilled, Usage()
-        user = " ".join(turn.user) or UNHEARD
+        user = " ".join(turn.user) or (SILENT if turn.silent else UNHEARD)
         served = [Segment(text=said)] if said else []
         try:
             async with self.lock:
@@ -453,6 +472,24 @@ class Bridge:
             return
         if record is not None:
             await self.turn_closed(record, session)
+
+    # -- misses
+
+    def _heard_caller(self) -> None:
+        """The caller spoke or pressed a key: the misses start again."""
+        self.misses, self.reprompt = 0, False
+        if self.turn is not None:  # (a reprompt whose last mark is still on its way: the caller's words join it)
+            self.turn.silent = False
+
+    async def _silent(self) -> None:
+        """The model's idle timeout ran out: a miss. The model may reprompt; at MAX_MISSES in a row the socket
+        closes and the action URL says the goodbye in the call's voice, as Gather mode does."""
+        self.misses += 1
+        self.reprompt = True
+        log.info("caller silent", extra={"call": self.sid, "misses": self.misses})
+        if self.misses >= self.settings.max_misses and not self.done.is_set():
+            self.muted = True  # the reprompt the model starts now is not played: the goodbye is the last word
+            await self._end("goodbye")
 
     # -- tools, digits, ending
 
@@ -508,6 +545,7 @@ class Bridge:
             del self.early[: -EARLY_LIMIT * (2 if self.pcm16 else 1)]
 
     async def _keyed(self, digits: str) -> None:
+        self._heard_caller()
         if self.model is not None:
             log.info("media digits", extra={"call": self.sid, "count": len(digits)})
             self.turn = self.turn or Exchange()
@@ -593,7 +631,7 @@ class MediaMode:
         return document(greeting + self.connect(base_url, attempt=1))
 
     async def action(self, form: TwilioForm, base_url: str, query: dict[str, str]) -> bytes:
-        """The <Connect action> callback: hang up, transfer, apologise, or open a new stream."""
+        """The <Connect action> callback: hang up, say goodbye, transfer, apologise, or open a new stream."""
         sid = form.call_sid
         if form.call_status in TERMINAL_STATUSES:
             await self.calls.end_call(sid, form.call_status)
@@ -601,6 +639,8 @@ class MediaMode:
         what, number, caller_id, attempt = await self.conclude(sid)
         if what == "hangup":
             return document("<Hangup/>")
+        if what == "goodbye":  # the caller stayed silent MAX_MISSES times in a row
+            return hang_up_after(await self.calls.phrase(self.settings.goodbye, base_url))
         if what == "dial":
             notice = verb(await self.calls.phrase(self.settings.transferring, base_url))  # in the call's voice
             return document(notice + verb(Segment(kind="dial", number=number, caller_id=caller_id)))
@@ -611,7 +651,8 @@ class MediaMode:
 
     async def conclude(self, sid: str) -> tuple[str, str, str, int]:
         """A stream closed: read (and clear) why, end the call if it is over, and say what comes next:
-        ("hangup" | "dial" | "failed" | "reconnect", number to dial, its caller ID, the next stream's attempt)."""
+        ("hangup" | "goodbye" | "dial" | "failed" | "reconnect", number to dial, its caller ID, the next stream's
+        attempt)."""
         snap = await self.calls.begin(sid)
         session = snap.session
         why, streams = (session.ending, session.streams) if session is not None else ("", [])
@@ -620,9 +661,9 @@ class MediaMode:
             await self.calls.commit(sid, snap.token, session)
         else:
             await self.calls.release(sid, snap.token)
-        if why == "hangup":
+        if why in ("hangup", "goodbye"):
             await self.calls.end_call(sid, "completed")
-            return "hangup", "", "", 0
+            return why, "", "", 0
         if why.startswith("dial:"):
             number, _, caller_id = why[5:].partition("|")
             await self.calls.end_call(sid, "handoff")

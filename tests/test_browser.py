@@ -211,6 +211,20 @@ async def test_a_tool_that_ends_the_call_tells_the_page_what_twilio_would_do(
     assert session_of(app, sid) is None
 
 
+async def test_a_silent_caller_gets_the_goodbye_and_the_page_hangs_up() -> None:
+    app = main.create_app(browser_env(PARROT_IDLE_MS="100"))  # timeouts at 100, 400 and 700 ms of silence
+    records = Records()
+    app.state.calls.obs.recorders.append(records)
+    async with concurrent(app):
+        socket, player = await dial(app)
+        await player.audio(silence(1000))
+        await asyncio.wait_for(socket.closed.wait(), 5)
+        sid = sid_of(socket)
+    told = [m for m in map(json.loads, socket.texts) if m["event"] in ("browser.say", "browser.hangup")]
+    assert told == [{"event": "browser.say", "text": main.Settings().goodbye}, {"event": "browser.hangup"}]
+    assert [r.outcome for r in records.calls] == ["completed"] and session_of(app, sid) is None
+
+
 async def test_at_most_max_calls_at_once_and_each_at_most_max_minutes() -> None:
     app = main.create_app(browser_env(BROWSER_PHONE_MAX_CALLS="1", BROWSER_PHONE_MAX_MINUTES="0.005"))
     async with concurrent(app):

@@ -25,6 +25,7 @@ import phone
 import webhooks
 from main import (
     CallerDone,
+    CallerSilent,
     CallerSpeaking,
     Message,
     ProviderError,
@@ -453,6 +454,31 @@ async def test_hang_up_waits_for_the_goodbye_to_play_then_the_action_url_hangs_u
     assert tree(after.content) == twiml(lambda r: r.hangup())
     assert Script.results and Script.results[0][0] == "call_1"
     assert session_of(app, twilio.call_sid) is None
+
+
+async def test_keys_and_words_start_the_misses_again_and_an_empty_transcript_does_not(logs: Captured) -> None:
+    silent = CallerSilent()
+    Script.answers = [
+        [silent, silent],  # two misses; then the caller presses a key, and the model answers it with:
+        [silent, silent, Transcript(role="user", item="u1", text="Hello?"), silent, silent]
+        + [Transcript(role="user", item="u2", text=""), silent],  # (a silent stretch's empty transcript)
+    ]
+    app = main.create_app(env(MODE="media", SPEECH_MODEL="scripted"), plugins=[ScriptedPlugin()])
+
+    def misses() -> list[str]:
+        return [line.split("misses=")[1].split()[0] for line in logs.lines if line.startswith("info caller silent")]
+
+    async with concurrent(app) as client:
+        twilio = Twilio(client)
+        async with media_call(app, twilio) as (socket, player):
+            await player.audio(burst(300))
+            await until(lambda: len(misses()) == 2)
+            await player.digit("1")
+            await player.digit("#")
+            await asyncio.wait_for(socket.closed.wait(), 10)
+            session = session_of(app, twilio.call_sid)
+            assert session is not None and session.ending == "goodbye"
+    assert misses() == ["1", "2", "1", "2", "1", "2", "3"]
 
 
 async def test_a_failing_model_gets_new_sessions_then_the_caller_hears_the_apology_and_the_fallback() -> None:
