@@ -14,7 +14,7 @@ Every key of a call carries the call's hash tag, so a call lives in one cluster 
     {prefix}:blob:<key>      bytes from put_blob (synthesised audio), with their own TTL
     {prefix}:events          the pub/sub channel: cancelled turns and "segments pushed" wake-ups
 
-Each method is one round trip: a Lua script (EVALSHA, loaded again on NOSCRIPT) where it must be
+Each method is one round trip: a Lua script (EVALSHA; EVAL when a server forgot it) where it must be
 atomic, a plain command elsewhere. Whatever the process issues in one event-loop iteration (many
 calls' commands, under load) leaves in one write on one pooled connection, packed by libvalkey's C
 packer, and the replies are read back in order: a pipeline without the client Pipeline's Python
@@ -27,6 +27,13 @@ process's one pub/sub subscription sets when any replica pushes to that call (pu
 the same script); without a subscription it looks again every 0.25 s. (A blocking BLMOVE would hold a
 pooled connection per waiting /continue and need a socket timeout longer than the wait, which would
 also slow down noticing a dead server.)
+
+On a Valkey Cluster (VALKEY_URL names any node; INFO says so when the server first answers, or
+VALKEY_CLUSTER=1/0 does) each call's keys share one hash tag, so every script runs on the one node that
+holds the call. A flight is split by node, one write per node, all at once; MOVED updates the slot table,
+ASK sends ASKING and the command in one write, TRYAGAIN (a script whose keys straddle a slot being moved)
+is retried with backoff for up to VALKEY_TIMEOUT. Pub/sub stays classic: a PUBLISH inside a script reaches
+the subscribers of every node over the cluster bus.
 
 Faults: a connection error or timeout (VALKEY_TIMEOUT, short) becomes main.BackendError, which the
 webhooks answer with a spoken apology; the first failure of each class and the recovery are logged
