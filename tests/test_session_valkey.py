@@ -680,3 +680,43 @@ def test_valkey_cluster_says_yes_no_or_detect() -> None:
     assert [backend(v).is_cluster for v in ("", "auto", "1", "0")] == [None, None, True, False]
     with pytest.raises(main.ConfigError, match="VALKEY_CLUSTER must be 1, 0 or unset"):
         backend("sometimes")
+
+
+async def test_a_primary_that_dies_is_replaced_by_its_replica_and_its_calls_carry_on(tmp_path: Path) -> None:
+    from valkey_cluster import Cluster
+
+    cluster = Cluster(tmp_path, replicas=True)  # three primaries, a replica each
+    cluster.start()
+    try:
+        async with opened(VALKEY_URL=cluster.url, VALKEY_TIMEOUT="0.5") as backend:
+            # a call held by the node VALKEY_URL names, which also carries this process's subscription
+            call = next(c for c in iter(sid, "") if cluster.owner(f"sb:{{{c}}}:s") == cluster.ports[0])
+            await one_turn(backend, call, "one")
+            replica = cluster.replicas[0]
+            with cluster.client(cluster.ports[0]) as c:
+                assert c.execute_command("WAIT", 1, 2000) == 1  # the replica has the turn
+            cluster.procs[cluster.ports[0]].kill()
+            cluster.procs[cluster.ports[0]].wait(5)
+            t0, refused, snap = time.monotonic(), 0, None
+            while time.monotonic() - t0 < 20:
+                try:
+                    snap = await backend.begin(call, [], 60)
+                except main.BackendError:
+                    refused += 1  # the primary is gone, its replica not yet promoted
+                    await asyncio.sleep(0.1)
+                    continue
+                if snap is not None:
+                    break
+                await asyncio.sleep(0.1)  # a lease taken just before a failure runs out by itself
+            assert snap is not None and snap.session is not None
+            snap.session.history.append(main.Message(role="user", content="two"))
+            assert await backend.commit(call, snap.token, snap.session)
+            assert refused > 0 and cluster.owner(f"sb:{{{call}}}:s") == replica
+            assert await history_of(backend, call) == ["one", "two"]
+            for _ in range(100):  # the subscription moved to a live node
+                if backend.listening:
+                    break
+                await asyncio.sleep(0.05)
+            assert backend.listening
+    finally:
+        cluster.stop()

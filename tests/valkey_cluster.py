@@ -46,10 +46,13 @@ def free_cluster_port(taken: set[int]) -> int:
 class Cluster:
     """Three cluster nodes on loopback; `announce` maps a node's port to the port it tells clients (a proxy)."""
 
-    def __init__(self, directory: Path, nodes: int = 3, announce: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, directory: Path, nodes: int = 3, announce: dict[int, int] | None = None, replicas: bool = False
+    ) -> None:
         taken: set[int] = set()
         self.dir = directory
-        self.ports = [free_cluster_port(taken) for _ in range(nodes)]
+        self.ports = [free_cluster_port(taken) for _ in range(nodes)]  # the primaries
+        self.replicas = [free_cluster_port(taken) for _ in range(nodes)] if replicas else []  # one per primary
         self.announce = announce or {}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -98,7 +101,7 @@ class Cluster:
         raise RuntimeError(f"{SERVER} did not start: {(self.dir / f'node-{port}.log').read_text()}")
 
     def start(self) -> None:
-        for port in self.ports:
+        for port in self.ports + self.replicas:
             self.start_node(port)
         share = SLOTS // len(self.ports)
         for i, port in enumerate(self.ports):
@@ -106,16 +109,41 @@ class Cluster:
             with self.client(port) as c:
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
         with self.client(self.ports[0]) as c:
-            for port in self.ports[1:]:
+            for port in self.ports[1:] + self.replicas:
                 c.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        for primary, replica in zip(self.ports, self.replicas, strict=False):
+            self.replicate(replica, self.node_id(primary))
         self.wait_ok()
+        for primary in self.ports if self.replicas else []:  # each replica synced and following
+            deadline = time.monotonic() + 20
+            with self.client(primary) as c:
+                while c.info("replication").get("slave0", {}).get("state") != "online":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the replica of {primary} did not sync")
+                    time.sleep(0.05)
+
+    def replicate(self, replica: int, primary_id: str, timeout: float = 10) -> None:
+        """Make `replica` a replica of the primary (once the MEETs have told it about that node)."""
+        deadline = time.monotonic() + timeout
+        with self.client(replica) as c:
+            while True:
+                try:
+                    c.execute_command("CLUSTER", "REPLICATE", primary_id)
+                    return
+                except valkey.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+    def live(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
 
     def wait_ok(self, timeout: float = 20) -> None:
-        """Until every node says the cluster is ok and agrees on who holds every slot."""
+        """Until every live node says the cluster is ok and agrees on who holds every slot."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             views = []
-            for port in self.ports:
+            for port in self.live():
                 with self.client(port) as c:
                     info = c.execute_command("CLUSTER", "INFO").decode()
                     views.append(("cluster_state:ok" in info, self.owners(c)))
@@ -134,7 +162,7 @@ class Cluster:
 
     def owner(self, key: str) -> int:
         """The port of the node that holds the key's slot."""
-        with self.client(self.ports[0]) as c:
+        with self.client(self.live()[0]) as c:
             slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
             for first, last, port in self.owners(c):
                 if first <= slot <= last:
