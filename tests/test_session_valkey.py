@@ -683,11 +683,9 @@ def test_valkey_cluster_says_yes_no_or_detect() -> None:
 
 
 async def test_a_primary_that_dies_is_replaced_by_its_replica_and_its_calls_carry_on(tmp_path: Path) -> None:
-    from valkey_cluster import Cluster
+    from valkey_cluster import valkey_cluster
 
-    cluster = Cluster(tmp_path, replicas=True)  # three primaries, a replica each
-    cluster.start()
-    try:
+    with valkey_cluster(tmp_path, replicas=True) as cluster:  # three primaries, a replica each
         async with opened(VALKEY_URL=cluster.url, VALKEY_TIMEOUT="0.5") as backend:
             # a call held by the node VALKEY_URL names, which also carries this process's subscription
             call = next(c for c in iter(sid, "") if cluster.owner(f"sb:{{{c}}}:s") == cluster.ports[0])
@@ -718,5 +716,3 @@ async def test_a_primary_that_dies_is_replaced_by_its_replica_and_its_calls_carr
                     break
                 await asyncio.sleep(0.05)
             assert backend.listening
-    finally:
-        cluster.stop()
