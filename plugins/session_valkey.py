@@ -544,7 +544,10 @@ class ValkeyBackend(SessionBackend):
         return replies
 
     async def _on_node(self, node: Any, commands: list[tuple[Any, ...]], *, asking: bool) -> list[Any]:
-        """One write to one cluster node (each command after ASKING when an ASK sent it there)."""
+        """One write to one cluster node (each command after ASKING when an ASK sent it there). ASKING holds for
+        the next command on its connection only: valkey-py's ValkeyCluster sends the two on connections taken
+        from its node's free list one after the other, so with two idle connections an ASK never succeeds
+        (ClusterError "TTL exhausted", seen with valkey 6.2.0); hence one write here."""
         slots = self.node_slots.get(node.name)
         if slots is None:
             slots = self.node_slots[node.name] = asyncio.Semaphore(self.size)
