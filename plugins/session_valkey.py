@@ -30,7 +30,8 @@ also slow down noticing a dead server.)
 
 On a Valkey Cluster (VALKEY_URL names any node; INFO says so when the server first answers, or
 VALKEY_CLUSTER=1/0 does) each call's keys share one hash tag, so every script runs on the one node that
-holds the call. A flight is split by node, one write per node, all at once; MOVED updates the slot table,
+holds the call. A flight is split by node, each node's part answered on its own (a slow node never holds
+up the calls of the others); MOVED updates the slot table,
 ASK sends ASKING and the command in one write, TRYAGAIN (a script whose keys straddle a slot being moved)
 is retried with backoff for up to VALKEY_TIMEOUT. Pub/sub stays classic: a PUBLISH inside a script reaches
 the subscribers of every node over the cluster bus.
@@ -393,9 +394,31 @@ class ValkeyBackend(SessionBackend):
 
     def _take_off(self) -> None:
         batch, self.pending = self.pending, []
-        task = asyncio.ensure_future(self._fly(batch))
-        self.flushing.add(task)
-        task.add_done_callback(self.flushing.discard)
+        for flight in self._by_node(batch) if self.cluster is not None else [batch]:
+            task = asyncio.ensure_future(self._fly(flight))
+            self.flushing.add(task)
+            task.add_done_callback(self.flushing.discard)
+
+    def _node_of(self, command: tuple[Any, ...]) -> Any:
+        """The cluster node that holds the command's slot, as last known (the default node for PING and INFO)."""
+        key = key_of(command)
+        if key is None:
+            return self.cluster.get_default_node()
+        return self.cluster.nodes_manager.get_node_from_slot(self.cluster.keyslot(key))
+
+    def _by_node(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> list[list[Any]]:
+        """On a cluster, one flight per node, each answered on its own: a slow node never holds up the calls of
+        the others. (Before the cluster's slots are known, one flight that _cluster_round_trip splits.)"""
+        if not self.cluster.nodes_manager.slots_cache:
+            return [batch]
+        flights: dict[str, list[Any]] = {}
+        for entry in batch:
+            try:
+                name = self._node_of(entry[0]).name
+            except Exception:  # a slot no node covers: the round trip says so, for that command
+                name = ""
+            flights.setdefault(name, []).append(entry)
+        return list(flights.values())
 
     async def _fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script)."""
@@ -502,20 +525,19 @@ class ValkeyBackend(SessionBackend):
         for attempt in range(16):
             flights: dict[tuple[str, bool], tuple[Any, list[int]]] = {}
             for i, asked in todo.items():
-                key = key_of(commands[i])
-                node = asked or (
-                    cluster.get_default_node()
-                    if key is None
-                    else cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
-                )
+                node = asked or self._node_of(commands[i])
                 flights.setdefault((node.name, asked is not None), (node, []))[1].append(i)
-            done = await asyncio.gather(
-                *(
-                    self._on_node(node, [commands[i] for i in at], asking=asking)
-                    for (_, asking), (node, at) in flights.items()
-                ),
-                return_exceptions=True,
-            )
+            writes = [
+                self._on_node(node, [commands[i] for i in at], asking=asking)
+                for (_, asking), (node, at) in flights.items()
+            ]
+            if len(writes) == 1:  # the usual case (_take_off split the batch by node): no task per node
+                try:
+                    done: list[Any] = [await writes[0]]
+                except Exception as e:
+                    done = [e]
+            else:
+                done = await asyncio.gather(*writes, return_exceptions=True)
             for (_, at), got in zip(flights.values(), done, strict=True):
                 if isinstance(got, BaseException) and not isinstance(got, Exception):
                     raise got

@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -607,6 +608,28 @@ async def test_a_cluster_is_found_from_any_node_and_each_call_lives_on_its_slot_
         with cluster.client(home) as c:
             assert c.exists(key) == 1  # on the node that holds its slot (another node would answer MOVED)
     assert len(homes) == 3  # the calls spread over the whole cluster
+
+
+async def test_a_busy_node_never_holds_up_the_calls_of_the_others(prefix: str) -> None:
+    cluster = shared_cluster()
+    async with opened(VALKEY_URL=cluster.url, VALKEY_PREFIX=prefix) as backend:
+        calls = [sid() for _ in range(40)]
+        await asyncio.gather(*(one_turn(backend, call, "hi") for call in calls))  # the slot table is known
+        busy_port = cluster.owner(f"{prefix}:{{{calls[0]}}}:s")
+        free = next(c for c in calls if cluster.owner(f"{prefix}:{{{c}}}:s") != busy_port)
+        busy = (  # 0.4 s of a node's time
+            "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] "
+            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 400000"
+        )
+        blocker = threading.Thread(target=lambda: cluster.client(busy_port).eval(busy, 0))
+        blocker.start()
+        await asyncio.sleep(0.05)  # the node is in its script now
+        slow = asyncio.ensure_future(backend.reply(calls[0], "k"))  # both leave in the same loop iteration
+        fast = asyncio.ensure_future(backend.reply(free, "k"))
+        done, _ = await asyncio.wait([slow, fast], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {fast} and not slow.done()  # answered while the busy node still is
+        assert await slow is None and await fast is None
+        blocker.join()
 
 
 async def test_a_call_whose_slot_moves_mid_call_follows_ask_tryagain_and_moved(prefix: str) -> None:
