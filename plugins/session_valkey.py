@@ -415,7 +415,7 @@ class ValkeyBackend(SessionBackend):
         for entry in batch:
             try:
                 name = self._node_of(entry[0]).name
-            except Exception:  # a slot no node covers: the round trip says so, for that command
+            except self.errors:  # a slot no node covers: the round trip says so, for that command
                 name = ""
             flights.setdefault(name, []).append(entry)
         return list(flights.values())
