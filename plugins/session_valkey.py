@@ -452,7 +452,7 @@ class ValkeyBackend(SessionBackend):
 
     async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send the commands and return their replies in order; a server error is that command's reply."""
-        if self.cluster is None and self.is_cluster is not False:
+        if self.is_cluster is None:  # not asked yet (a cluster is made as soon as it is known)
             await self._connect()
         if self.cluster is not None:
             return await self._cluster_round_trip(commands)
@@ -768,7 +768,7 @@ class ValkeyBackend(SessionBackend):
         after a failure takes the next node the request path knows of. PUBLISH reaches every node's subscribers
         over the cluster bus, so one subscription per process hears every replica (sharded pub/sub would need a
         subscription per call, confirmed before each /continue looks at its queue: a round trip more)."""
-        if self.cluster is None and self.is_cluster is not False:
+        if self.is_cluster is None:  # not asked yet (a cluster is made as soon as it is known)
             await self._connect()
         nodes = self.cluster.get_nodes() if self.cluster is not None else []  # as the request path last saw them
         turn, self.listen_turn = self.listen_turn, self.listen_turn + 1
