@@ -16,9 +16,10 @@ Every key of a call carries the call's hash tag, so a call lives in one cluster 
 
 Each method is one round trip: a Lua script (EVALSHA; EVAL when a server forgot it) where it must be
 atomic, a plain command elsewhere. Whatever the process issues in one event-loop iteration (many
-calls' commands, under load) leaves in one write on one pooled connection, packed by libvalkey's C
-packer, and the replies are read back in order: a pipeline without the client Pipeline's Python
-layers per command. Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. A
+calls' commands, under load) leaves in one write, packed by libvalkey's C packer, on the process's one
+connection to the server (its Line), which matches the replies to their callers as they arrive: a
+pipeline with no task, pooled connection or timer per round trip (on a cluster, each node's part goes
+out on a pooled connection of that node). Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. A
 new call costs one round trip (create: SET NX), an ordinary turn three: begin, commit, serve
 (bench/valkey_roundtrips.py counts them).
 
@@ -44,6 +45,7 @@ once. The pool reconnects by itself and the one pub/sub subscription per process
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import secrets
@@ -78,14 +80,6 @@ from main import (
 LEASE_MS = int(LEASE_SECONDS * 1000)
 
 encoder = msgspec.msgpack.Encoder()
-pack: Callable[[Sequence[tuple[Any, ...]]], bytes] | None = None
-try:  # libvalkey (valkey's C extension) packs commands and parses replies; the client uses it when present
-    from libvalkey import pack_command
-
-    def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
-        return b"".join([pack_command(command) for command in commands])
-except ImportError:  # pragma: no cover - the pure-Python client packs them itself
-    pass
 reply_decoder = msgspec.msgpack.Decoder(tuple[str, list[Segment]])
 
 # msgpack headers written by Lua (the replies are built server-side from already encoded segments)
@@ -236,6 +230,124 @@ return 0
 """
 
 
+try:  # libvalkey, valkey's C extension (pinned beside it), packs the commands and parses the replies
+    from libvalkey import pack_command
+except ImportError:  # pragma: no cover - the backend says what to install
+    pack_command = None  # type: ignore[assignment]
+
+
+def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    return b"".join([pack_command(command) for command in commands])
+
+
+NOT_ENOUGH_DATA = object()
+
+
+class Line(asyncio.Protocol):
+    """One connection to a Valkey server that carries every command of the process, pipelined: each event-loop
+    iteration's commands leave in one write as soon as they are issued, and the replies are matched to their
+    futures in order as they arrive, parsed by libvalkey in data_received. A round trip costs no task, no pooled
+    connection and no timer of its own (bench/valkey_line.py prices the pooled round trip it replaced).
+    valkey-py's own connection dials, authenticates and selects the database (so every URL option it knows
+    works); the line then takes over its transport.
+
+    A command unanswered for `timeout` seconds (the connection's socket_timeout) fails the line and everything
+    on it: one timer, set for the oldest command outstanding. A lost connection fails what was on it; the next
+    flight dials a new line. Valkey answers in order, so one slow command (a long script) holds up the ones
+    behind it, as it would hold up the single-threaded server anyway."""
+
+    def __init__(
+        self, connection: Any, where: str, on_noscript: Callable[[tuple[Any, ...], asyncio.Future[Any]], None]
+    ) -> None:
+        import libvalkey
+        from valkey._parsers.base import BaseParser
+        from valkey.exceptions import InvalidResponse
+
+        self.reader = libvalkey.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=NOT_ENOUGH_DATA
+        )
+        self.where = where
+        self.timeout = connection.socket_timeout or 5.0
+        self.on_noscript = on_noscript
+        self.loop = asyncio.get_running_loop()
+        # what was sent and not yet answered, in order: (command, future, when sent)
+        self.waiting: collections.deque[tuple[tuple[Any, ...], asyncio.Future[Any], float]] = collections.deque()
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.failure: Exception | None = None  # set once the line is done for; the next flight dials anew
+        # valkey-py's streams, connected and handshaken: the line keeps them, since a StreamWriter closes its
+        # transport when freed, and takes their transport; the connection no longer owns it (nor closes it)
+        self.streams = connection._reader, connection._writer
+        self.transport: Any = connection._writer.transport
+        self.transport.set_protocol(self)
+        connection._writer = connection._reader = None
+
+    def send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        now = self.loop.time()
+        self.transport.write(pack([command for command, _ in batch]))
+        self.waiting.extend([(command, future, now) for command, future in batch])
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_at(now + self.timeout, self._check)
+
+    def data_received(self, data: bytes) -> None:
+        from valkey.exceptions import NoScriptError
+
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not NOT_ENOUGH_DATA:
+                command, future, _ = self.waiting.popleft()
+                if future.done():  # its caller gave up
+                    continue
+                if isinstance(reply, Exception):
+                    if isinstance(reply, NoScriptError) and command[0] == "EVALSHA":
+                        self.on_noscript(command, future)
+                    else:
+                        future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except Exception as e:  # a reply that is not RESP, or one nobody asked for: nothing after it can be trusted
+            self.fail(e)
+
+    def _check(self) -> None:
+        """Fail the line when its oldest command has waited `timeout`; else look again when the new oldest will."""
+        from valkey.exceptions import TimeoutError
+
+        self.watchdog = None
+        if not self.waiting or self.failure is not None:
+            return
+        due = self.waiting[0][2] + self.timeout
+        if self.loop.time() >= due:
+            self.fail(TimeoutError(f"Timeout reading from {self.where}"))
+        else:
+            self.watchdog = self.loop.call_at(due, self._check)
+
+    def fail(self, error: Exception) -> None:
+        if self.failure is None:
+            self.failure = error
+            self.transport.abort()
+        while self.waiting:
+            _, future, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        from valkey.exceptions import ConnectionError
+
+        self.fail(ConnectionError(f"Connection to {self.where} lost: {exc or 'closed by the server'}"))
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+
+    def usable(self) -> bool:
+        return self.failure is None and self.loop is asyncio.get_running_loop()
+
+    async def aclose(self) -> None:
+        """Let what is on the line be answered (for at most `timeout`), then close it."""
+        deadline = self.loop.time() + self.timeout
+        while self.waiting and self.failure is None and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        self.failure = self.failure or ConnectionError("closed")
+        self.transport.close()
+
+
 def server_name(url: str) -> str:
     """Where the URL points, fit for a log line: scheme, host, port and database, never credentials."""
     parts = urlsplit(url)
@@ -278,7 +390,8 @@ def key_of(command: tuple[Any, ...]) -> Any:
 
 
 class ValkeyBackend(SessionBackend):
-    """Calls in Valkey: every replica sees every call; one connection pool and one subscription per process."""
+    """Calls in Valkey: every replica sees every call; one line (or a pool per cluster node) and one
+    subscription per process."""
 
     def __init__(self, settings: Settings) -> None:
         url = settings.valkey_url
@@ -289,6 +402,9 @@ class ValkeyBackend(SessionBackend):
                 "or choose SESSION_BACKEND=memory."
             )
         import valkey.asyncio as valkey  # the SDK is loaded only when this backend is selected
+
+        if pack_command is None:  # pragma: no cover - requirements.txt pins it
+            raise ConfigError("SESSION_BACKEND=valkey needs libvalkey: pip install -r requirements.txt")
         from valkey.exceptions import ConnectionError, TimeoutError, ValkeyClusterException, ValkeyError
 
         # what a round trip can raise: all of it becomes BackendError (a cluster nobody answers for is the last)
@@ -329,6 +445,8 @@ class ValkeyBackend(SessionBackend):
         self.sha = {src: sha for sha, src in self.scripts.items()}
         self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.flushing: set[asyncio.Task[None]] = set()
+        self.line: Line | None = None  # on one server: the connection every command goes out on
+        self.dialing: asyncio.Future[Line] | None = None
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.waiters: dict[str, set[asyncio.Event]] = {}
         self.listening = False  # the subscription is up, so pushes from other replicas wake waiters
@@ -358,6 +476,8 @@ class ValkeyBackend(SessionBackend):
                 await self.listener
         if self.flushing:
             await asyncio.wait(self.flushing, timeout=self.timeout * 2)
+        if self.line is not None and self.line.usable():
+            await self.line.aclose()
         await self.client.aclose()
         with contextlib.suppress(RuntimeError):  # connections made on an event loop already closed (tests do that)
             await self.pool.aclose()
@@ -394,6 +514,9 @@ class ValkeyBackend(SessionBackend):
 
     def _take_off(self) -> None:
         batch, self.pending = self.pending, []
+        if self.line is not None and self.line.usable():  # on one server: straight onto the line
+            self.line.send(batch)
+            return
         for flight in self._by_node(batch) if self.cluster is not None else [batch]:
             task = asyncio.ensure_future(self._fly(flight))
             self.flushing.add(task)
@@ -420,12 +543,27 @@ class ValkeyBackend(SessionBackend):
             flights.setdefault(name, []).append(entry)
         return list(flights.values())
 
+    def _again(self, command: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        """The server forgot a script (a restart, SCRIPT FLUSH): run it with EVAL, which loads it too."""
+        self.pending.append((("EVAL", self.scripts[command[1]], *command[2:]), future))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self._take_off)
+
     async def _fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script)."""
+        """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script):
+        on one server, onto the line once it is dialled; on a cluster, to the nodes holding the keys."""
         from valkey.exceptions import NoScriptError
 
         try:
-            replies = await self._round_trip([command for command, _ in batch])
+            if self.is_cluster is None:  # not asked yet (a cluster is made as soon as it is known)
+                await self._connect()
+            if self.cluster is None:
+                line = await self._line()
+                if line.failure is not None:  # lost as soon as it was dialled
+                    raise line.failure
+                line.send(batch)
+                return
+            replies = await self._cluster_round_trip([command for command, _ in batch])
         except BaseException as e:  # the connection failed or timed out: every command in the flight did
             error = e if isinstance(e, Exception) else BackendError("valkey: shutting down")
             for _, future in batch:
@@ -438,7 +576,7 @@ class ValkeyBackend(SessionBackend):
         if missing:  # the server (or cluster node) forgot our scripts: run those with EVAL, which loads them too
             again_commands = [("EVAL", self.scripts[batch[i][0][1]], *batch[i][0][2:]) for i in missing]
             try:
-                again = await self._round_trip(again_commands)
+                again = await self._cluster_round_trip(again_commands)
             except Exception as e:
                 again = [e] * len(missing)
             for i, reply in zip(missing, again, strict=True):
@@ -450,17 +588,19 @@ class ValkeyBackend(SessionBackend):
                 else:
                     future.set_result(reply)
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send the commands and return their replies in order; a server error is that command's reply."""
-        if self.is_cluster is None:  # not asked yet (a cluster is made as soon as it is known)
-            await self._connect()
-        if self.cluster is not None:
-            return await self._cluster_round_trip(commands)
-        connection = await self.pool.get_connection("pipeline")
-        try:
-            return await self._exchange(connection, commands)
-        finally:
-            await self.pool.release(connection)
+    async def _line(self) -> Line:
+        """The line to the server, dialled once for everyone who needs it now (again after it failed)."""
+        if self.line is not None and self.line.usable():
+            return self.line
+        if self.dialing is None or self.dialing.done():
+            self.dialing = asyncio.ensure_future(self._dial())
+        return await asyncio.shield(self.dialing)
+
+    async def _dial(self) -> Line:
+        connection = self.pool.make_connection()
+        await connection.connect()  # valkey-py dials, authenticates, selects the database, names the client
+        self.line = Line(connection, self.where, self._again)
+        return self.line
 
     async def _exchange(self, connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Write the commands at once on one connection and read their replies in order. The client's own
@@ -469,9 +609,7 @@ class ValkeyBackend(SessionBackend):
         from valkey.exceptions import ResponseError
 
         try:
-            await connection.send_packed_command(
-                pack(commands) if pack else connection.pack_commands(commands), check_health=False
-            )
+            await connection.send_packed_command(pack(commands), check_health=False)
             replies: list[Any] = []
             for _ in commands:
                 try:

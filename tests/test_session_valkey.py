@@ -42,7 +42,6 @@ from valkey.crc import key_slot
 
 import main
 import phone
-from plugins import session_valkey
 from plugins.session_valkey import ValkeyBackend, pool_options, server_name
 
 SHARED_URL = VALKEY_URL  # shared with other runs: never flushed; every prefix here starts with VALKEY_PREFIX
@@ -283,13 +282,7 @@ async def test_every_key_of_a_call_is_in_one_slot_carries_the_prefix_and_expires
             await raw.aclose()
 
 
-@pytest.mark.parametrize("packer", ["libvalkey", "python"])
-async def test_a_long_reply_is_stored_and_served_whole(
-    prefix: str, packer: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert session_valkey.pack is not None  # libvalkey is a runtime requirement: the C packer is the one used
-    if packer == "python":  # where libvalkey has no wheel, the client's own packing does the same
-        monkeypatch.setattr(session_valkey, "pack", None)
+async def test_a_long_reply_is_stored_and_served_whole(prefix: str) -> None:
     segments = [main.Segment(text=f"Sentence {n}.") for n in range(70_000 // 1000 * 20)] + [main.END]
     async with opened(VALKEY_URL=SHARED_URL, VALKEY_PREFIX=prefix) as backend:
         snap = await backend.begin("CAlong", [], 60)
@@ -411,6 +404,63 @@ async def test_a_silent_server_is_a_backend_error_within_the_timeout() -> None:
         for writer in hung:
             writer.close()
         await silent.wait_closed()
+
+
+def busy_script(seconds: float) -> str:
+    """A script that keeps the server busy for that long (DEBUG SLEEP is off by default since Redis 7)."""
+    return (
+        "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2] "
+        f"repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > {int(seconds * 1e6)}"
+    )
+
+
+async def test_one_connection_carries_every_call_and_stays_in_step(tmp_path: Path) -> None:
+    """On one server every command of the process goes out pipelined on one connection (beside the
+    subscription's), however many calls are in flight; replies reach their own callers, also when some
+    callers gave up while theirs were on the way."""
+    with private_valkey(tmp_path) as server:
+        async with opened(VALKEY_URL=server.url) as backend:
+            calls = [f"CAline{n}" for n in range(300)]
+            for n, call in enumerate(calls):
+                assert await backend.create(call, main.Session(call_sid=call, turns=n), 60)
+            waves = []
+            for wave in range(3):  # each wave leaves in a flight of its own while the ones before are on the way
+                waves.append([asyncio.ensure_future(backend.begin(call, [], 60)) for call in calls[wave::3]])
+                await asyncio.sleep(0)
+            for task in waves[0]:  # these callers give up before their replies are in
+                task.cancel()
+            kept = await asyncio.gather(*waves[1], *waves[2])
+            assert [snap.session.turns for snap in kept] == [*range(1, 300, 3), *range(2, 300, 3)]
+            raw = valkey.asyncio.Valkey.from_url(server.url)
+            try:
+                ours = [c for c in await raw.client_list() if c["name"] == "switchboard"]
+            finally:
+                await raw.aclose()
+            assert len(ours) == 2 and sorted(int(c["sub"]) for c in ours) == [0, 1], ours  # the line, the subscription
+            assert [c["cmd"] for c in ours if c["sub"] == "0"] in (["eval"], ["evalsha"])  # first run: NOSCRIPT, EVAL
+
+
+async def test_a_slow_command_times_out_alone_in_time_and_the_next_one_dials_again(tmp_path: Path) -> None:
+    """VALKEY_TIMEOUT bounds every command on the shared connection: steady traffic for several timeouts never
+    trips it, a command stuck behind a busy server fails within about one timeout, and the call after that is
+    answered on a new connection."""
+    with private_valkey(tmp_path) as server:
+        async with opened(VALKEY_URL=server.url, VALKEY_TIMEOUT="0.3") as backend:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.0:  # over three timeouts of commands that each take no time
+                await asyncio.gather(*(backend.ping() for _ in range(5)))
+                await asyncio.sleep(0.01)
+            first = backend.line
+            blocker = threading.Thread(target=lambda: valkey.Valkey.from_url(server.url).eval(busy_script(0.8), 0))
+            blocker.start()
+            await asyncio.sleep(0.05)  # the server is in its script now
+            t0 = time.monotonic()
+            with pytest.raises(main.BackendError, match="Timeout"):
+                await backend.begin("CAslow", [], 60)
+            assert 0.25 < time.monotonic() - t0 < 0.6
+            blocker.join()
+            assert await backend.begin("CAslow", [], 60) is not None
+            assert backend.line is not first
 
 
 async def test_an_outage_mid_call_is_spoken_logged_once_and_recovers_by_itself(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
