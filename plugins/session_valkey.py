@@ -18,10 +18,10 @@ Each method is one round trip: a Lua script (EVALSHA; EVAL when a server forgot 
 atomic, a plain command elsewhere. Whatever the process issues in one event-loop iteration (many
 calls' commands, under load) leaves in one write, packed by libvalkey's C packer, on the process's one
 connection to the server (its Line), which matches the replies to their callers as they arrive: a
-pipeline with no task, pooled connection or timer per round trip (on a cluster, each node's part goes
-out on a pooled connection of that node). Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. A
-new call costs one round trip (create: SET NX), an ordinary turn three: begin, commit, serve
-(bench/valkey_roundtrips.py counts them).
+pipeline with no task, pooled connection or timer per round trip (on a cluster, one line per node).
+Every write slides the call's TTL with PEXPIRE, so nothing needs sweeping. A new call costs one round
+trip (create: SET NX), an ordinary turn three: begin, commit, serve (bench/valkey_roundtrips.py
+counts them).
 
 wait() does not hold a connection: it looks at the queue once, then sleeps on a local event that the
 process's one pub/sub subscription sets when any replica pushes to that call (pushes publish in
@@ -39,7 +39,8 @@ the subscribers of every node over the cluster bus.
 
 Faults: a connection error or timeout (VALKEY_TIMEOUT, short) becomes main.BackendError, which the
 webhooks answer with a spoken apology; the first failure of each class and the recovery are logged
-once. The pool reconnects by itself and the one pub/sub subscription per process resubscribes.
+once. The next command after a failure dials a new line, and the one pub/sub subscription per process
+resubscribes.
 """
 
 from __future__ import annotations
@@ -260,11 +261,10 @@ class Line(asyncio.Protocol):
         self, connection: Any, where: str, on_noscript: Callable[[tuple[Any, ...], asyncio.Future[Any]], None]
     ) -> None:
         import libvalkey
-        from valkey._parsers.base import BaseParser
         from valkey.exceptions import InvalidResponse
 
-        self.reader = libvalkey.Reader(
-            protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=NOT_ENOUGH_DATA
+        self.reader = libvalkey.Reader(  # error replies become the connection's parser's exceptions (MOVED: MovedError)
+            protocolError=InvalidResponse, replyError=connection._parser.parse_error, notEnoughData=NOT_ENOUGH_DATA
         )
         self.where = where
         self.timeout = connection.socket_timeout or 5.0
@@ -337,7 +337,7 @@ class Line(asyncio.Protocol):
             self.watchdog.cancel()
 
     def usable(self) -> bool:
-        return self.failure is None and self.loop is asyncio.get_running_loop()
+        return self.failure is None and not self.transport.is_closing() and self.loop is asyncio.get_running_loop()
 
     async def aclose(self) -> None:
         """Let what is on the line be answered (for at most `timeout`), then close it."""
@@ -390,8 +390,8 @@ def key_of(command: tuple[Any, ...]) -> Any:
 
 
 class ValkeyBackend(SessionBackend):
-    """Calls in Valkey: every replica sees every call; one line (or a pool per cluster node) and one
-    subscription per process."""
+    """Calls in Valkey: every replica sees every call; one line per server (or cluster node) and one subscription
+    per process."""
 
     def __init__(self, settings: Settings) -> None:
         url = settings.valkey_url
@@ -430,7 +430,6 @@ class ValkeyBackend(SessionBackend):
         except (ValueError, TypeError, ValkeyError, ValkeyClusterException) as e:
             raise ConfigError(f"VALKEY_URL (or REDIS_URL) is not a usable Valkey/Redis URL: {e}") from None
         self.client = valkey.Valkey(connection_pool=self.pool)
-        self.node_slots: dict[str, asyncio.Semaphore] = {}  # per cluster node: at most `size` flights at once
         self.connecting = asyncio.Lock()
         self.stale = False  # a cluster node failed: ask the cluster who holds what before the next flight
         self.refreshing: asyncio.Future[None] | None = None
@@ -446,7 +445,8 @@ class ValkeyBackend(SessionBackend):
         self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.flushing: set[asyncio.Task[None]] = set()
         self.line: Line | None = None  # on one server: the connection every command goes out on
-        self.dialing: asyncio.Future[Line] | None = None
+        self.node_lines: dict[str, Line] = {}  # on a cluster: one per node, by name
+        self.dialing: dict[str, asyncio.Future[Line]] = {}  # by node name ("" for the one server)
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.waiters: dict[str, set[asyncio.Event]] = {}
         self.listening = False  # the subscription is up, so pushes from other replicas wake waiters
@@ -476,8 +476,9 @@ class ValkeyBackend(SessionBackend):
                 await self.listener
         if self.flushing:
             await asyncio.wait(self.flushing, timeout=self.timeout * 2)
-        if self.line is not None and self.line.usable():
-            await self.line.aclose()
+        for line in [self.line, *self.node_lines.values()]:
+            if line is not None and line.usable():
+                await line.aclose()
         await self.client.aclose()
         with contextlib.suppress(RuntimeError):  # connections made on an event loop already closed (tests do that)
             await self.pool.aclose()
@@ -552,16 +553,11 @@ class ValkeyBackend(SessionBackend):
     async def _fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script):
         on one server, onto the line once it is dialled; on a cluster, to the nodes holding the keys."""
-        from valkey.exceptions import NoScriptError
-
         try:
             if self.is_cluster is None:  # not asked yet (a cluster is made as soon as it is known)
                 await self._connect()
             if self.cluster is None:
-                line = await self._line()
-                if line.failure is not None:  # lost as soon as it was dialled
-                    raise line.failure
-                line.send(batch)
+                (await self._line()).send(batch)
                 return
             replies = await self._cluster_round_trip([command for command, _ in batch])
         except BaseException as e:  # the connection failed or timed out: every command in the flight did
@@ -572,15 +568,6 @@ class ValkeyBackend(SessionBackend):
             if not isinstance(e, Exception):
                 raise
             return
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:  # the server (or cluster node) forgot our scripts: run those with EVAL, which loads them too
-            again_commands = [("EVAL", self.scripts[batch[i][0][1]], *batch[i][0][2:]) for i in missing]
-            try:
-                again = await self._cluster_round_trip(again_commands)
-            except Exception as e:
-                again = [e] * len(missing)
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
         for (_, future), reply in zip(batch, replies, strict=True):
             if not future.done():
                 if isinstance(reply, Exception):
@@ -588,38 +575,33 @@ class ValkeyBackend(SessionBackend):
                 else:
                     future.set_result(reply)
 
-    async def _line(self) -> Line:
-        """The line to the server, dialled once for everyone who needs it now (again after it failed)."""
-        if self.line is not None and self.line.usable():
-            return self.line
-        if self.dialing is None or self.dialing.done():
-            self.dialing = asyncio.ensure_future(self._dial())
-        return await asyncio.shield(self.dialing)
+    async def _line(self, node: Any = None) -> Line:
+        """The line to the server (or to a cluster node), dialled once for everyone who needs it now (again
+        after it failed)."""
+        name = "" if node is None else node.name
+        line = self.line if node is None else self.node_lines.get(name)
+        if line is not None and line.usable():
+            return line
+        dialing = self.dialing.get(name)
+        if dialing is None or dialing.done():
+            dialing = self.dialing[name] = asyncio.ensure_future(self._dial(node))
+        line = await asyncio.shield(dialing)
+        if line.failure is not None:  # lost as soon as it was dialled
+            raise line.failure
+        return line
 
-    async def _dial(self) -> Line:
-        connection = self.pool.make_connection()
+    async def _dial(self, node: Any) -> Line:
+        if node is None:
+            connection = self.pool.make_connection()
+        else:
+            connection = node.connection_class(**node.connection_kwargs)
         await connection.connect()  # valkey-py dials, authenticates, selects the database, names the client
-        self.line = Line(connection, self.where, self._again)
-        return self.line
-
-    async def _exchange(self, connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Write the commands at once on one connection and read their replies in order. The client's own
-        Pipeline does the same with a Python layer per command (packing, callbacks, a command stack) that
-        costs more than the round trip under load."""
-        from valkey.exceptions import ResponseError
-
-        try:
-            await connection.send_packed_command(pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as e:
-                    replies.append(e)
-            return replies
-        except BaseException:
-            await connection.disconnect(nowait=True)  # replies may be left unread: never reuse it as it is
-            raise
+        line = Line(connection, self.where if node is None else node.name, self._again)
+        if node is None:
+            self.line = line
+        else:
+            self.node_lines[node.name] = line
+        return line
 
     # -- a cluster: each command goes to the node holding its slot; one write per node per flight
 
@@ -634,11 +616,10 @@ class ValkeyBackend(SessionBackend):
             if self.is_cluster is None:
                 connection = self.pool.make_connection()  # a connection of its own, closed after
                 try:
-                    (info,) = await self._exchange(connection, [("INFO", "cluster")])
+                    await connection.send_command("INFO", "cluster", check_health=False)
+                    info = await connection.read_response()
                 finally:
                     await connection.disconnect()
-                if isinstance(info, Exception):
-                    raise info
                 self.is_cluster = b"cluster_enabled:1" in info
                 if self.is_cluster:
                     self.cluster = self._cluster()
@@ -704,24 +685,33 @@ class ValkeyBackend(SessionBackend):
         return replies
 
     async def _on_node(self, node: Any, commands: list[tuple[Any, ...]], *, asking: bool) -> list[Any]:
-        """One write to one cluster node (each command after ASKING when an ASK sent it there). ASKING holds for
-        the next command on its connection only: valkey-py's ValkeyCluster sends the two on connections taken
-        from its node's free list one after the other, so with two idle connections an ASK never succeeds
-        (ClusterError "TTL exhausted", seen with valkey 6.2.0); hence one write here."""
-        slots = self.node_slots.get(node.name)
-        if slots is None:
-            slots = self.node_slots[node.name] = asyncio.Semaphore(self.size)
+        """One write to one cluster node, on its line (each command after ASKING when an ASK sent it there);
+        a server error is that command's reply. ASKING holds for the next command on its connection only:
+        valkey-py's ValkeyCluster sends the two on connections taken from its node's free list one after the
+        other, so with two idle connections an ASK never succeeds (ClusterError "TTL exhausted", seen with
+        valkey 6.2.0); here the two are one write on one connection."""
+        from valkey.exceptions import ResponseError
+
         if asking:
             commands = [c for command in commands for c in (("ASKING",), command)]
-        async with slots:
-            connection = node.acquire_connection()
+        try:
+            line = await self._line(node)
+        except Exception:
+            self.stale = True  # failed over or gone: learn the slots again before the next flight
+            raise
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        line.send(list(zip(commands, futures, strict=True)))
+        replies: list[Any] = []
+        for future in futures:  # answered in order: after the first, most are done already
             try:
-                replies = await self._exchange(connection, commands)
-            except Exception:
-                self.stale = True  # failed over or gone: learn the slots again before the next flight
-                raise
-            finally:
-                node._free.append(connection)  # how the client's own ClusterNode returns a connection
+                replies.append(await future)
+            except Exception as e:
+                replies.append(e)
+        lost = [e for e in replies if isinstance(e, Exception) and not isinstance(e, ResponseError)]
+        if lost:  # the line failed under them: failed over or gone, so learn the slots again before the next flight
+            self.stale = True
+            raise lost[0]
         return replies[1::2] if asking else replies
 
     async def _refresh(self) -> None:
