@@ -1,4 +1,5 @@
--- wrk script for bench/webhook.py: replays pre-signed Twilio webhooks, each thread its own share.
+-- wrk script for bench/webhook.py: replays pre-signed Twilio webhooks, each thread its own share,
+-- from a given line on (args: file, stride, first line).
 local requests = {}
 local next_index = 0
 local stride = 1
@@ -17,7 +18,7 @@ function init(args)
       ["X-Twilio-Signature"] = sig,
     }, body)
   end
-  next_index = thread_id
+  next_index = thread_id + tonumber(args[3] or 0)  -- where this server's previous run stopped: no request twice
 end
 
 function request()

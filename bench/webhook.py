@@ -3,13 +3,17 @@
 
 Loads POST /voice (a new call each request) and POST /process-speech (a turn on one of 4096 calls,
 new speech each time, echo model) with wrk at 32 connections, signature checks on, and prints req/s,
-p50 and p99 for every server in one table. The server gets one CPU core and wrk the other
-(taskset), so the numbers compare servers, not the scheduler. The Valkey backend talks to a
+p50, p99 and the server's CPU time per request for every server in one table. The server gets one CPU
+core and wrk the other (taskset), so the numbers compare servers, not the scheduler. All servers run
+at once and take turns: each route's load is cut into --rounds slices, served in turn (in reverse
+order every other round), so a drift of the shared VM's speed during the run falls on every server
+alike and the shares of memory compare like with like. No request is sent twice to a server (a
+repeated one would be a retry, answered from the stored reply). The Valkey backend talks to a
 private Valkey/Redis on wrk's core (in production Valkey is a separate service), unless --valkey-url;
 the cluster backend (the same plugin) to a private three-node Valkey Cluster (tests/valkey_cluster.py)
 on wrk's core too, found from its first node.
 
-    python bench/webhook.py [--seconds 10] [--connections 32] [--backends memory,valkey,cluster]
+    python bench/webhook.py [--seconds 10] [--rounds 5] [--connections 32] [--backends memory,valkey,cluster]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,8 +93,8 @@ def requests_file(path: str, port: int, n: int, directory: Path) -> Path:
     return out
 
 
-def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, float]:
-    """Run wrk and parse req/s, p50, p99 and errors."""
+def wrk(port: int, data: Path, seconds: int, connections: int, first: int = 0) -> dict[str, Any]:
+    """Run wrk from the file's line `first` on and parse requests, seconds, req/s, p50, p99 and errors."""
     argv = pin(1) + [
         "wrk",
         "-t1",
@@ -102,6 +107,7 @@ def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, floa
         "--",
         str(data),
         "1",
+        str(first),
     ]
     text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -112,7 +118,10 @@ def wrk(port: int, data: Path, seconds: int, connections: int) -> dict[str, floa
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     socket_errors = re.search(r"Socket errors: (.*)", text)
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", text)
     return {
+        "requests": int(done.group(1)),  # type: ignore[union-attr]
+        "seconds": float(done.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[done.group(3)],  # type: ignore[union-attr]
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
         "p50": pct("50"),
         "p99": pct("99"),
@@ -188,15 +197,38 @@ def check(port: int, path: str, data: Path) -> None:
         raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def merge(slices: list[dict[str, Any]], cpu: float) -> dict[str, Any]:
+    """A server's slices of one route as one run: req/s over all of them, the median slice's p50, the worst
+    slice's p99, every error, and the server's CPU time per request."""
+    requests = sum(r["requests"] for r in slices)
+    return {
+        "rps": requests / sum(r["seconds"] for r in slices),
+        "p50": statistics.median(r["p50"] for r in slices),
+        "p99": max(r["p99"] for r in slices),
+        "errors": sum(r["errors"] for r in slices),
+        "socket_errors": "; ".join(r["socket_errors"] for r in slices if r["socket_errors"]),
+        "cpu_us": 1e6 * cpu / requests,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=10, help="load per server and route, cut into slices")
+    parser.add_argument("--rounds", type=int, default=5, help="slices per server and route (whole seconds each)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--backends", default="memory", help="comma list: memory, valkey, cluster")
     parser.add_argument("--valkey-url", default="", help="an existing server; default: a private one on wrk's core")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
+    rounds = max(1, min(args.rounds, args.seconds))
+    slice_seconds = max(1, args.seconds // rounds)
     servers = {"raw ASGI floor": (["uvicorn", "--app-dir", "bench", "raw_asgi:app"], {})}
     rows = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -209,31 +241,44 @@ def main() -> int:
                 url = stack.enter_context(private_cluster(Path(tmp)))
                 env = {"SESSION_BACKEND": "valkey", "VALKEY_URL": url, "VALKEY_PREFIX": "bench" + secrets.token_hex(4)}
             servers[f"switchboard ({backend})"] = (["uvicorn", "--factory", "main:create_app"], env)
-        for name, (argv, env) in servers.items():
+        procs: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+        for name, (argv, env) in servers.items():  # all up at once; the idle ones take no CPU
             port = free_port()
             common = ["--host", "127.0.0.1", "--port", str(port), "--no-proxy-headers", "--no-access-log"]
-            proc = start(argv + common, env, port, Path(tmp) / f"{port}.log")
-            try:
-                for path in ("/voice", "/process-speech"):  # enough for 25,000 req/s (warm-up too), at most 200,000
-                    data = requests_file(path, port, min(200_000, 25_000 * (args.seconds + 2)), Path(tmp))
-                    check(port, path, data)
-                    wrk(port, data, 2, args.connections)  # warm-up
-                    rows.append((name, path, wrk(port, data, args.seconds, args.connections)))
-            finally:
-                proc.terminate()
-                proc.wait(10)
+            procs[name] = port, start(argv + common, env, port, Path(tmp) / f"{port}.log")
+            stack.callback(procs[name][1].wait, 10)
+            stack.callback(procs[name][1].terminate)
+        for path in ("/voice", "/process-speech"):  # enough for 25,000 req/s (warm-up too), at most 200,000
+            data, sent, slices, cpu = {}, {}, {name: [] for name in procs}, dict.fromkeys(procs, 0.0)
+            for name, (port, _) in procs.items():
+                data[name] = requests_file(path, port, min(200_000, 25_000 * (args.seconds + 2)), Path(tmp))
+                check(port, path, data[name])
+                sent[name] = wrk(port, data[name], 2, args.connections, first=1)["requests"] + 1  # warm-up
+            for turn in range(rounds):
+                for name in list(procs) if turn % 2 == 0 else list(procs)[::-1]:
+                    port, proc = procs[name]
+                    before = cpu_seconds(proc.pid)
+                    r = wrk(port, data[name], slice_seconds, args.connections, first=sent[name])
+                    cpu[name] += cpu_seconds(proc.pid) - before
+                    sent[name] += r["requests"]
+                    slices[name].append(r)
+            rows += [(name, path, merge(slices[name], cpu[name])) for name in procs]
     floor = {path: r["rps"] for name, path, r in rows if name == "raw ASGI floor"}
     memory = {path: r["rps"] for name, path, r in rows if name == "switchboard (memory)"}
-    print(f"\nwebhook throughput: {args.connections} connections, {args.seconds} s, signatures on, echo model\n")
+    print(
+        f"\nwebhook throughput: {args.connections} connections, {rounds} turns of {slice_seconds} s per server and "
+        "route, signatures on, echo model\n"
+    )
     print(
         f"{'server':24} {'route':16} {'req/s':>9} {'of floor':>9} {'of memory':>10} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'non-2xx':>8}"
+        f"{'CPU µs/req':>11} {'non-2xx':>8}"
     )
     for name, path, r in rows:
         of_memory = f"{r['rps'] / memory[path]:.0%}" if path in memory and name != "raw ASGI floor" else ""
         print(
             f"{name:24} {path:16} {r['rps']:9.0f} {r['rps'] / floor[path]:9.0%} {of_memory:>10} {r['p50']:8.2f} "
-            f"{r['p99']:8.2f} {r['errors']:8d}{'  ' + r['socket_errors'] if r['socket_errors'] else ''}"
+            f"{r['p99']:8.2f} {r['cpu_us']:11.0f} {r['errors']:8d}"
+            f"{'  ' + r['socket_errors'] if r['socket_errors'] else ''}"
         )
     print("BENCH " + json.dumps(bench_rows(rows, floor, args.connections)))
     return 0
