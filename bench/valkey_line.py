@@ -5,8 +5,8 @@ The backend sends every command of a process on one connection (`Line` in plugin
 each event-loop iteration's commands leave in one write and the replies are matched to their futures in
 data_received. Before, each iteration's commands were a flight of their own: a task that took a pooled
 connection, wrote, read each reply with valkey-py's read_response (a timeout context per reply) and gave
-the connection back. That pooled flight is rebuilt here as it was, on the backend's own connection pool,
-and both carry the same commands from the same backend:
+the connection back. That pooled flight is rebuilt here as it was, on the backend's own connection pool, in
+a backend whose take-off is the old one, and both carry the same commands:
 C callers at once, each doing SET, GET, PEXPIRE on its own key in turn (three round trips, like a turn).
 Rounds alternate between the two; the best round of each is printed as CPU µs per command (this process
 only, on its own core; the private Valkey runs on the other core).
@@ -37,36 +37,23 @@ import main  # noqa: E402
 from plugins.session_valkey import ValkeyBackend, pack  # noqa: E402
 
 
-class Pooled:
-    """The replaced path: one task per flight, on a connection taken from the backend's pool."""
+class Pooled(ValkeyBackend):
+    """The backend with the replaced take-off: one task per flight, on a connection taken from its pool."""
 
-    def __init__(self, backend: ValkeyBackend) -> None:
-        self.backend = backend
-        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def send(self, *command: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((command, future))
-        if len(self.pending) == 1:
-            loop.call_soon(self.take_off)
-        return future
-
-    def take_off(self) -> None:
+    def _take_off(self) -> None:
         batch, self.pending = self.pending, []
-        task = asyncio.ensure_future(self.fly(batch))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task = asyncio.ensure_future(self._pooled_fly(batch))
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
 
-    async def fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        connection = await self.backend.pool.get_connection("pipeline")
+    async def _pooled_fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        connection = await self.pool.get_connection("pipeline")
         try:  # one write, then each reply in turn
             await connection.send_packed_command(pack([command for command, _ in batch]), check_health=False)
             for _, future in batch:
                 future.set_result(await connection.read_response())
         finally:
-            await self.backend.pool.release(connection)
+            await self.pool.release(connection)
 
 
 async def caller(send: Any, key: str, turns: int) -> None:
@@ -80,16 +67,16 @@ async def measure(url: str, commands: int, rounds: int, callers: list[int]) -> d
     settings = main.load_settings(
         {"SESSION_BACKEND": "valkey", "VALKEY_URL": url, "VALKEY_PREFIX": "bench" + secrets.token_hex(4)}
     )
-    backend = ValkeyBackend(settings)
-    await backend.aopen()
-    pooled = Pooled(backend)
-    senders = {"line": backend._send, "pooled": pooled.send}
+    backends = {"line": ValkeyBackend(settings), "pooled": Pooled(settings)}
+    for backend in backends.values():
+        await backend.aopen()
     best: dict[tuple[str, int], float] = {}
     try:
         for n in callers:
             turns = max(1, commands // (3 * n))
             for _ in range(rounds):
-                for name, send in senders.items():
+                for name, backend in backends.items():
+                    send = backend._send
                     keys = [f"{settings.get('VALKEY_PREFIX')}:{{k{i}}}" for i in range(n)]
                     await asyncio.gather(*(caller(send, key, 5) for key in keys))  # warm: connections, caches
                     t0 = time.process_time()
@@ -97,7 +84,8 @@ async def measure(url: str, commands: int, rounds: int, callers: list[int]) -> d
                     used = 1e6 * (time.process_time() - t0) / (3 * turns * n)
                     best[name, n] = min(best.get((name, n), used), used)
     finally:
-        await backend.aclose()
+        for backend in backends.values():
+            await backend.aclose()
     return best
 
 
