@@ -51,8 +51,8 @@ SERVER = shutil.which("valkey-server") or shutil.which("redis-server") or "redis
 class PrivateValkey:
     """Our own redis-server/valkey-server on a free port, to stop and start at will (never the shared one)."""
 
-    def __init__(self, directory: Path, *, tls: tuple[Path, Path] | None = None) -> None:
-        self.dir, self.tls = directory, tls
+    def __init__(self, directory: Path, *, tls: tuple[Path, Path] | None = None, password: str = "") -> None:
+        self.dir, self.tls, self.password = directory, tls, password
         self.port = phone.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -94,6 +94,8 @@ class PrivateValkey:
             ]
         else:
             args += ["--port", str(self.port)]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -248,6 +250,27 @@ async def test_a_tls_server_is_reached_through_a_rediss_url(tmp_path: Path) -> N
         async with opened(VALKEY_URL=wrong_host, VALKEY_TIMEOUT="0.5") as backend:
             with pytest.raises(main.BackendError, match="certificate"):
                 await backend.ping()
+
+
+async def test_a_server_with_a_password_and_a_database_number_is_reached_through_its_url(
+    tmp_path: Path,
+    logs,  # type: ignore[no-untyped-def]
+) -> None:
+    """The handshake (AUTH, SELECT) happens before the backend takes the connection over: every command after it
+    runs authenticated in the URL's database; a wrong password is a logged BackendError that never shows it."""
+    with private_valkey(tmp_path, password="s3cret-pw") as server:
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/3"
+        async with opened(VALKEY_URL=url, VALKEY_PREFIX="pw") as backend:
+            snap = await backend.begin("CApw", [], 60)
+            assert await backend.commit("CApw", snap.token, main.Session(call_sid="CApw", turns=2))
+            assert (await backend.begin("CApw", [], 60)).session.turns == 2
+        with valkey.Valkey.from_url(url) as db3, valkey.Valkey.from_url(url[: -len("/3")] + "/0") as db0:
+            assert (db3.exists("pw:{CApw}:s"), db0.exists("pw:{CApw}:s")) == (1, 0)
+        async with opened(VALKEY_URL=f"redis://:not-it@127.0.0.1:{server.port}/3", VALKEY_TIMEOUT="0.5") as backend:
+            with pytest.raises(main.BackendError, match="(?i)auth|password"):
+                await backend.begin("CApw", [], 60)
+    assert not [line for line in logs.lines if "s3cret-pw" in line or "not-it" in line]
+    assert any("valkey failed" in line or "valkey unreachable" in line for line in logs.lines)
 
 
 # ----------------------------------------------------------------------------- layout
