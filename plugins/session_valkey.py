@@ -444,9 +444,9 @@ class ValkeyBackend(SessionBackend):
         self.sha = {src: sha for sha, src in self.scripts.items()}
         self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.flushing: set[asyncio.Task[None]] = set()
-        self.line: Line | None = None  # on one server: the connection every command goes out on
-        self.node_lines: dict[str, Line] = {}  # on a cluster: one per node, by name
-        self.dialing: dict[str, asyncio.Future[Line]] = {}  # by node name ("" for the one server)
+        # the connection every command goes out on, by cluster node name ("" on one server), and those being dialled
+        self.lines: dict[str, Line] = {}
+        self.dialing: dict[str, asyncio.Future[Line]] = {}
         self.cancel_callbacks: list[Callable[[str], None]] = []
         self.waiters: dict[str, set[asyncio.Event]] = {}
         self.listening = False  # the subscription is up, so pushes from other replicas wake waiters
@@ -476,8 +476,8 @@ class ValkeyBackend(SessionBackend):
                 await self.listener
         if self.flushing:
             await asyncio.wait(self.flushing, timeout=self.timeout * 2)
-        for line in [self.line, *self.node_lines.values()]:
-            if line is not None and line.usable():
+        for line in self.lines.values():
+            if line.usable():
                 await line.aclose()
         await self.client.aclose()
         with contextlib.suppress(RuntimeError):  # connections made on an event loop already closed (tests do that)
@@ -503,20 +503,23 @@ class ValkeyBackend(SessionBackend):
 
     def _send(self, *command: Any) -> asyncio.Future[Any]:
         """Queue a command for the next flight; the future resolves with its reply."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
+        self._queue(command, future)
+        return future
+
+    def _queue(self, command: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
         self.pending.append((command, future))
         if len(self.pending) == 1:
-            loop.call_soon(self._take_off)
-        return future
+            asyncio.get_running_loop().call_soon(self._take_off)
 
     def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         return self._send("EVALSHA", self.sha[source], len(keys), *keys, *args)
 
     def _take_off(self) -> None:
         batch, self.pending = self.pending, []
-        if self.line is not None and self.line.usable():  # on one server: straight onto the line
-            self.line.send(batch)
+        line = self.lines.get("")
+        if line is not None and line.usable():  # on one server: straight onto the line
+            line.send(batch)
             return
         for flight in self._by_node(batch) if self.cluster is not None else [batch]:
             task = asyncio.ensure_future(self._fly(flight))
@@ -546,9 +549,7 @@ class ValkeyBackend(SessionBackend):
 
     def _again(self, command: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
         """The server forgot a script (a restart, SCRIPT FLUSH): run it with EVAL, which loads it too."""
-        self.pending.append((("EVAL", self.scripts[command[1]], *command[2:]), future))
-        if len(self.pending) == 1:
-            asyncio.get_running_loop().call_soon(self._take_off)
+        self._queue(("EVAL", self.scripts[command[1]], *command[2:]), future)
 
     async def _fly(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """One round trip for the whole batch (a pipeline, not a transaction: each command is its own script):
@@ -579,7 +580,7 @@ class ValkeyBackend(SessionBackend):
         """The line to the server (or to a cluster node), dialled once for everyone who needs it now (again
         after it failed)."""
         name = "" if node is None else node.name
-        line = self.line if node is None else self.node_lines.get(name)
+        line = self.lines.get(name)
         if line is not None and line.usable():
             return line
         dialing = self.dialing.get(name)
@@ -597,10 +598,7 @@ class ValkeyBackend(SessionBackend):
             connection = node.connection_class(**node.connection_kwargs)
         await connection.connect()  # valkey-py dials, authenticates, selects the database, names the client
         line = Line(connection, self.where if node is None else node.name, self._again)
-        if node is None:
-            self.line = line
-        else:
-            self.node_lines[node.name] = line
+        self.lines["" if node is None else node.name] = line
         return line
 
     # -- a cluster: each command goes to the node holding its slot; one write per node per flight

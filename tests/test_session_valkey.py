@@ -473,7 +473,7 @@ async def test_a_slow_command_times_out_alone_in_time_and_the_next_one_dials_aga
             while time.monotonic() - t0 < 1.0:  # over three timeouts of commands that each take no time
                 await asyncio.gather(*(backend.ping() for _ in range(5)))
                 await asyncio.sleep(0.01)
-            first = backend.line
+            first = backend.lines[""]
             blocker = threading.Thread(target=lambda: valkey.Valkey.from_url(server.url).eval(busy_script(0.8), 0))
             blocker.start()
             await asyncio.sleep(0.05)  # the server is in its script now
@@ -483,7 +483,7 @@ async def test_a_slow_command_times_out_alone_in_time_and_the_next_one_dials_aga
             assert 0.25 < time.monotonic() - t0 < 0.6
             blocker.join()
             assert await backend.begin("CAslow", [], 60) is not None
-            assert backend.line is not first
+            assert backend.lines[""] is not first
 
 
 async def test_an_outage_mid_call_is_spoken_logged_once_and_recovers_by_itself(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
